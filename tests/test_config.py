@@ -1,0 +1,73 @@
+"""YAML configs: shipped recipes load, errors name the dotted key and the closest valid one."""
+import glob
+import os
+
+import pytest
+
+from upernet_vit import ConfigError, UperNetViT, load_config
+from upernet_vit.config import Config, save_config
+from helpers import TINY
+
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs")
+
+
+def test_seed_recipe_loads_with_its_meaning():
+    cfg = load_config(os.path.join(CONFIG_DIR, "upernet.yaml"))
+    assert (cfg.model.backbone, cfg.model.backbone_size) == ("dinov3", "large")
+    assert cfg.model.decoder.hidden_size == 512 and cfg.model.decoder.pool_scales == [1, 2, 3, 6]
+    assert cfg.lora.enabled is False and cfg.lora.r == 8 and cfg.lora.lora_alpha == 16.0
+    assert cfg.lora.target_modules == ["qkv"] and cfg.lora.lora_dropout == 0.05
+    assert cfg.train.initial_lr == 1e-3 and cfg.train.weight_decay == 3e-5 and cfg.train.gradient_clip == 12.0
+    assert (cfg.train.num_epochs, cfg.train.num_iterations_per_epoch, cfg.train.num_val_iterations_per_epoch) == (
+        1000, 250, 50
+    )
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(CONFIG_DIR, "*.yaml"))))
+def test_every_shipped_config_builds_a_model(path):
+    """Each recipe builds (shrunk to a tiny ViT via backbone_kwargs so the test stays fast)."""
+    cfg = load_config(path)
+    cfg.model.backbone_kwargs = dict(TINY)
+    cfg.model.decoder.hidden_size = 16
+    model = UperNetViT.from_config(cfg, num_classes=2)
+    assert model.lora_enabled == cfg.lora.enabled
+    assert model.backbone.name.startswith("vit_")
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"model": {"decoder": {"hiden_size": 3}}}, r"model\.decoder\.hiden_size: unknown key; did you mean 'model\.decoder\.hidden_size'"),
+        ({"modle": {}}, r"modle: unknown key; did you mean 'model'"),
+        ({"model": {"decoder": {"hidden_size": "big"}}}, r"model\.decoder\.hidden_size: expected an integer, got 'big'"),
+        ({"model": {"decoder": {"pool_scales": [1, 2.5]}}}, r"model\.decoder\.pool_scales\[1\]: expected an integer"),
+        ({"lora": {"enabled": "yes"}}, r"lora\.enabled: expected true/false"),
+        ({"model": {"decoder": {"norm": "batchnrom"}}}, r"did you mean 'batchnorm'"),
+        ({"train": {"initial_lr": True}}, r"train\.initial_lr: expected a number"),
+        ({"model": {"num_classes": "3"}}, r"model\.num_classes: expected an integer or null"),
+    ],
+)
+def test_config_errors_name_the_key(data, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(data)
+
+
+def test_error_names_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  backbone_sise: base\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: model\.backbone_sise: unknown key; did you mean 'model\.backbone_size'"):
+        load_config(str(path))
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_config(str(tmp_path / "nope.yaml"))
+
+
+def test_defaults_and_round_trip(tmp_path):
+    cfg = load_config({"model": {"num_classes": 4, "backbone_kwargs": {"depth": 4}}})
+    assert isinstance(cfg, Config) and cfg.model.decoder.norm == "layernorm" and cfg.train.num_epochs == 1000
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(str(tmp_path / "c.yaml")) == cfg
+
+
+def test_from_config_needs_num_classes():
+    with pytest.raises(ValueError, match="model.num_classes"):
+        UperNetViT.from_config({"model": {"backbone_kwargs": dict(TINY)}})

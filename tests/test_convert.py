@@ -1,0 +1,126 @@
+"""Weight compatibility with HuggingFace transformers' and mmsegmentation's UperNet heads."""
+import pytest
+import torch
+
+from upernet_vit import UperNetHead, from_hf_upernet, from_mmseg_upernet
+
+transformers = pytest.importorskip("transformers")
+from transformers import UperNetConfig  # noqa: E402
+from transformers.models.upernet.modeling_upernet import UperNetFCNHead  # noqa: E402
+from transformers.models.upernet.modeling_upernet import UperNetHead as HFUperNetHead  # noqa: E402
+
+IN_CHANNELS = [12, 16, 20, 24]
+
+
+def _randomize_bn(module: torch.nn.Module) -> None:
+    """Non-trivial BN statistics and affine params, so a wrong mapping cannot pass by accident."""
+    g = torch.Generator().manual_seed(1)
+    for m in module.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.5)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.randn(m.num_features, generator=g))
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g))
+
+
+def _hf_head(num_labels=5, hidden=32, pool_scales=(1, 2, 3, 6)):
+    config = UperNetConfig(hidden_size=hidden, pool_scales=list(pool_scales), num_labels=num_labels)
+    head = HFUperNetHead(config, in_channels=IN_CHANNELS)
+    _randomize_bn(head)
+    return head.eval(), config
+
+
+def _ours(num_labels=5, hidden=32, pool_scales=(1, 2, 3, 6), aux_head=False):
+    return UperNetHead(
+        IN_CHANNELS, channels=hidden, num_classes=num_labels, pool_scales=pool_scales, norm="batchnorm",
+        aux_head=aux_head,
+    ).eval()
+
+
+SIZES = [
+    [(32, 32), (16, 16), (8, 8), (4, 4)],
+    [(29, 19), (15, 10), (8, 5), (4, 3)],  # odd sizes, as from odd token grids
+    [(4, 4), (2, 2), (1, 1), (1, 1)],  # 1x1 coarsest map
+    [(9, 9), (5, 5), (3, 3), (2, 2)],
+]
+
+
+@pytest.mark.parametrize("sizes", SIZES)
+def test_hf_head_parity(sizes):
+    hf, _ = _hf_head()
+    ours = _ours()
+    ours.load_state_dict(from_hf_upernet(hf.state_dict()), strict=True)
+    feats = [torch.randn(2, c, *s) for c, s in zip(IN_CHANNELS, sizes)]
+    with torch.no_grad():
+        diff = (hf(feats) - ours(feats)).abs().max().item()
+    assert diff < 1e-5, diff
+
+
+def test_hf_full_model_keys_with_aux_head():
+    hf, config = _hf_head()
+    aux = UperNetFCNHead(config, in_channels=IN_CHANNELS, in_index=2)
+    _randomize_bn(aux)
+    aux.eval()
+    state = {f"decode_head.{k}": v for k, v in hf.state_dict().items()}
+    state.update({f"auxiliary_head.{k}": v for k, v in aux.state_dict().items()})
+    state["backbone.embeddings.weight"] = torch.zeros(1)  # ignored
+    ours = UperNetHead(
+        IN_CHANNELS, channels=32, num_classes=5, norm="batchnorm", aux_head=True,
+        aux_channels=config.auxiliary_channels,
+    ).eval()
+    ours.load_state_dict(from_hf_upernet(state), strict=True)
+    feats = [torch.randn(1, c, s, s) for c, s in zip(IN_CHANNELS, (16, 8, 4, 2))]
+    with torch.no_grad():
+        logits, aux_logits = ours(feats, return_aux=True)
+        assert (logits - hf(feats)).abs().max() < 1e-5
+        assert (aux_logits - aux(feats)).abs().max() < 1e-5
+
+
+def _hf_to_mmseg_names(key: str) -> str:
+    return key.replace("batch_norm", "bn").replace("classifier", "conv_seg")
+
+
+# Key names as mmsegmentation's UPerHead/FCNHead state dict writes them (ConvModule: conv + bn).
+MMSEG_KEYS_SAMPLE = {
+    "decode_head.conv_seg.weight",
+    "decode_head.conv_seg.bias",
+    "decode_head.psp_modules.0.1.conv.weight",
+    "decode_head.psp_modules.3.1.bn.running_var",
+    "decode_head.bottleneck.conv.weight",
+    "decode_head.bottleneck.bn.num_batches_tracked",
+    "decode_head.lateral_convs.2.conv.weight",
+    "decode_head.fpn_convs.0.bn.weight",
+    "decode_head.fpn_bottleneck.conv.weight",
+    "decode_head.fpn_bottleneck.bn.bias",
+    "auxiliary_head.convs.0.conv.weight",
+    "auxiliary_head.convs.0.bn.running_mean",
+    "auxiliary_head.conv_seg.weight",
+}
+
+
+def test_mmseg_key_mapping_and_parity():
+    hf, config = _hf_head()
+    aux = UperNetFCNHead(config, in_channels=IN_CHANNELS, in_index=2).eval()
+    state = {f"decode_head.{_hf_to_mmseg_names(k)}": v for k, v in hf.state_dict().items()}
+    state.update({f"auxiliary_head.{_hf_to_mmseg_names(k)}": v for k, v in aux.state_dict().items()})
+    state["backbone.blocks.0.attn.qkv.weight"] = torch.zeros(1)
+    state["neck.fpn1.0.weight"] = torch.zeros(1)
+    assert MMSEG_KEYS_SAMPLE <= set(state)
+    converted = from_mmseg_upernet(state)
+    ours = UperNetHead(IN_CHANNELS, channels=32, num_classes=5, norm="batchnorm", aux_head=True).eval()
+    ours.load_state_dict(converted, strict=True)
+    assert converted["classifier.weight"] is state["decode_head.conv_seg.weight"]
+    assert converted["ppm.stages.3.norm.running_var"] is state["decode_head.psp_modules.3.1.bn.running_var"]
+    assert converted["aux_head.classifier.weight"] is state["auxiliary_head.conv_seg.weight"]
+    feats = [torch.randn(1, c, s, s) for c, s in zip(IN_CHANNELS, (16, 8, 4, 1))]
+    with torch.no_grad():
+        assert (ours(feats) - hf(feats)).abs().max() < 1e-5
+
+
+def test_unknown_keys_are_named():
+    with pytest.raises(ValueError, match="conv_cat"):
+        from_mmseg_upernet({"auxiliary_head.conv_cat.conv.weight": torch.zeros(1)})
+    with pytest.raises(ValueError, match="backbone.patch_embed"):
+        from_hf_upernet({"backbone.patch_embed.proj.weight": torch.zeros(1)})  # no head prefix: all unknown
+    with pytest.raises(ValueError, match="no HuggingFace UperNet head keys"):
+        from_hf_upernet({})

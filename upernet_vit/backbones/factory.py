@@ -1,0 +1,95 @@
+"""Build a plain ViT backbone with timm: presets, any timm ViT name, local checkpoints."""
+from __future__ import annotations
+
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import timm
+from torch import nn
+
+from .checkpoint import load_timm_checkpoint
+from .presets import IMAGENET_MEAN, IMAGENET_STD, resolve_preset
+
+
+class ViTBackbone(nn.Module):
+    """A timm ViT (``self.vit``) plus what the decoder needs to know about it.
+
+    Attributes: ``patch_size`` (int), ``embed_dim`` (D), ``depth`` (number of blocks),
+    ``num_prefix_tokens`` (cls + registers), ``mean``/``std`` (per input channel, in [0, 1] units).
+    """
+
+    def __init__(self, vit: nn.Module, name: str, mean: Tuple[float, ...], std: Tuple[float, ...]) -> None:
+        super().__init__()
+        self.vit = vit
+        self.name = name
+        patch = tuple(vit.patch_embed.patch_size)
+        if patch[0] != patch[1]:
+            raise ValueError(f"backbone {name!r} has a non-square patch {patch}; only square patches are supported")
+        self.patch_size: int = int(patch[0])
+        self.embed_dim: int = int(vit.embed_dim)
+        self.depth: int = len(vit.blocks)
+        self.num_prefix_tokens: int = int(getattr(vit, "num_prefix_tokens", 0))
+        self.mean = tuple(mean)
+        self.std = tuple(std)
+
+
+def channel_stats(rgb: Tuple[float, ...], in_chans: int) -> Tuple[float, ...]:
+    """Per-channel stats for ``in_chans`` inputs from RGB stats: the RGB mean for 1 channel
+    (matching a patch embedding summed over RGB), RGB repeated cyclically for more."""
+    if in_chans == len(rgb):
+        return tuple(rgb)
+    if in_chans == 1:
+        return (sum(rgb) / len(rgb),)
+    return tuple(rgb[i % len(rgb)] for i in range(in_chans))
+
+
+def create_backbone(
+    backbone: str,
+    backbone_size: Optional[str] = None,
+    in_chans: int = 3,
+    checkpoint_path: Optional[str] = None,
+    backbone_kwargs: Optional[Mapping[str, Any]] = None,
+) -> ViTBackbone:
+    """A timm ViT for a preset (``"dinov2"``, ``"dinov2_reg4"``, ``"dinov3"``, ``"retfound"``,
+    ``"visionfm"`` with a ``backbone_size``) or any timm ViT name (``backbone_size=None``).
+
+    ``backbone_kwargs`` go to ``timm.create_model`` (e.g. ``dict(depth=4, embed_dim=32, num_heads=2)``
+    for tests, ``img_size``, ``drop_path_rate``). The model is built with ``dynamic_img_size=True``
+    (any input size that is a multiple of the patch), no classifier, random weights; a local
+    ``checkpoint_path`` in timm layout is then loaded strictly. Nothing is downloaded.
+    """
+    if not isinstance(in_chans, int) or in_chans < 1:
+        raise ValueError(f"in_chans must be a positive int, got {in_chans!r}")
+    timm_name, preset = resolve_preset(backbone, backbone_size)
+    kwargs: Dict[str, Any] = dict(preset.timm_kwargs) if preset else {}
+    kwargs.update(backbone_kwargs or {})
+    for reserved in ("pretrained", "in_chans", "num_classes", "dynamic_img_size"):
+        if reserved in kwargs:
+            hint = "use checkpoint_path for weights" if reserved == "pretrained" else f"it is set by upernet-vit"
+            raise ValueError(f"backbone_kwargs may not contain {reserved!r}: {hint}")
+    if not timm.is_model(timm_name):
+        matches = timm.list_models(f"*{timm_name}*")[:8]
+        raise ValueError(
+            f"backbone {backbone!r} is neither a preset nor a timm model name"
+            + (f"; similar timm names: {', '.join(matches)}" if matches else "")
+        )
+    try:
+        vit = timm.create_model(
+            timm_name, pretrained=False, in_chans=in_chans, num_classes=0, dynamic_img_size=True, **kwargs
+        )
+    except TypeError as err:
+        if "dynamic_img_size" in str(err):
+            raise ValueError(f"timm model {timm_name!r} is not a plain ViT (no dynamic_img_size support)") from err
+        raise TypeError(f"timm rejected backbone_kwargs {dict(kwargs)} for {timm_name!r}: {err}") from err
+    if not (hasattr(vit, "forward_intermediates") and hasattr(vit, "blocks") and hasattr(vit, "patch_embed")):
+        raise ValueError(
+            f"timm model {timm_name!r} is not a plain ViT (it needs patch_embed, blocks and "
+            f"forward_intermediates); hierarchical models such as Swin already have a pyramid"
+        )
+    if checkpoint_path:
+        load_timm_checkpoint(vit, checkpoint_path)
+    if preset is not None:
+        mean, std = preset.mean, preset.std
+    else:
+        mean = tuple(vit.pretrained_cfg.get("mean", IMAGENET_MEAN))
+        std = tuple(vit.pretrained_cfg.get("std", IMAGENET_STD))
+    return ViTBackbone(vit, timm_name, channel_stats(mean, in_chans), channel_stats(std, in_chans))

@@ -1,0 +1,70 @@
+"""Small building blocks shared by the decoder modules: norm factory, conv-norm-act, resize."""
+from __future__ import annotations
+
+import math
+from typing import Literal, Sequence, Type
+
+import torch
+import torch.nn.functional as F
+from timm.layers import LayerNorm2d
+from torch import nn
+
+NormName = Literal["layernorm", "groupnorm", "batchnorm", "none"]
+NORM_NAMES: tuple[str, ...] = ("layernorm", "groupnorm", "batchnorm", "none")
+
+
+def build_norm2d(norm: str, channels: int) -> nn.Module:
+    """A norm layer for `[B, C, H, W]` maps.
+
+    - ``"layernorm"``: LayerNorm over channels at every pixel. Independent of batch size and
+      map size, so batch size 1 trains and a 1x1 pooled PPM map is fine. The default.
+    - ``"groupnorm"``: GroupNorm with ``gcd(32, channels)`` groups, so any channel count works.
+    - ``"batchnorm"``: BatchNorm2d, as mmsegmentation and HuggingFace; needed to load their weights.
+      It cannot train on a batch of one 1x1 map (the PPM's pool scale 1).
+    - ``"none"``: identity (the conv before it then gets a bias).
+    """
+    if norm == "layernorm":
+        return LayerNorm2d(channels)
+    if norm == "groupnorm":
+        return nn.GroupNorm(math.gcd(32, channels), channels)
+    if norm == "batchnorm":
+        return nn.BatchNorm2d(channels)
+    if norm == "none":
+        return nn.Identity()
+    raise ValueError(f"unknown norm {norm!r}; choose one of {', '.join(NORM_NAMES)}")
+
+
+class ConvNormAct(nn.Module):
+    """Conv (no bias before a norm) -> norm -> activation: `[B, C_in, H, W] -> [B, C_out, H, W]`.
+
+    Submodule names ``conv``/``norm`` map one to one onto mmsegmentation's ``conv``/``bn`` and
+    HuggingFace's ``conv``/``batch_norm`` (see :mod:`upernet_vit.convert`).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        norm: str = "layernorm",
+        act_layer: Type[nn.Module] = nn.ReLU,
+    ) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(
+            in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=norm == "none"
+        )
+        self.norm = build_norm2d(norm, out_channels)
+        self.act = act_layer()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.norm(self.conv(x)))
+
+
+def resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Bilinear resize to an explicit target size (never a scale factor, so odd grids stay exact).
+
+    ``align_corners=False`` as in mmsegmentation and HuggingFace.
+    """
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
