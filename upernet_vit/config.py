@@ -6,7 +6,7 @@ import difflib
 import os
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Literal, Mapping, Optional, Union
+from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Union
 
 import yaml
 
@@ -189,7 +189,10 @@ def load_config(source: Union[str, os.PathLike, Mapping[str, Any], Config]) -> C
         raise ConfigError(f"{origin}: {err}") from None
 
 
-def save_config(config: Config, path: Union[str, os.PathLike]) -> None:
-    """Write ``config`` as YAML that :func:`load_config` reads back to an equal Config."""
+def save_config(
+    config: Config, path: Union[str, os.PathLike], sections: Sequence[str] = ("model", "lora", "train", "data")
+) -> None:
+    """Write ``config`` (the named sections) as YAML that :func:`load_config` reads back."""
+    data = config.to_dict()
     with open(path, "w", encoding="utf-8") as f:
-        yaml.safe_dump(config.to_dict(), f, sort_keys=False)
+        yaml.safe_dump({name: data[name] for name in sections}, f, sort_keys=False)

@@ -11,6 +11,12 @@ from .layers import ConvNormAct
 from .ppm import PyramidPoolingModule
 
 
+def init_classifier(conv: nn.Conv2d) -> None:
+    """Small-normal weights, zero bias (mmseg's ``conv_seg`` init): near-uniform class scores at start."""
+    nn.init.normal_(conv.weight, std=0.01)
+    nn.init.zeros_(conv.bias)
+
+
 class FCNHead(nn.Module):
     """Auxiliary head (mmseg ``FCNHead``/HF ``UperNetFCNHead`` with one conv, no input concat).
 
@@ -33,6 +39,7 @@ class FCNHead(nn.Module):
         )
         self.dropout = nn.Dropout2d(dropout)
         self.classifier = nn.Conv2d(channels, num_classes, 1)
+        init_classifier(self.classifier)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.dropout(self.convs(x)))
@@ -74,6 +81,7 @@ class UperNetHead(nn.Module):
         self.fpn = FPNFusion(self.in_channels[:-1], channels, norm)
         self.dropout = nn.Dropout2d(dropout)
         self.classifier = nn.Conv2d(channels, num_classes, 1)
+        init_classifier(self.classifier)
         self.aux_in_index = aux_in_index
         self.aux_head = (
             FCNHead(self.in_channels[aux_in_index], num_classes, aux_channels, norm=norm, dropout=dropout)

@@ -304,7 +304,7 @@ class UperNetViT(nn.Module):
         os.makedirs(directory, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         _atomic_write(os.path.join(directory, WEIGHTS_NAME), lambda p: save_file(state, p, metadata={"format": "pt"}))
-        _atomic_write(os.path.join(directory, CONFIG_NAME), lambda p: save_config(self.to_config(), p))
+        _atomic_write(os.path.join(directory, CONFIG_NAME), lambda p: save_config(self.to_config(), p, ("model", "lora")))
 
     @classmethod
     def from_pretrained(cls, directory: Union[str, os.PathLike], map_location: str = "cpu") -> "UperNetViT":

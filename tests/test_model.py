@@ -1,0 +1,192 @@
+"""UperNetViT: input checks, padding and cropping, aux head, upsamplers, freezing, LoRA, save/load."""
+import os
+
+import pytest
+import torch
+
+from upernet_vit import UperNetViT, create_segmentation_model
+from upernet_vit.model import pad_to_multiple
+from upernet_vit.upsampler import ProgressiveUpsampler
+from upernet_vit.layers import resize
+from helpers import TINY, tiny_model
+
+
+@pytest.mark.parametrize("bad", [torch.randn(3, 32, 32), torch.randn(1, 1, 3, 32, 32), torch.randn(1, 2, 32, 32)])
+def test_bad_input_shape_names_expected_and_received(bad):
+    model = tiny_model()
+    with pytest.raises(ValueError) as err:
+        model(bad)
+    assert "[B, 3, H, W]" in str(err.value) and str(tuple(bad.shape)) in str(err.value)
+
+
+def test_pad_reflects_when_possible_and_replicates_otherwise():
+    x = torch.arange(20.0).reshape(1, 1, 4, 5)
+    padded = pad_to_multiple(x, 8)  # pad 4 rows (not < 4: replicate), 3 columns (< 5: reflect)
+    assert padded.shape == (1, 1, 8, 8)
+    assert torch.equal(padded[0, 0, 0, 5:], x[0, 0, 0, [3, 2, 1]])  # reflect
+    assert torch.equal(padded[0, 0, 7, :5], x[0, 0, 3])  # replicate the last row
+    assert torch.equal(pad_to_multiple(x[..., :4, :4], 4), x[..., :4, :4])
+
+
+def test_output_is_the_crop_of_the_padded_prediction():
+    model = tiny_model().eval()
+    x = torch.randn(1, 3, 37, 21)
+    with torch.no_grad():
+        direct = model(x)
+        padded = model(pad_to_multiple(x, 16))
+    assert direct.shape == (1, 3, 37, 21)
+    assert torch.allclose(direct, padded[..., :37, :21], atol=1e-6)
+
+
+def test_backbone_features_shapes():
+    model = tiny_model()
+    maps = model.backbone_features(torch.randn(2, 3, 40, 64))
+    assert [m.shape for m in maps] == [(2, 32, 3, 4)] * 4
+    assert model.feature_indices == (0, 1, 2, 3)
+
+
+def test_explicit_taps_prune_unused_blocks():
+    model = tiny_model(feature_indices=[0, 0, 1, 1])
+    assert len(model.backbone.vit.blocks) == 2
+    model(torch.randn(1, 3, 32, 32)).sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_aux_head_returns_full_size_logits_only_when_asked():
+    model = tiny_model(aux_head=True, aux_channels=8)
+    x = torch.randn(2, 3, 30, 50)
+    assert isinstance(model(x), torch.Tensor)
+    logits, aux = model(x, return_aux=True)
+    assert logits.shape == aux.shape == (2, 3, 30, 50)
+    assert model.parameter_summary()["head"]["total"] > tiny_model().parameter_summary()["head"]["total"]
+    with pytest.raises(ValueError, match="aux_head"):
+        tiny_model()(x, return_aux=True)
+
+
+def test_progressive_upsampler_starts_as_two_bilinear_steps_and_learns():
+    up = ProgressiveUpsampler(num_classes=3)
+    logits = torch.randn(2, 3, 5, 7, requires_grad=True)
+    out = up(logits, (19, 27))
+    assert torch.allclose(out, resize(resize(logits, (10, 14)), (19, 27)), atol=1e-6)
+    out.pow(2).sum().backward()
+    assert up.stages[1].refine[-1].weight.grad.abs().sum() > 0
+    model = tiny_model(upsampler="progressive")
+    assert model(torch.randn(1, 3, 20, 20)).shape == (1, 3, 20, 20)
+    assert model.parameter_summary()["upsampler"]["trainable"] > 0
+    with pytest.raises(ValueError, match="bilinear, progressive"):
+        tiny_model(upsampler="nearest")
+
+
+def test_freeze_backbone():
+    model = tiny_model(freeze_backbone=True)
+    s = model.parameter_summary()
+    assert s["backbone"]["trainable"] == 0 and s["backbone"]["total"] > 0
+    assert s["head"]["trainable"] == s["head"]["total"] and s["adapter"]["trainable"] == s["adapter"]["total"]
+    assert s["all"]["total"] == sum(p.numel() for p in model.parameters())
+
+
+def _lora_count(depth, dim, rank):
+    return depth * rank * (dim + 3 * dim)  # qkv: A [r, D], B [3D, r]
+
+
+def test_lora_trains_exactly_lora_and_decoder():
+    model = tiny_model()
+    before = model.parameter_summary()
+    model.enable_lora(rank=4, alpha=8, dropout=0.0)
+    s = model.parameter_summary()
+    assert s["backbone"]["trainable"] == _lora_count(4, 32, 4)
+    assert s["backbone"]["total"] == before["backbone"]["total"] + _lora_count(4, 32, 4)
+    for part in ("adapter", "head", "upsampler"):
+        assert s[part]["trainable"] == s[part]["total"] == before[part]["total"]
+    trainable_backbone = [n for n, p in model.backbone.named_parameters() if p.requires_grad]
+    assert trainable_backbone and all("lora_" in n for n in trainable_backbone)
+    with pytest.raises(RuntimeError, match="already enabled"):
+        model.enable_lora()
+
+
+def test_lora_unknown_target_lists_layer_names():
+    with pytest.raises(ValueError, match="linear layers are named: fc1, fc2, proj, qkv"):
+        tiny_model().enable_lora(target_modules=("query",))
+
+
+def _perturb_lora(model):
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+
+
+def test_merge_lora_keeps_outputs():
+    model = tiny_model()
+    model.enable_lora(rank=4, dropout=0.0)
+    _perturb_lora(model)
+    model.eval()
+    x = torch.randn(1, 3, 48, 32)
+    with torch.no_grad():
+        before = model(x)
+        model.merge_lora()
+        after = model(x)
+    assert torch.allclose(before, after, atol=1e-5)
+    assert not any("lora" in k for k in model.state_dict())
+    assert model.parameter_summary()["backbone"]["trainable"] == model.parameter_summary()["backbone"]["total"]
+
+
+@pytest.mark.parametrize("lora", ["none", "enabled", "merged"])
+def test_save_pretrained_round_trip(tmp_path, lora):
+    model = tiny_model(num_classes=4, in_chans=1, upsampler="progressive", aux_head=True, norm="batchnorm")
+    if lora != "none":
+        model.enable_lora(rank=2, dropout=0.0)
+        _perturb_lora(model)
+    if lora == "merged":
+        model.merge_lora()
+    with torch.no_grad():  # non-default BN statistics must survive too
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+    model.eval()
+    model.save_pretrained(tmp_path / "run")
+    assert sorted(os.listdir(tmp_path / "run")) == ["config.yaml", "model.safetensors"]
+    loaded = UperNetViT.from_pretrained(tmp_path / "run").eval()
+    assert loaded.lora_enabled == (lora == "enabled")
+    x = torch.randn(2, 1, 35, 29)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+        assert torch.equal(model(x, return_aux=True)[1], loaded(x, return_aux=True)[1])
+
+
+def test_from_pretrained_does_not_reread_backbone_checkpoint(tmp_path):
+    import timm
+
+    vit = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0, **TINY)
+    ckpt = tmp_path / "backbone.pth"
+    torch.save(vit.state_dict(), ckpt)
+    model = tiny_model(checkpoint_path=str(ckpt))
+    model.save_pretrained(tmp_path / "run")
+    ckpt.unlink()
+    loaded = UperNetViT.from_pretrained(tmp_path / "run")
+    assert loaded.config.checkpoint_path == str(ckpt)  # kept as provenance
+
+
+def test_from_pretrained_missing_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="save_pretrained"):
+        UperNetViT.from_pretrained(tmp_path)
+
+
+def test_factory_keywords_and_unknown_keyword():
+    model = create_segmentation_model(
+        backbone_name="dinov3", backbone_size="small", num_classes=4, use_lora=True, lora_rank=4,
+        lora_alpha=8, lora_dropout=0.0, lora_target_modules=["qkv"], hidden_size=16, pool_scales=(1, 2),
+        in_chans=1, backbone_kwargs=TINY,
+    )
+    assert model.lora_enabled and model.head.ppm.pool_scales == (1, 2) and model.head.channels == 16
+    assert model.parameter_summary()["backbone"]["trainable"] == _lora_count(4, 32, 4)
+    with pytest.raises(TypeError, match=r"\['hiden_size'\].*accepted: backbone_name"):
+        create_segmentation_model(hiden_size=256)
+
+
+def test_batch_size_one_trains_with_defaults():
+    model = tiny_model().train()
+    model(torch.randn(1, 3, 16, 16)).mean().backward()  # a 1x1 token grid: PPM pools 1x1 maps
+    assert model.head.ppm.stages[0].conv.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        tiny_model(norm="batchnorm").train()(torch.randn(1, 3, 16, 16))
