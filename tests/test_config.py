@@ -45,11 +45,27 @@ def test_every_shipped_config_builds_a_model(path):
         ({"model": {"decoder": {"norm": "batchnrom"}}}, r"did you mean 'batchnorm'"),
         ({"train": {"initial_lr": True}}, r"train\.initial_lr: expected a number"),
         ({"model": {"num_classes": "3"}}, r"model\.num_classes: expected an integer or null"),
+        ({"model": {"decoder": {"hidden_size": 0}}}, r"model\.decoder\.hidden_size: must be >= 1, got 0"),
+        ({"model": {"decoder": {"pool_scales": []}}}, r"model\.decoder\.pool_scales: must be a non-empty list"),
+        ({"model": {"decoder": {"dropout": 1.5}}}, r"model\.decoder\.dropout: must be in \[0, 1\)"),
+        ({"model": {"feature_indices": [1, 2]}}, r"model\.feature_indices: must be 4 block indices"),
+        ({"model": {"feature_indices": [1, "a", 3, 4]}}, r"model\.feature_indices\[1\]: expected an integer"),
+        ({"lora": {"r": 0}}, r"lora\.r: must be >= 1"),
+        ({"data": {"patch_size": [64]}}, r"data\.patch_size: must be \[height, width\]"),
+        ({"data": {"fold": "last"}}, r"data\.fold: expected an integer or one of 'all'"),
     ],
 )
 def test_config_errors_name_the_key(data, message):
     with pytest.raises(ConfigError, match=message):
         load_config(data)
+
+
+def test_yaml_quirks(tmp_path):
+    """PyYAML reads 1e-3 as a string; an empty section (comments only) means defaults."""
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  initial_lr: 1e-3\nlora:\n  # nothing yet\n")
+    cfg = load_config(str(path))
+    assert cfg.train.initial_lr == 0.001 and cfg.lora.r == 8
 
 
 def test_error_names_the_file(tmp_path):

@@ -110,9 +110,10 @@ def test_default_norm_trains_at_batch_size_one():
         bn_head(feats)
 
 
-@pytest.mark.parametrize("channels", [7, 100, 512])
-def test_groupnorm_any_channel_count(channels):
+@pytest.mark.parametrize("channels, groups", [(7, 1), (16, 2), (32, 4), (100, 10), (512, 32)])
+def test_groupnorm_any_channel_count(channels, groups):
     norm = build_norm2d("groupnorm", channels)
+    assert norm.num_groups == groups and channels // groups >= min(8, channels)
     assert norm(torch.randn(1, channels, 3, 3)).shape == (1, channels, 3, 3)
     with pytest.raises(ValueError, match="choose one of"):
         build_norm2d("bn", channels)

@@ -190,3 +190,45 @@ def test_batch_size_one_trains_with_defaults():
     assert model.head.ppm.stages[0].conv.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         tiny_model(norm="batchnorm").train()(torch.randn(1, 3, 16, 16))
+
+
+def test_config_must_be_serializable_at_construction():
+    with pytest.raises(ValueError, match="backbone_kwargs .* plain values"):
+        tiny_model(backbone_kwargs=dict(TINY, act_layer=torch.nn.GELU))
+
+
+def test_to_config_is_a_copy():
+    model = tiny_model()
+    cfg = model.to_config()
+    cfg.model.decoder.hidden_size = 999
+    cfg.model.backbone_kwargs["depth"] = 99
+    assert model.config.decoder.hidden_size == 32 and model.config.backbone_kwargs["depth"] == 4
+
+
+def test_saved_files_follow_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        tiny_model().save_pretrained(tmp_path / "run")
+    finally:
+        os.umask(old)
+    for name in ("model.safetensors", "config.yaml"):
+        assert (tmp_path / "run" / name).stat().st_mode & 0o777 == 0o644
+    assert sorted(os.listdir(tmp_path / "run")) == ["config.yaml", "model.safetensors"]  # no temp files left
+
+
+def test_fc_norm_backbones_get_a_final_norm_on_taps():
+    """EVA-02 keeps its final norm as fc_norm (norm is Identity); the taps must be normalized anyway."""
+    model = UperNetViT("eva02_tiny_patch14_224", None, 2, decoder_channels=16, backbone_kwargs=TINY)
+    assert not isinstance(model.backbone.vit.norm, torch.nn.Identity)
+    maps = model.backbone_features(torch.randn(1, 3, 28, 28))
+    tokens = maps[-1].flatten(2).transpose(1, 2)  # [B, N, D], LayerNorm at init: zero mean per token
+    assert tokens.mean(-1).abs().max() < 1e-4
+
+
+def test_lora_bad_rank():
+    with pytest.raises(ValueError, match="rank must be >= 1"):
+        tiny_model().enable_lora(rank=0)
+
+
+def test_depth_reflects_pruning():
+    assert tiny_model(feature_indices=[0, 1, 1, 2]).backbone.depth == 3

@@ -24,6 +24,9 @@ def create_segmentation_model(
     feature_indices: Optional[Sequence[int]] = None,
     upsampler: str = "bilinear",
     norm: str = "layernorm",
+    dropout: float = 0.1,
+    aux_head: bool = False,
+    aux_channels: int = 256,
     backbone_kwargs: Optional[Dict[str, Any]] = None,
     **unknown: Any,
 ) -> UperNetViT:
@@ -46,6 +49,9 @@ def create_segmentation_model(
         freeze_backbone=freeze_backbone,
         backbone_kwargs=backbone_kwargs,
         norm=norm,
+        dropout=dropout,
+        aux_head=aux_head,
+        aux_channels=aux_channels,
     )
     if use_lora:
         model.enable_lora(lora_rank, lora_alpha, lora_dropout, lora_target_modules)

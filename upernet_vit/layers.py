@@ -1,7 +1,6 @@
 """Small building blocks shared by the decoder modules: norm factory, conv-norm-act, resize."""
 from __future__ import annotations
 
-import math
 from typing import Literal, Sequence, Type
 
 import torch
@@ -18,7 +17,9 @@ def build_norm2d(norm: str, channels: int) -> nn.Module:
 
     - ``"layernorm"``: LayerNorm over channels at every pixel. Independent of batch size and
       map size, so batch size 1 trains and a 1x1 pooled PPM map is fine. The default.
-    - ``"groupnorm"``: GroupNorm with ``gcd(32, channels)`` groups, so any channel count works.
+    - ``"groupnorm"``: GroupNorm with up to 32 groups of at least 8 channels (fewer groups where the
+      channel count asks for it; one group below 16 channels), so any channel count works and a
+      1x1 map still has several values per group.
     - ``"batchnorm"``: BatchNorm2d, as mmsegmentation and HuggingFace; needed to load their weights.
       It cannot train on a batch of one 1x1 map (the PPM's pool scale 1).
     - ``"none"``: identity (the conv before it then gets a bias).
@@ -26,12 +27,20 @@ def build_norm2d(norm: str, channels: int) -> nn.Module:
     if norm == "layernorm":
         return LayerNorm2d(channels)
     if norm == "groupnorm":
-        return nn.GroupNorm(math.gcd(32, channels), channels)
+        return nn.GroupNorm(group_count(channels), channels)
     if norm == "batchnorm":
         return nn.BatchNorm2d(channels)
     if norm == "none":
         return nn.Identity()
     raise ValueError(f"unknown norm {norm!r}; choose one of {', '.join(NORM_NAMES)}")
+
+
+def group_count(channels: int, max_groups: int = 32, min_group_size: int = 8) -> int:
+    """Most groups (<= ``max_groups``) that divide ``channels`` with >= ``min_group_size`` channels each."""
+    for groups in range(min(max_groups, channels // min_group_size), 1, -1):
+        if channels % groups == 0:
+            return groups
+    return 1
 
 
 class ConvNormAct(nn.Module):

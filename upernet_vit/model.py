@@ -1,22 +1,23 @@
 """UperNetViT: a plain ViT backbone, a simple feature pyramid and an UperNet head, end to end."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import os
-import tempfile
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+import uuid
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .backbones import create_backbone
-from .config import Config, DecoderConfig, LoraConfig, ModelConfig, load_config, save_config
+from .config import Config, DecoderConfig, LoraConfig, ModelConfig, config_to_yaml, load_config
 from .head import UperNetHead
 from .layers import NORM_NAMES
 from .upsampler import build_upsampler
-from .vit_adapter import SimpleFeaturePyramid, extract_feature_maps, resolve_feature_indices
+from .vit_adapter import SimpleFeaturePyramid, extract_feature_maps, prepare_vit_for_taps, resolve_feature_indices
 
 logger = logging.getLogger(__name__)
 
@@ -39,18 +40,43 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     return x
 
 
-def _atomic_write(path: str, write) -> None:
-    """Call ``write(tmp_path)`` then rename over ``path``, so a crash never leaves a half file."""
+def _current_umask() -> int:
+    try:  # Linux: read it without changing it
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp_path)``, flush it to disk, then rename over ``path``: readers see the old
+    file or the new one, never half of one (also after a crash or power loss)."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    os.close(fd)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_current_umask())  # some writers (safetensors) create files 0600
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
 
 
 class UperNetViT(nn.Module):
@@ -61,7 +87,7 @@ class UperNetViT(nn.Module):
         image [B, C, H, W]
           -> pad to multiples of p            [B, C, p*h, p*w]
           -> ViT, 4 tapped blocks              4 x [B, D, h, w]
-          -> SimpleFeaturePyramid              [B, D, 4h, 4w], [B, D, 2h, 2w], [B, D, h, w], [B, D, h/2, w/2]
+          -> SimpleFeaturePyramid              [B, D, 4h, 4w], [B, D, 2h, 2w], [B, D, h, w], [B, D, ceil(h/2), ceil(w/2)]
           -> UperNetHead (PPM + FPN)           [B, K, 4h, 4w]   (stride p/4)
           -> upsampler, crop                   [B, K, H, W]
 
@@ -80,7 +106,8 @@ class UperNetViT(nn.Module):
         norm: decoder norm, ``"layernorm"`` (default: trains at batch size 1), ``"groupnorm"``,
             ``"batchnorm"`` (mmseg/HF weights), ``"none"``.
         dropout: before the classifiers.
-        aux_head: build the auxiliary FCN head on the stride-16 level (``forward(x, return_aux=True)``).
+        aux_head: build the auxiliary FCN head on the pyramid's 1x level (stride p: 16 for a patch-16
+            ViT; ``forward(x, return_aux=True)``).
         aux_channels: width of the auxiliary head.
     """
 
@@ -124,11 +151,18 @@ class UperNetViT(nn.Module):
                 aux_channels=int(aux_channels),
             ),
         )
+        try:  # fail now, not at save time, if the config cannot be written
+            config_to_yaml(Config(model=self.config))
+        except Exception as err:
+            raise ValueError(
+                f"backbone_kwargs {dict(backbone_kwargs or {})} must hold plain values (numbers, strings, "
+                f"lists) so save_pretrained can write them to config.yaml: {err}"
+            ) from err
         self.lora_config: Optional[LoraConfig] = None
-        self.backbone = create_backbone(backbone, backbone_size, in_chans, checkpoint_path, backbone_kwargs)
+        self.backbone = create_backbone(backbone, backbone_size, int(in_chans), checkpoint_path, backbone_kwargs)
         self.feature_indices = resolve_feature_indices(self.backbone.depth, feature_indices)
-        # Blocks after the last tap would cost compute and get no gradient: drop them (and the classifier).
-        self.backbone.vit.prune_intermediate_layers(list(self.feature_indices), prune_norm=False, prune_head=True)
+        prepare_vit_for_taps(self.backbone.vit, self.feature_indices)
+        self.backbone.depth = len(self.backbone.vit.blocks)
         self.adapter = SimpleFeaturePyramid(self.backbone.embed_dim, norm=norm)
         self.head = UperNetHead(
             self.adapter.out_channels,
@@ -192,6 +226,7 @@ class UperNetViT(nn.Module):
 
         With ``return_aux=True`` (needs ``aux_head=True``): ``(logits, aux_logits)``, both ``[B, K, H, W]``.
         """
+        self._check_input(x)
         height, width = x.shape[-2:]
         levels = self.adapter(self.backbone_features(x))
         padded_size = [s * self.patch_size for s in levels[2].shape[-2:]]
@@ -225,19 +260,22 @@ class UperNetViT(nn.Module):
 
         if self.lora_enabled:
             raise RuntimeError("LoRA is already enabled on this model; call merge_lora() first to add another")
-        peft_config = PeftLoraConfig(
-            r=int(rank), lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules)
-        )
-        try:
-            self.backbone.vit = LoraModel(self.backbone.vit, peft_config, "default")
-        except ValueError as err:
-            linears = sorted({n.rsplit(".", 1)[-1] for n, m in self.backbone.vit.named_modules() if isinstance(m, nn.Linear)})
+        if int(rank) < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
+        targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+        names = [n for n, m in self.backbone.vit.named_modules() if isinstance(m, nn.Linear)]
+        if not any(n == t or n.endswith("." + t) for n in names for t in targets):
+            linears = sorted({n.rsplit(".", 1)[-1] for n in names})
             raise ValueError(
-                f"LoRA target_modules {list(target_modules)} match no layer of backbone {self.backbone.name!r} "
-                f"({err}); its linear layers are named: {', '.join(linears)}"
-            ) from err
+                f"LoRA target_modules {targets} match no linear layer of backbone {self.backbone.name!r}; "
+                f"its linear layers are named: {', '.join(linears)}"
+            )
+        peft_config = PeftLoraConfig(r=int(rank), lora_alpha=alpha, lora_dropout=dropout, target_modules=targets)
+        self.backbone.vit = LoraModel(self.backbone.vit, peft_config, "default")
         self.lora_config = LoraConfig(
-            enabled=True, r=int(rank), lora_alpha=float(alpha), target_modules=list(target_modules), lora_dropout=float(dropout)
+            enabled=True, r=int(rank), lora_alpha=float(alpha), target_modules=targets, lora_dropout=float(dropout)
         )
         self.set_backbone_trainable(True)
 
@@ -264,13 +302,16 @@ class UperNetViT(nn.Module):
     # ------------------------------------------------------------------ config, save, load
     def to_config(self) -> Config:
         """The :class:`Config` (model + lora sections) that rebuilds this model."""
-        return Config(model=dataclasses.replace(self.config), lora=self.lora_config or LoraConfig())
+        return Config(model=copy.deepcopy(self.config), lora=copy.deepcopy(self.lora_config or LoraConfig()))
 
     @classmethod
     def from_config(cls, config: Union[str, os.PathLike, Mapping[str, Any], Config], **overrides: Any) -> "UperNetViT":
         """Build from a YAML path, dict or :class:`Config`; ``overrides`` replace ``model`` keys
         (e.g. ``num_classes`` from the dataset). Applies the ``lora`` section when enabled."""
         cfg = load_config(config)
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(ModelConfig)})
+        if unknown:
+            raise TypeError(f"from_config got unknown model key(s) {unknown}")
         model_cfg = dataclasses.replace(cfg.model, **overrides)
         if model_cfg.num_classes is None:
             raise ValueError("model.num_classes is not set; set it in the config or pass num_classes=...")
@@ -302,13 +343,14 @@ class UperNetViT(nn.Module):
 
         directory = os.fspath(directory)
         os.makedirs(directory, exist_ok=True)
+        text = config_to_yaml(self.to_config(), ("model", "lora"))  # before any file changes
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        _atomic_write(os.path.join(directory, WEIGHTS_NAME), lambda p: save_file(state, p, metadata={"format": "pt"}))
-        _atomic_write(os.path.join(directory, CONFIG_NAME), lambda p: save_config(self.to_config(), p, ("model", "lora")))
+        atomic_write(os.path.join(directory, WEIGHTS_NAME), lambda p: save_file(state, p, metadata={"format": "pt"}))
+        atomic_write(os.path.join(directory, CONFIG_NAME), lambda p: _write_text(p, text))
 
     @classmethod
-    def from_pretrained(cls, directory: Union[str, os.PathLike], map_location: str = "cpu") -> "UperNetViT":
-        """Rebuild a model written by :meth:`save_pretrained`. The backbone's original
+    def from_pretrained(cls, directory: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu") -> "UperNetViT":
+        """Rebuild a model written by :meth:`save_pretrained`, on ``device``. The backbone's original
         ``checkpoint_path`` is not read again (the weights come from ``model.safetensors``)."""
         from safetensors.torch import load_file
 
@@ -322,11 +364,11 @@ class UperNetViT(nn.Module):
         cfg.model.checkpoint_path = None
         model = cls.from_config(cfg)
         model.config.checkpoint_path = original_checkpoint
-        state = load_file(weights, device=map_location)
+        state = load_file(weights)
         result = model.load_state_dict(state, strict=False)
         if result.missing_keys or result.unexpected_keys:
             raise ValueError(
                 f"{weights} does not match {config_path}: missing {result.missing_keys[:10]}, "
                 f"unexpected {result.unexpected_keys[:10]}"
             )
-        return model
+        return model.to(device)

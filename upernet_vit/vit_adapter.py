@@ -46,6 +46,16 @@ def resolve_feature_indices(depth: int, feature_indices: Optional[Sequence[int]]
     return tuple(i % depth for i in indices)
 
 
+def prepare_vit_for_taps(vit: nn.Module, indices: Sequence[int]) -> None:
+    """Make ``vit`` serve only the taps: drop blocks after the last one (they would cost compute and
+    get no gradient) and the classifier. ViTs that keep their final norm as ``fc_norm`` (global-average
+    pooling variants such as EVA-02) get it moved to ``norm``, so the taps are normalized for them too."""
+    fc_norm = getattr(vit, "fc_norm", None)
+    if isinstance(getattr(vit, "norm", None), nn.Identity) and fc_norm is not None and not isinstance(fc_norm, nn.Identity):
+        vit.norm, vit.fc_norm = fc_norm, nn.Identity()
+    vit.prune_intermediate_layers(sorted(set(indices)), prune_norm=False, prune_head=True)
+
+
 def extract_feature_maps(vit: nn.Module, x: torch.Tensor, indices: Sequence[int]) -> List[torch.Tensor]:
     """Token maps of the tapped blocks, via timm's ``forward_intermediates``.
 

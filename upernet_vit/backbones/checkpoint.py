@@ -1,7 +1,7 @@
 """Load a local timm-format checkpoint into a timm ViT, strictly, with readable errors.
 
-Official DINOv2/DINOv3/RETFound/VisionFM layouts are converted elsewhere; this handles state dicts
-whose keys already follow timm (``.safetensors``, ``.pth``/``.bin`` with the weights at the top
+Official DINOv2/DINOv3/RETFound/VisionFM file layouts are not converted yet (open issue); this handles
+state dicts whose keys already follow timm (``.safetensors``, ``.pth``/``.bin`` with the weights at the top
 level or under ``state_dict``/``model``).
 """
 from __future__ import annotations

@@ -1,0 +1,190 @@
+"""End to end on tiny data: train, files, resume, predict, evaluate, CLI, DDP."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from upernet_vit import UperNetViT
+from upernet_vit.cli import main
+from upernet_vit.config import load_config
+from upernet_vit.training.demo_data import write_demo_dataset
+from upernet_vit.training.image_io import read_label
+from upernet_vit.training.predict import evaluate
+from upernet_vit.training.trainer import Trainer
+from helpers import TINY
+
+TINY_CONFIG = {
+    "model": {"backbone": "vit_small_patch16_224", "backbone_size": None, "backbone_kwargs": TINY,
+              "decoder": {"hidden_size": 16, "aux_head": True, "aux_channels": 8}},
+    "train": {"num_epochs": 3, "num_iterations_per_epoch": 2, "num_val_iterations_per_epoch": 1,
+              "warmup_epochs": 1, "num_overlays": 2, "seed": 7},
+    "data": {"format": "demo", "demo_cases": 10, "demo_image_size": 32, "patch_size": [32, 32],
+             "batch_size": 2, "num_workers": 0},
+}
+
+
+def _config(**sections):
+    data = json.loads(json.dumps(TINY_CONFIG))
+    for section, values in sections.items():
+        data[section].update(values)
+    return load_config(data)
+
+
+def test_train_writes_run_folder(tmp_path):
+    run = str(tmp_path / "run")
+    history = Trainer(_config(), run).run()
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    for name in ("config.yaml", "splits_final.json", "metrics.csv", "progress.png"):
+        assert os.path.isfile(os.path.join(run, name)), name
+    for ckpt in ("checkpoint_latest", "checkpoint_best"):
+        assert sorted(os.listdir(os.path.join(run, ckpt))) == [
+            "config.yaml", "model.safetensors", "preprocessing.json", "training_state.pt"
+        ]
+    assert len(os.listdir(os.path.join(run, "overlays"))) == 2
+    with open(os.path.join(run, "metrics.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3
+    for column in ("epoch", "train_loss", "val_loss", "val_dice_mean", "val_dice_disk", "val_dice_triangle", "ema_dice"):
+        assert column in rows[0]
+    assert all(np.isfinite(float(r["train_loss"])) for r in rows)
+    with open(os.path.join(run, "splits_final.json")) as f:
+        splits = json.load(f)
+    assert len(splits) == 5 and len(splits[0]["val"]) == 2
+    model = UperNetViT.from_pretrained(os.path.join(run, "checkpoint_latest"))
+    assert model.num_classes == 4 and model.in_chans == 1
+    with pytest.raises(FileExistsError, match="--resume"):
+        Trainer(_config(), run)
+
+
+class _Killed(RuntimeError):
+    pass
+
+
+class _KilledAfterOneEpoch(Trainer):
+    def train_epoch(self, epoch):
+        if epoch == 1:
+            raise _Killed
+        return super().train_epoch(epoch)
+
+
+def test_resume_continues_to_the_same_state(tmp_path):
+    straight = str(tmp_path / "straight")
+    Trainer(_config(), straight).run()
+
+    interrupted = str(tmp_path / "interrupted")
+    with pytest.raises(_Killed):
+        _KilledAfterOneEpoch(_config(), interrupted).run()
+    resumed = Trainer(_config(), interrupted, resume=True)
+    assert resumed.start_epoch == 1
+    history = resumed.run()
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+
+    a = load_file(os.path.join(straight, "checkpoint_latest", "model.safetensors"))
+    b = load_file(os.path.join(interrupted, "checkpoint_latest", "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with open(os.path.join(straight, "metrics.csv")) as f1, open(os.path.join(interrupted, "metrics.csv")) as f2:
+        r1, r2 = list(csv.DictReader(f1)), list(csv.DictReader(f2))
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in rows]  # noqa: E731
+    assert strip(r1) == strip(r2)
+
+
+def test_bf16_training_and_layer_decay_run(tmp_path):
+    cfg = _config(train={"amp": "bf16", "layer_decay": 0.75, "optimizer": "sgd", "initial_lr": 0.01, "num_epochs": 1})
+    trainer = Trainer(cfg, str(tmp_path / "run"))
+    scales = sorted({g["lr_scale"] for g in trainer.optimizer.param_groups})
+    assert scales[0] == pytest.approx(0.75**5) and scales[-1] == 1.0  # embeddings ... decoder
+    assert np.isfinite(trainer.run()[-1]["train_loss"])
+    with pytest.raises(ValueError, match="fp16.*CUDA"):
+        Trainer(_config(train={"amp": "fp16"}), str(tmp_path / "run2"))
+
+
+@pytest.fixture(scope="module")
+def trained_on_disk(tmp_path_factory):
+    """A tiny run on the demo data written as an nnU-Net raw dataset, through the CLI."""
+    root = tmp_path_factory.mktemp("e2e")
+    dataset = write_demo_dataset(str(root / "Dataset001_Demo"), num_train=10, num_test=3, size=40)
+    cfg_path = root / "tiny.yaml"
+    cfg = json.loads(json.dumps(TINY_CONFIG))
+    cfg["train"]["num_epochs"] = 1
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    run = str(root / "run")
+    code = main(["train", "--config", str(cfg_path), "--data", dataset, "--fold", "0", "--output", run,
+                 "-o", "data.num_workers=0"])
+    assert code == 0
+    return dataset, run
+
+
+def test_seed_style_cli_trains_on_nnunet_layout(trained_on_disk):
+    dataset, run = trained_on_disk
+    saved = load_config(os.path.join(run, "config.yaml"))
+    assert saved.data.format == "nnunet" and saved.data.root == dataset and saved.data.fold == 0
+
+
+def test_predict_and_evaluate(trained_on_disk, tmp_path):
+    dataset, run = trained_on_disk
+    out = str(tmp_path / "pred")
+    assert main(["predict", "--model", run, "--input", os.path.join(dataset, "imagesTs"), "--output", out,
+                 "--probabilities", "--mirror"]) == 0
+    cases = sorted(os.listdir(os.path.join(dataset, "labelsTs")))
+    for name in cases:
+        mask = read_label(os.path.join(out, name))
+        assert mask.shape == (40, 40)
+        assert set(np.unique(mask)) <= {0, 1, 2, 3}
+        probs = np.load(os.path.join(out, name.replace(".png", "_probs.npz")))["probabilities"]
+        assert probs.shape == (4, 40, 40) and np.allclose(probs.astype(np.float32).sum(0), 1, atol=1e-2)
+    assert main(["evaluate", "--pred", out, "--gt", os.path.join(dataset, "labelsTs"),
+                 "--labels", os.path.join(dataset, "dataset.json")]) == 0
+    with open(os.path.join(out, "summary.json")) as f:
+        summary = json.load(f)
+    assert set(summary["dice"]) == {"background", "disk", "square", "triangle"}
+    assert len(summary["per_case"]) == len(cases)
+
+
+def test_evaluate_by_hand(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "gt").mkdir()
+    (tmp_path / "pred").mkdir()
+    gt = np.array([[0, 1, 1, 2], [0, 1, 2, 2]], dtype=np.uint8)
+    pred = np.array([[0, 1, 0, 2], [1, 1, 2, 0]], dtype=np.uint8)
+    Image.fromarray(gt).save(tmp_path / "gt" / "a.png")
+    Image.fromarray(pred).save(tmp_path / "pred" / "a.png")
+    summary = evaluate(str(tmp_path / "pred"), str(tmp_path / "gt"))
+    assert summary["dice"]["class_1"] == pytest.approx(4 / 6)
+    assert summary["dice"]["class_2"] == pytest.approx(4 / 5)
+    assert summary["foreground_mean_dice"] == pytest.approx((4 / 6 + 4 / 5) / 2)
+
+
+def test_cli_reports_config_errors(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  backbone_sise: base\n")
+    assert main(["train", str(path)]) == 2
+    assert "model.backbone_sise: unknown key; did you mean 'model.backbone_size'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_gloo(tmp_path):
+    cfg = json.loads(json.dumps(TINY_CONFIG))
+    cfg["train"]["num_epochs"] = 2
+    path = tmp_path / "ddp.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    run = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "upernet_vit", "train", str(path), "--output", str(run), "-o", "data.num_workers=0"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(run / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert os.path.isfile(run / "checkpoint_latest" / "model.safetensors")
+    assert "done: 2 epochs" in result.stdout and result.stdout.count("done:") == 1  # rank 0 reports once

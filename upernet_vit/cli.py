@@ -1,0 +1,157 @@
+"""``upernet-vit`` command line: train, predict, evaluate, make-demo."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import List, Optional
+
+import yaml
+
+
+def _apply_overrides(data: dict, overrides: List[str]) -> dict:
+    """``key.sub=value`` pairs (values parsed as YAML) onto a nested dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise SystemExit(f"--override {item!r}: expected key.path=value")
+        key, raw = item.split("=", 1)
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise SystemExit(f"--override {item!r}: {part!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def _setup_logging(output_dir: Optional[str] = None) -> None:
+    handlers: List[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if output_dir:
+        os.makedirs(output_dir, exist_ok=True)
+        handlers.append(logging.FileHandler(os.path.join(output_dir, "train.log")))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", handlers=handlers, force=True)
+    for noisy in ("matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .training.trainer import Trainer
+
+    config_path = args.config_path or args.config
+    if not config_path:
+        raise SystemExit("train: give a config file (upernet-vit train CONFIG or --config CONFIG)")
+    if not os.path.isfile(config_path):
+        raise SystemExit(f"train: config file {config_path!r} does not exist")
+    with open(config_path, encoding="utf-8") as f:
+        data = yaml.safe_load(f) or {}
+    overrides = list(args.override or [])
+    if args.data:
+        fmt = "nnunet" if os.path.isfile(os.path.join(args.data, "dataset.json")) else "folders"
+        overrides += [f"data.root={args.data}", f"data.format={fmt}"]
+    if args.fold is not None:
+        overrides.append(f"data.fold={args.fold}")
+    config = load_config(_apply_overrides(data, overrides))
+    name = os.path.splitext(os.path.basename(config_path))[0]
+    output = args.output or config.train.output_dir or os.path.join("runs", name)
+    if int(os.environ.get("RANK", "0")) == 0:
+        _setup_logging(output)
+    logging.getLogger(__name__).info("run folder: %s", os.path.abspath(output))
+    trainer = Trainer(config, output, resume=args.resume)
+    history = trainer.run()
+    if history and trainer.dist.is_main:
+        last = history[-1]
+        print(
+            f"done: {len(history)} epochs, val Dice (fg mean) {last['val_dice_mean']:.4f}, "
+            f"EMA {last['ema_dice']:.4f}; run folder {output}"
+        )
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .training.predict import predict
+
+    _setup_logging()
+    written = predict(args.model, args.input, args.output, args.device, args.step, args.mirror, args.probabilities)
+    print(f"wrote {len(written)} mask(s) to {args.output}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .training.predict import evaluate
+
+    labels = None
+    ignore = None
+    if args.labels:
+        with open(args.labels, encoding="utf-8") as f:
+            meta = json.load(f)
+        labels = dict(meta.get("labels", meta))
+        ignore = labels.pop("ignore", None)
+    summary = evaluate(args.pred, args.gt, labels, ignore)
+    out = args.output or os.path.join(args.pred, "summary.json")
+    with open(out, "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=1)
+    for name, dice in summary["dice"].items():
+        print(f"{name:>20s}  Dice {dice if dice is not None else float('nan'):.4f}  IoU {summary['iou'][name] if summary['iou'][name] is not None else float('nan'):.4f}")
+    print(f"{'foreground mean':>20s}  Dice {summary['foreground_mean_dice']:.4f}   (summary: {out})")
+    return 0
+
+
+def cmd_make_demo(args: argparse.Namespace) -> int:
+    from .training.demo_data import write_demo_dataset
+
+    write_demo_dataset(args.output, args.num_train, args.num_test, args.size)
+    print(f"wrote the demo dataset (nnU-Net raw layout) to {args.output}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="upernet-vit", description="UperNet on plain ViT backbones")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train from a YAML config")
+    train.add_argument("config_path", nargs="?", help="YAML config (e.g. configs/demo.yaml)")
+    train.add_argument("--config", help="YAML config (seed-style spelling)")
+    train.add_argument("--data", help="dataset folder: nnU-Net raw (with dataset.json) or images/ + masks/")
+    train.add_argument("--fold", help="fold 0-4 or 'all'")
+    train.add_argument("--override", "-o", action="append", metavar="KEY=VALUE", help="e.g. train.num_epochs=5")
+    train.add_argument("--output", help="run folder (default: runs/<config name>)")
+    train.add_argument("--resume", action="store_true", help="continue the run in --output from checkpoint_latest")
+    train.set_defaults(func=cmd_train)
+
+    pred = sub.add_parser("predict", help="predict masks with a trained model")
+    pred.add_argument("--model", required=True, help="run folder or a save_pretrained folder")
+    pred.add_argument("--input", required=True, help="image file or folder (nnU-Net imagesTs naming works)")
+    pred.add_argument("--output", required=True, help="folder for <case>.png masks")
+    pred.add_argument("--device", default="auto")
+    pred.add_argument("--step", type=float, default=0.5, help="sliding-window step as a fraction of the patch")
+    pred.add_argument("--mirror", action="store_true", help="mirror test-time augmentation")
+    pred.add_argument("--probabilities", action="store_true", help="also write <case>_probs.npz")
+    pred.set_defaults(func=cmd_predict)
+
+    ev = sub.add_parser("evaluate", help="Dice/IoU of predicted masks against ground truth")
+    ev.add_argument("--pred", required=True)
+    ev.add_argument("--gt", required=True)
+    ev.add_argument("--labels", help="dataset.json (or a JSON name->value mapping); default: values in --gt")
+    ev.add_argument("--output", help="summary JSON (default: <pred>/summary.json)")
+    ev.set_defaults(func=cmd_evaluate)
+
+    demo = sub.add_parser("make-demo", help="write the built-in demo data as an nnU-Net raw dataset")
+    demo.add_argument("output")
+    demo.add_argument("--num-train", type=int, default=48)
+    demo.add_argument("--num-test", type=int, default=8)
+    demo.add_argument("--size", type=int, default=96)
+    demo.set_defaults(func=cmd_make_demo)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        print(f"upernet-vit {args.command}: error: {err}", file=sys.stderr)
+        return 2

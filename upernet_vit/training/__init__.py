@@ -1,0 +1,1 @@
+"""Training and inference on top of the model library (the model core never imports this package)."""

@@ -1,0 +1,152 @@
+"""Joint image/mask augmentation (torchvision.transforms.v2) and the seeded patch datasets.
+
+Every sample is a pure function of (seed, epoch, index): the same run gives the same batches in any
+number of worker processes, and a resumed run continues with exactly the batches it would have seen.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+from .data import IGNORE_INDEX, Case
+
+
+@dataclass
+class AugmentConfig:
+    scale_range: Tuple[float, float] = (0.7, 1.4)  # zoom: >1 magnifies
+    rotation_degrees: float = 180.0
+    flip: bool = True
+    intensity: bool = True
+
+
+class RandomScaledCrop(v2.Transform):
+    """Crop a ``patch / zoom`` window at a random position (partly outside the image if the image is
+    small) and resize it to ``patch``. Outside pixels: image 0, mask ``IGNORE_INDEX``."""
+
+    def __init__(self, patch_size: Sequence[int], scale_range: Tuple[float, float] = (1.0, 1.0)) -> None:
+        super().__init__()
+        self.patch_size = [int(s) for s in patch_size]
+        self.scale_range = scale_range
+
+    def make_params(self, flat_inputs: List[Any]) -> Dict[str, Any]:
+        height, width = v2.query_size(flat_inputs)
+        zoom = float(torch.empty(1).uniform_(*self.scale_range))
+        ch, cw = (max(1, round(p / zoom)) for p in self.patch_size)
+        # window start: anywhere that keeps the window on the image, or centred slack if it is larger
+        top = int(torch.randint(min(0, height - ch), max(0, height - ch) + 1, ()))
+        left = int(torch.randint(min(0, width - cw), max(0, width - cw) + 1, ()))
+        return dict(top=top, left=left, height=ch, width=cw)
+
+    def transform(self, inpt: Any, params: Dict[str, Any]) -> Any:
+        top, left, ch, cw = params["top"], params["left"], params["height"], params["width"]
+        height, width = inpt.shape[-2:]
+        pad = [max(0, -left), max(0, -top), max(0, left + cw - width), max(0, top + ch - height)]
+        is_mask = isinstance(inpt, tv_tensors.Mask)
+        if any(pad):
+            inpt = TF.pad(inpt, pad, fill=IGNORE_INDEX if is_mask else 0.0)
+        interp = v2.InterpolationMode.NEAREST if is_mask else v2.InterpolationMode.BILINEAR
+        return TF.resized_crop(
+            inpt, top + pad[1], left + pad[0], ch, cw, self.patch_size, interpolation=interp, antialias=True
+        )
+
+
+class RandomIntensity(v2.Transform):
+    """Brightness (x0.8-1.2), contrast (x0.75-1.25 around the mean), gamma (0.7-1.5) and a little
+    Gaussian noise, on images only, for any channel count. Images stay in [0, 1]."""
+
+    def make_params(self, flat_inputs: List[Any]) -> Dict[str, Any]:
+        u = torch.rand(4)
+        return dict(
+            brightness=0.8 + 0.4 * float(u[0]),
+            contrast=0.75 + 0.5 * float(u[1]),
+            gamma=0.7 + 0.8 * float(u[2]),
+            noise=0.03 * float(u[3]),
+        )
+
+    def transform(self, inpt: Any, params: Dict[str, Any]) -> Any:
+        if not isinstance(inpt, tv_tensors.Image):
+            return inpt
+        x = inpt.as_subclass(torch.Tensor)
+        mean = x.mean(dim=(-2, -1), keepdim=True)
+        x = ((x - mean) * params["contrast"] + mean) * params["brightness"]
+        x = x.clamp(0, 1) ** params["gamma"]
+        x = (x + params["noise"] * torch.randn_like(x)).clamp(0, 1)
+        return tv_tensors.wrap(x, like=inpt)
+
+
+def build_transform(patch_size: Sequence[int], cfg: Optional[AugmentConfig]) -> v2.Transform:
+    """Training augmentation (``cfg`` given) or a plain random crop at scale 1 (``cfg=None``)."""
+    if cfg is None:
+        return RandomScaledCrop(patch_size)
+    steps: List[v2.Transform] = [RandomScaledCrop(patch_size, cfg.scale_range)]
+    if cfg.flip:
+        steps += [v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()]
+    if cfg.rotation_degrees:
+        steps.append(
+            v2.RandomRotation(cfg.rotation_degrees, fill={tv_tensors.Image: 0.0, tv_tensors.Mask: IGNORE_INDEX})
+        )
+    if cfg.intensity:
+        steps.append(RandomIntensity())
+    return v2.Compose(steps)
+
+
+class Normalizer:
+    """``[C, H, W]`` in [0, 1] -> normalized: ``(x - mean) / std`` per channel (the backbone's
+    pretraining stats), or per-image z-score (``mode="zscore"``, as nnU-Net for non-CT data)."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], mode: str = "preset") -> None:
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        self.mode = mode
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "zscore":
+            m = x.mean(dim=(-2, -1), keepdim=True)
+            s = x.std(dim=(-2, -1), keepdim=True).clamp_min(1e-6)
+            return (x - m) / s
+        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+
+
+class PatchDataset(torch.utils.data.Dataset):
+    """``length`` patches per epoch; item i picks a case and augments it with RNG seeded by
+    (seed, epoch, i). Returns ``(image [C, *patch] float32 normalized, label [*patch] int64)``."""
+
+    def __init__(
+        self,
+        cases: Sequence[Case],
+        patch_size: Sequence[int],
+        normalizer: Normalizer,
+        length: int,
+        seed: int,
+        augment: Optional[AugmentConfig],
+    ) -> None:
+        if not cases:
+            raise ValueError("PatchDataset needs at least one case")
+        self.cases = list(cases)
+        self.transform = build_transform(patch_size, augment)
+        self.normalizer = normalizer
+        self.length = length
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        case = self.cases[int(rng.integers(len(self.cases)))]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(rng.integers(2**31)))
+            image, label = self.transform(
+                tv_tensors.Image(torch.from_numpy(case.image)), tv_tensors.Mask(torch.from_numpy(case.label))
+            )
+        return self.normalizer(image.as_subclass(torch.Tensor)), label.as_subclass(torch.Tensor)

@@ -1,0 +1,258 @@
+"""Datasets on disk (nnU-Net v2 raw 2D layout, plain image/mask folders) and the built-in demo data.
+
+Everything is read once into memory ([C, H, W] float images in [0, 1], [H, W] class-index labels):
+the target is a few hundred 2D images. All checks run before training starts and name the file.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .image_io import IMAGE_SUFFIXES, read_image, read_label
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100  # class index meaning "no label here" (cross-entropy's default ignore_index)
+
+
+@dataclass
+class Case:
+    case_id: str
+    image: np.ndarray  # [C, H, W] float32
+    label: Optional[np.ndarray]  # [H, W] int64 class indices, IGNORE_INDEX where ignored
+
+
+@dataclass
+class DatasetInfo:
+    name: str
+    label_names: List[str]  # class index -> name
+    label_values: List[int]  # class index -> value stored in label files
+    num_channels: int
+    file_ending: str = ".png"
+    ignore_value: Optional[int] = None  # value in label files meaning "ignore"
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_values)
+
+    def to_indices(self, label: np.ndarray, source: str) -> np.ndarray:
+        """File values -> class indices; unknown values are an error naming ``source``."""
+        allowed = list(self.label_values) + ([self.ignore_value] if self.ignore_value is not None else [])
+        found = np.unique(label)
+        bad = sorted(set(found.tolist()) - set(allowed))
+        if bad:
+            raise ValueError(
+                f"label file {source!r} has values {bad[:10]} that are not among the dataset's labels "
+                f"{dict(zip(self.label_names, self.label_values))}"
+                + (f" or the ignore value {self.ignore_value}" if self.ignore_value is not None else "")
+            )
+        lut = {v: i for i, v in enumerate(self.label_values)}
+        if self.ignore_value is not None:
+            lut[self.ignore_value] = IGNORE_INDEX
+        out = np.empty(label.shape, dtype=np.int64)
+        for value in found.tolist():
+            out[label == value] = lut[value]
+        return out
+
+    def to_values(self, indices: np.ndarray) -> np.ndarray:
+        """Class indices -> the values written to label files."""
+        return np.asarray(self.label_values, dtype=np.int64)[indices]
+
+
+def _check_pair(image: np.ndarray, label: np.ndarray, image_path: str, label_path: str) -> None:
+    if image.shape[1:] != label.shape:
+        raise ValueError(
+            f"image {image_path!r} is {image.shape[1]}x{image.shape[2]} but its label {label_path!r} is "
+            f"{label.shape[0]}x{label.shape[1]}; they must be the same size"
+        )
+
+
+# ---------------------------------------------------------------------------- nnU-Net raw layout
+def read_dataset_json(root: str) -> dict:
+    path = os.path.join(root, "dataset.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: an nnU-Net raw dataset folder needs dataset.json")
+    with open(path, encoding="utf-8") as f:
+        meta = json.load(f)
+    for key in ("channel_names", "labels", "file_ending"):
+        if key not in meta:
+            raise ValueError(f"{path} has no {key!r} key (nnU-Net v2 dataset.json needs channel_names, labels, file_ending)")
+    return meta
+
+
+def nnunet_info(root: str) -> DatasetInfo:
+    meta = read_dataset_json(root)
+    labels = dict(meta["labels"])
+    ignore = labels.pop("ignore", None)
+    for name, value in labels.items():
+        if not isinstance(value, int):
+            raise ValueError(
+                f"{os.path.join(root, 'dataset.json')}: label {name!r} is {value!r}; region-based labels are not supported"
+            )
+    items = sorted(labels.items(), key=lambda kv: kv[1])
+    if [v for _, v in items] != list(range(len(items))):
+        raise ValueError(
+            f"{os.path.join(root, 'dataset.json')}: labels must be consecutive 0..K-1 as nnU-Net requires, got {labels}"
+        )
+    return DatasetInfo(
+        name=os.path.basename(os.path.normpath(root)),
+        label_names=[k for k, _ in items],
+        label_values=[v for _, v in items],
+        num_channels=len(meta["channel_names"]),
+        file_ending=meta["file_ending"],
+        ignore_value=ignore,
+    )
+
+
+def nnunet_image_files(folder: str, file_ending: str) -> Dict[str, List[str]]:
+    """``{case_id: [channel files in order]}`` from ``<case>_XXXX<ending>`` names."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"image folder {folder!r} does not exist")
+    pattern = re.compile(rf"^(.+)_(\d{{4}}){re.escape(file_ending)}$")
+    cases: Dict[str, List[Tuple[int, str]]] = {}
+    for name in sorted(os.listdir(folder)):
+        match = pattern.match(name)
+        if match:
+            cases.setdefault(match.group(1), []).append((int(match.group(2)), os.path.join(folder, name)))
+    return {cid: [p for _, p in sorted(files)] for cid, files in sorted(cases.items())}
+
+
+def read_case_image(files: Sequence[str]) -> np.ndarray:
+    """Channel files of one case -> ``[C, H, W]`` (an RGB file adds 3 channels)."""
+    arrays = [read_image(f) for f in files]
+    sizes = {a.shape[1:] for a in arrays}
+    if len(sizes) > 1:
+        raise ValueError(f"the channel files of one case differ in size: {list(files)}")
+    return np.concatenate(arrays, axis=0)
+
+
+def load_nnunet_raw(root: str) -> Tuple[DatasetInfo, List[Case]]:
+    """Training cases of an nnU-Net v2 raw dataset (``imagesTr``/``labelsTr``)."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"dataset folder {root!r} does not exist (data.root)")
+    info = nnunet_info(root)
+    images = nnunet_image_files(os.path.join(root, "imagesTr"), info.file_ending)
+    if not images:
+        raise ValueError(f"no images named <case>_0000{info.file_ending} in {os.path.join(root, 'imagesTr')}")
+    cases = []
+    for case_id, files in images.items():
+        label_path = os.path.join(root, "labelsTr", case_id + info.file_ending)
+        if not os.path.isfile(label_path):
+            raise FileNotFoundError(f"image {files[0]!r} has no label: {label_path!r} is missing")
+        image = read_case_image(files)
+        label = read_label(label_path)
+        _check_pair(image, label, files[0], label_path)
+        cases.append(Case(case_id, image, info.to_indices(label, label_path)))
+    _set_channels(info, cases, os.path.join(root, "imagesTr"))
+    return info, cases
+
+
+def _set_channels(info: DatasetInfo, cases: Sequence[Case], folder: str) -> None:
+    counts = {c.image.shape[0] for c in cases}
+    if len(counts) > 1:
+        odd = [c.case_id for c in cases if c.image.shape[0] != cases[0].image.shape[0]][:5]
+        raise ValueError(f"cases in {folder!r} have different channel counts {sorted(counts)} (e.g. {odd})")
+    (channels,) = counts
+    if channels != info.num_channels:
+        logger.warning(
+            "dataset.json declares %d channel(s) but the images hold %d; using %d",
+            info.num_channels, channels, channels,
+        )
+    info.num_channels = channels
+
+
+# ---------------------------------------------------------------------------- plain folders
+def _by_stem(folder: str) -> Dict[str, str]:
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"folder {folder!r} does not exist")
+    return {
+        os.path.splitext(n)[0]: os.path.join(folder, n)
+        for n in sorted(os.listdir(folder))
+        if n.lower().endswith(IMAGE_SUFFIXES)
+    }
+
+
+def load_folders(root: str, labels: Optional[Dict[str, int]] = None) -> Tuple[DatasetInfo, List[Case]]:
+    """``root/images/<name>.<ext>`` with ``root/masks/<name>.<ext>``. Label values: ``labels``
+    (name -> value) if given, else every value found in the masks, sorted."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"dataset folder {root!r} does not exist (data.root)")
+    images, masks = _by_stem(os.path.join(root, "images")), _by_stem(os.path.join(root, "masks"))
+    if not images:
+        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {os.path.join(root, 'images')}")
+    missing = [images[s] for s in images if s not in masks]
+    if missing:
+        raise FileNotFoundError(f"image {missing[0]!r} has no mask in {os.path.join(root, 'masks')} ({len(missing)} without)")
+    raw = []
+    for stem, path in images.items():
+        image, label = read_image(path), read_label(masks[stem])
+        _check_pair(image, label, path, masks[stem])
+        raw.append((stem, image, label, masks[stem]))
+    if labels:
+        items = sorted(labels.items(), key=lambda kv: kv[1])
+    else:
+        values = sorted(set().union(*(np.unique(l).tolist() for _, _, l, _ in raw)))
+        items = [("background" if v == 0 else f"class_{v}", v) for v in values]
+    info = DatasetInfo(
+        name=os.path.basename(os.path.normpath(root)),
+        label_names=[k for k, _ in items],
+        label_values=[v for _, v in items],
+        num_channels=raw[0][1].shape[0],
+        file_ending=".png",
+    )
+    cases = [Case(stem, image, info.to_indices(label, mpath)) for stem, image, label, mpath in raw]
+    _set_channels(info, cases, os.path.join(root, "images"))
+    return info, cases
+
+
+# ---------------------------------------------------------------------------- folds
+def crossval_splits(case_ids: Sequence[str], n_splits: int = 5, seed: int = 12345) -> List[Dict[str, List[str]]]:
+    """nnU-Net's ``generate_crossval_split``: sklearn ``KFold(n_splits, shuffle=True, random_state=seed)``
+    over the sorted case ids, reproduced with numpy so the folds equal nnU-Net's ``splits_final.json``."""
+    ids = sorted(case_ids)
+    if len(ids) < n_splits:
+        raise ValueError(f"{len(ids)} cases cannot be split into {n_splits} folds; use fold 'all' or more cases")
+    order = np.arange(len(ids))
+    np.random.RandomState(seed).shuffle(order)
+    sizes = np.full(n_splits, len(ids) // n_splits)
+    sizes[: len(ids) % n_splits] += 1
+    splits, start = [], 0
+    for size in sizes:
+        val_idx = order[start : start + size]
+        start += size
+        val = set(val_idx.tolist())
+        splits.append({  # both in index order, as sklearn returns them
+            "train": [ids[i] for i in range(len(ids)) if i not in val],
+            "val": [ids[i] for i in sorted(val)],
+        })
+    return splits
+
+
+def fold_case_ids(
+    case_ids: Sequence[str], fold: str, splits_file: Optional[str] = None, n_splits: int = 5
+) -> Tuple[List[str], List[str], List[Dict[str, List[str]]]]:
+    """(train ids, val ids, all splits) for ``fold`` (``"0"``..``"4"`` or ``"all"``: train and validate on all).
+
+    ``splits_file`` (nnU-Net's ``splits_final.json``) is used when it exists, else folds are generated.
+    """
+    if splits_file and os.path.isfile(splits_file):
+        with open(splits_file, encoding="utf-8") as f:
+            splits = json.load(f)
+        known = set(case_ids)
+        unknown = sorted({c for s in splits for part in ("train", "val") for c in s[part]} - known)
+        if unknown:
+            raise ValueError(f"{splits_file} names cases that are not in the dataset: {unknown[:5]}")
+    else:
+        splits = crossval_splits(case_ids, n_splits) if fold != "all" else []
+    if fold == "all":
+        return sorted(case_ids), sorted(case_ids), splits
+    index = int(fold)
+    if not 0 <= index < len(splits):
+        raise ValueError(f"data.fold {fold!r} is out of range: there are {len(splits)} folds (0..{len(splits) - 1}) or 'all'")
+    return list(splits[index]["train"]), list(splits[index]["val"]), splits

@@ -1,0 +1,69 @@
+"""Reading images and label maps (PNG, TIFF 8/16-bit, BMP, JPEG) and writing label PNGs."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from PIL import Image
+
+IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".bmp", ".jpg", ".jpeg")
+
+
+def _open(path: str) -> Image.Image:
+    try:
+        img = Image.open(path)
+        img.load()
+        return img
+    except Exception as err:
+        raise ValueError(f"cannot read image file {path!r}: {err}") from err
+
+
+def read_image(path: str) -> np.ndarray:
+    """``[C, H, W]`` float32 scaled to [0, 1] for integer images (8-bit /255, 16-bit /65535); float
+    images as stored. RGB stays in one file (C = 3); an alpha channel is dropped; palette images
+    are read as their RGB colours."""
+    img = _open(path)
+    if img.mode in ("RGBA", "LA", "P", "CMYK", "YCbCr"):
+        img = img.convert("RGB" if img.mode != "LA" else "L")
+    arr = np.asarray(img)
+    if arr.dtype == np.uint8:
+        arr = arr.astype(np.float32) / 255.0
+    elif arr.dtype in (np.uint16, np.dtype(">u2"), np.dtype("<u2")) or img.mode.startswith("I;16"):
+        arr = arr.astype(np.float32) / 65535.0
+    elif arr.dtype == bool:
+        arr = arr.astype(np.float32)
+    else:
+        arr = arr.astype(np.float32)
+    if arr.ndim == 2:
+        arr = arr[None]
+    else:
+        arr = np.ascontiguousarray(arr.transpose(2, 0, 1))
+    return arr
+
+
+def read_label(path: str) -> np.ndarray:
+    """``[H, W]`` int64 label values as stored (palette PNGs give their indices)."""
+    img = _open(path)
+    arr = np.asarray(img)
+    if arr.ndim == 3:
+        if not (arr[..., :1] == arr).all():
+            raise ValueError(
+                f"label file {path!r} has {arr.shape[2]} different channels; a label map must be one "
+                f"channel of integer values (save it as 8- or 16-bit grayscale or palette PNG)"
+            )
+        arr = arr[..., 0]
+    if np.issubdtype(arr.dtype, np.floating):
+        if not np.all(np.equal(np.mod(arr, 1), 0)):
+            raise ValueError(f"label file {path!r} holds non-integer values")
+    return arr.astype(np.int64)
+
+
+def write_label_png(path: str, label: np.ndarray) -> None:
+    """Write ``[H, W]`` integer labels as 8-bit (values < 256) or 16-bit PNG, atomically."""
+    label = np.asarray(label)
+    if label.min() < 0 or label.max() > 65535:
+        raise ValueError(f"label values must be in 0..65535 to write a PNG, got {label.min()}..{label.max()}")
+    img = Image.fromarray(label.astype(np.uint8 if label.max() < 256 else np.uint16))
+    tmp = f"{path}.tmp.png"
+    img.save(tmp)
+    os.replace(tmp, path)

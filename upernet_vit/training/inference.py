@@ -1,0 +1,76 @@
+"""Sliding-window inference with Gaussian importance weighting (nnU-Net style) and mirror TTA."""
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+
+def gaussian_importance(size: Sequence[int], sigma_scale: float = 1.0 / 8) -> torch.Tensor:
+    """``[h, w]`` weights peaking at the window centre (sigma = size/8), min clipped above 0."""
+    axes = []
+    for s in size:
+        coords = torch.arange(s, dtype=torch.float64) - (s - 1) / 2
+        sigma = max(s * sigma_scale, 1e-3)
+        axes.append(torch.exp(-0.5 * (coords / sigma) ** 2))
+    weights = torch.outer(axes[0], axes[1])
+    weights = weights / weights.max()
+    return weights.clamp_min(weights[weights > 0].min()).float()
+
+
+def window_starts(size: int, window: int, step: float) -> List[int]:
+    """Window offsets covering ``size`` with overlap ``1 - step`` (nnU-Net's ``compute_steps_for_sliding_window``)."""
+    if size <= window:
+        return [0]
+    count = math.ceil((size - window) / (window * step)) + 1
+    stride = (size - window) / (count - 1)
+    return [int(round(stride * i)) for i in range(count)]
+
+
+@torch.no_grad()
+def sliding_window_logits(
+    model: nn.Module,
+    image: torch.Tensor,
+    patch_size: Sequence[int],
+    step: float = 0.5,
+    mirror: bool = False,
+    batch_size: int = 4,
+    amp_dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """``image [C, H, W]`` (normalized, on the model's device) -> logits ``[K, H, W]`` (float32).
+
+    Windows of ``patch_size`` (smaller where the image is smaller: the model takes any size) at
+    overlap ``1 - step``; each window's logits are weighted by a Gaussian and the sum divided by the
+    summed weights. ``mirror=True`` averages over horizontal, vertical and both flips.
+    """
+    _, height, width = image.shape
+    wh, ww = min(patch_size[0], height), min(patch_size[1], width)
+    weights = gaussian_importance((wh, ww)).to(image.device)
+    boxes: List[Tuple[int, int]] = [
+        (top, left) for top in window_starts(height, wh, step) for left in window_starts(width, ww, step)
+    ]
+    out: Optional[torch.Tensor] = None
+    norm = torch.zeros(height, width, device=image.device)
+    autocast = (
+        torch.autocast(device_type=image.device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+    )
+    flips: List[Tuple[int, ...]] = [()] + ([(3,), (2,), (2, 3)] if mirror else [])
+    for start in range(0, len(boxes), batch_size):
+        chunk = boxes[start : start + batch_size]
+        batch = torch.stack([image[:, t : t + wh, l : l + ww] for t, l in chunk])
+        logits = 0
+        with autocast:
+            for dims in flips:
+                pred = model(batch.flip(dims) if dims else batch)
+                logits = logits + (pred.flip(dims) if dims else pred).float()
+        logits = logits / len(flips)
+        if out is None:
+            out = torch.zeros(logits.shape[1], height, width, device=image.device)
+        for (t, l), window_logits in zip(chunk, logits):
+            out[:, t : t + wh, l : l + ww] += window_logits * weights
+            norm[t : t + wh, l : l + ww] += weights
+    assert out is not None
+    return out / norm

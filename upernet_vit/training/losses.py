@@ -1,0 +1,70 @@
+"""Cross-entropy + soft Dice (nnU-Net's ``DC_and_CE_loss``), with an ignore label."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import IGNORE_INDEX
+
+
+class SoftDiceLoss(nn.Module):
+    """``1 - mean_c dice_c`` over foreground classes on softmax probabilities.
+
+    ``batch_dice=True`` sums TP/FP/FN over the whole batch before dividing (nnU-Net's 2D default),
+    which is stable when a class is absent from single images. Ignored pixels count for nothing.
+    """
+
+    def __init__(self, smooth: float = 1e-5, batch_dice: bool = True, include_background: bool = False) -> None:
+        super().__init__()
+        self.smooth = smooth
+        self.batch_dice = batch_dice
+        self.include_background = include_background
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """``logits [B, K, H, W]``, ``target [B, H, W]`` class indices (``IGNORE_INDEX`` allowed)."""
+        probs = logits.float().softmax(dim=1)
+        valid = (target != IGNORE_INDEX).unsqueeze(1)
+        onehot = F.one_hot(target.clamp_min(0), probs.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)
+        probs, onehot = probs * valid, onehot * valid
+        dims = (0, 2, 3) if self.batch_dice else (2, 3)
+        tp = (probs * onehot).sum(dims)
+        fp = (probs * (1 - onehot)).sum(dims)
+        fn = ((1 - probs) * onehot).sum(dims)
+        dice = (2 * tp + self.smooth) / (2 * tp + fp + fn + self.smooth).clamp_min(1e-8)
+        if not self.include_background:
+            dice = dice[..., 1:]
+        return 1 - dice.mean()
+
+
+class DiceCELoss(nn.Module):
+    """``ce_weight * CE + dice_weight * (1 - soft Dice)``; ``IGNORE_INDEX`` pixels are excluded from both."""
+
+    def __init__(self, ce_weight: float = 1.0, dice_weight: float = 1.0, batch_dice: bool = True) -> None:
+        super().__init__()
+        self.ce_weight = ce_weight
+        self.dice_weight = dice_weight
+        self.dice = SoftDiceLoss(batch_dice=batch_dice)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if (target != IGNORE_INDEX).any():
+            ce = F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX)
+        else:  # all ignored: CE would be NaN; keep the graph, contribute nothing
+            ce = logits.sum() * 0.0
+        return self.ce_weight * ce + self.dice_weight * self.dice(logits, target)
+
+
+def segmentation_loss(
+    criterion: nn.Module,
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    aux_logits: Optional[torch.Tensor] = None,
+    aux_weight: float = 0.4,
+) -> torch.Tensor:
+    """Main loss plus ``aux_weight`` times the auxiliary head's (mmseg's 0.4 by default)."""
+    loss = criterion(logits, target)
+    if aux_logits is not None:
+        loss = loss + aux_weight * criterion(aux_logits, target)
+    return loss

@@ -1,0 +1,147 @@
+"""Predict label maps for image files with a trained model, and evaluate predictions against ground truth."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..model import UperNetViT
+from .augment import Normalizer
+from .data import IGNORE_INDEX
+from .image_io import IMAGE_SUFFIXES, read_label, write_label_png
+from .data import read_case_image
+from .inference import sliding_window_logits
+from .metrics import confusion_counts, dice_iou
+from .trainer import PREPROCESSING_NAME
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_model_dir(path: str) -> str:
+    """A ``save_pretrained`` folder, or a run folder (its ``checkpoint_best``, else ``checkpoint_latest``)."""
+    if os.path.isfile(os.path.join(path, "model.safetensors")):
+        return path
+    for name in ("checkpoint_best", "checkpoint_latest"):
+        candidate = os.path.join(path, name)
+        if os.path.isfile(os.path.join(candidate, "model.safetensors")):
+            return candidate
+    raise FileNotFoundError(
+        f"{path!r} is neither a model folder (model.safetensors + config.yaml) nor a run folder with checkpoint_best/"
+    )
+
+
+def group_input_files(path: str) -> Dict[str, List[str]]:
+    """``{case_id: channel files}``: nnU-Net ``<case>_XXXX.ext`` names are grouped, other images stand alone."""
+    if os.path.isfile(path):
+        files = [path]
+    elif os.path.isdir(path):
+        files = [os.path.join(path, n) for n in sorted(os.listdir(path)) if n.lower().endswith(IMAGE_SUFFIXES)]
+    else:
+        raise FileNotFoundError(f"--input {path!r} does not exist")
+    if not files:
+        raise ValueError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {path!r}")
+    cases: Dict[str, List[str]] = {}
+    for f in files:
+        stem = os.path.splitext(os.path.basename(f))[0]
+        match = re.match(r"^(.+)_(\d{4})$", stem)
+        cases.setdefault(match.group(1) if match else stem, []).append(f)
+    return {k: sorted(v) for k, v in sorted(cases.items())}
+
+
+def predict(
+    model_path: str,
+    input_path: str,
+    output_dir: str,
+    device: str = "auto",
+    step: float = 0.5,
+    mirror: bool = False,
+    save_probabilities: bool = False,
+) -> List[str]:
+    """Write ``<case>.png`` label maps (dataset label values) and, if asked, ``<case>_probs.npz``
+    (``probabilities [K, H, W]`` float16). Returns the written mask paths."""
+    from tqdm.auto import tqdm
+
+    model_dir = resolve_model_dir(model_path)
+    with open(os.path.join(model_dir, PREPROCESSING_NAME), encoding="utf-8") as f:
+        prep = json.load(f)
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    model = UperNetViT.from_pretrained(model_dir).to(dev).eval()
+    normalizer = Normalizer(prep["mean"], prep["std"], prep["normalization"])
+    values = np.asarray(prep["label_values"], dtype=np.int64)
+    os.makedirs(output_dir, exist_ok=True)
+    written = []
+    for case_id, files in tqdm(group_input_files(input_path).items(), desc="predict", unit="case", disable=None):
+        image = read_case_image(files)
+        if image.shape[0] != model.in_chans:
+            raise ValueError(
+                f"{files[0]!r} has {image.shape[0]} channel(s) but the model was trained on {model.in_chans}"
+            )
+        x = normalizer(torch.from_numpy(image)).to(dev)
+        logits = sliding_window_logits(model, x, prep["patch_size"], step=step, mirror=mirror)
+        probs = logits.softmax(0)
+        out = os.path.join(output_dir, f"{case_id}.png")
+        write_label_png(out, values[probs.argmax(0).cpu().numpy()])
+        if save_probabilities:
+            np.savez_compressed(os.path.join(output_dir, f"{case_id}_probs.npz"), probabilities=probs.cpu().numpy().astype(np.float16))
+        written.append(out)
+    logger.info("wrote %d masks to %s", len(written), output_dir)
+    return written
+
+
+def evaluate(
+    pred_dir: str, gt_dir: str, labels: Optional[Dict[str, int]] = None, ignore_value: Optional[int] = None
+) -> Dict:
+    """Per-class Dice and IoU over all cases (counts summed, as nnU-Net's foreground mean) and per case.
+
+    ``labels`` (name -> value) defaults to every value in the ground truth. Writes nothing; the CLI
+    saves the returned dict as ``summary.json``.
+    """
+    gts = {os.path.splitext(n)[0]: os.path.join(gt_dir, n) for n in sorted(os.listdir(gt_dir)) if n.lower().endswith(IMAGE_SUFFIXES)}
+    if not gts:
+        raise ValueError(f"no label files in --gt {gt_dir!r}")
+    missing = [c for c in gts if not os.path.isfile(os.path.join(pred_dir, c + ".png"))]
+    if missing:
+        raise FileNotFoundError(f"--pred {pred_dir!r} has no prediction for {len(missing)} case(s), e.g. {missing[0]}.png")
+    arrays = {c: (read_label(os.path.join(pred_dir, c + ".png")), read_label(p)) for c, p in gts.items()}
+    if labels is None:
+        found = sorted(set().union(*(np.unique(g).tolist() for _, g in arrays.values())) - {ignore_value})
+        labels = {("background" if v == 0 else f"class_{v}"): v for v in found}
+    names, label_values = list(labels), list(labels.values())
+    lut = {v: i for i, v in enumerate(label_values)}
+
+    def to_index(a: np.ndarray, source: str) -> torch.Tensor:
+        out = np.full(a.shape, IGNORE_INDEX, dtype=np.int64)
+        for v in np.unique(a).tolist():
+            if v in lut:
+                out[a == v] = lut[v]
+            elif v != ignore_value:
+                raise ValueError(f"{source!r} has label value {v} that is not among {labels}")
+        return torch.from_numpy(out)
+
+    total = torch.zeros(len(names), 3, dtype=torch.int64)
+    per_case = {}
+    for case, (pred, gt) in arrays.items():
+        if pred.shape != gt.shape:
+            raise ValueError(f"prediction {case}.png is {pred.shape} but its ground truth is {gt.shape}")
+        counts = confusion_counts(to_index(pred, os.path.join(pred_dir, case + ".png")), to_index(gt, gts[case]), len(names))
+        total += counts
+        scores = dice_iou(counts)
+        per_case[case] = {f"dice_{n}": _num(d) for n, d in zip(names, scores["dice"])}
+    scores = dice_iou(total)
+    fg = [d for d in scores["dice"][1:] if not np.isnan(d)]
+    return {
+        "labels": labels,
+        "dice": {n: _num(d) for n, d in zip(names, scores["dice"])},
+        "iou": {n: _num(d) for n, d in zip(names, scores["iou"])},
+        "foreground_mean_dice": _num(np.mean(fg)) if fg else None,
+        "per_case": per_case,
+    }
+
+
+def _num(value: float) -> Optional[float]:
+    return None if value is None or np.isnan(value) else float(value)

@@ -1,0 +1,397 @@
+"""Training loop: seeded patches, Dice+CE, AdamW/SGD with warmup-poly, AMP, validation, checkpoints, resume, DDP."""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+
+from ..config import Config, DataConfig, save_config
+from ..model import UperNetViT
+from .augment import AugmentConfig, Normalizer, PatchDataset
+from .data import Case, DatasetInfo, fold_case_ids, load_folders, load_nnunet_raw
+from .demo_data import demo_cases, demo_info
+from .distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
+from .inference import sliding_window_logits
+from .losses import DiceCELoss, segmentation_loss
+from .metrics import confusion_counts, summarize
+from .optim import build_optimizer, build_scheduler
+
+logger = logging.getLogger(__name__)
+
+STATE_NAME = "training_state.pt"
+PREPROCESSING_NAME = "preprocessing.json"
+
+
+@dataclass
+class PreparedData:
+    info: DatasetInfo
+    train_cases: List[Case]
+    val_cases: List[Case]
+    splits: List[Dict[str, List[str]]]
+
+
+def prepare_data(cfg: DataConfig, seed: int = 0) -> PreparedData:
+    """Load and check the dataset and pick the fold's cases. Every data error surfaces here."""
+    if cfg.format == "demo":
+        info, cases = demo_info(), demo_cases(cfg.demo_cases, cfg.demo_image_size, seed)
+        splits_file = None
+    else:
+        if not cfg.root:
+            raise ValueError(f"data.root is not set: data.format {cfg.format!r} needs the dataset folder")
+        if cfg.format == "nnunet":
+            info, cases = load_nnunet_raw(cfg.root)
+        else:
+            info, cases = load_folders(cfg.root, cfg.labels)
+        splits_file = cfg.splits_file or os.path.join(cfg.root, "splits_final.json")
+    if info.num_classes < 2:
+        raise ValueError(f"the dataset has {info.num_classes} label(s); segmentation needs background plus at least one class")
+    fold = str(cfg.fold)
+    train_ids, val_ids, splits = fold_case_ids([c.case_id for c in cases], fold, splits_file, cfg.num_folds)
+    by_id = {c.case_id: c for c in cases}
+    return PreparedData(info, [by_id[i] for i in train_ids], [by_id[i] for i in val_ids], splits)
+
+
+def _atomic_dir(final: str, write) -> None:
+    """Write a folder under a temporary name, then swap it in; a crash leaves the old one or ``.old``."""
+    tmp, old = final + ".tmp", final + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    write(tmp)
+    if os.path.isdir(final):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(run_dir: str) -> Optional[str]:
+    """``checkpoint_latest`` (or its ``.old`` if a crash hit the swap), or None."""
+    for name in ("checkpoint_latest", "checkpoint_latest.old"):
+        path = os.path.join(run_dir, name)
+        if os.path.isfile(os.path.join(path, STATE_NAME)):
+            return path
+    return None
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device is {name!r} but CUDA is not available; use 'cpu' or 'auto'")
+    return device
+
+
+class Trainer:
+    """Runs one training job from a :class:`Config` into ``output_dir``.
+
+    The run folder gets ``config.yaml``, ``splits_final.json``, ``metrics.csv``, ``progress.png``,
+    ``overlays/`` and ``checkpoint_latest/``, ``checkpoint_best/`` (``save_pretrained`` files plus
+    ``preprocessing.json`` and ``training_state.pt``). ``resume=True`` continues from the latest
+    checkpoint with the same optimizer, scheduler, scaler, RNG state and history.
+    """
+
+    def __init__(self, config: Config, output_dir: str, resume: bool = False) -> None:
+        self.cfg = config
+        self.output_dir = output_dir
+        tcfg = config.train
+        self.dist = DistInfo()
+        device = resolve_device(tcfg.device)
+        self.dist = init_distributed(device)
+        self.device = resolve_device(tcfg.device, self.dist.local_rank) if self.dist.enabled else device
+        if tcfg.amp == "fp16" and self.device.type != "cuda":
+            raise ValueError("train.amp 'fp16' needs a CUDA device; use 'bf16' or 'none' on CPU")
+        if config.data.batch_size % self.dist.world_size:
+            raise ValueError(
+                f"data.batch_size {config.data.batch_size} is not divisible by the {self.dist.world_size} processes"
+            )
+
+        self.data = prepare_data(config.data, tcfg.seed)
+        info = self.data.info
+        if config.model.num_classes is not None and config.model.num_classes != info.num_classes:
+            raise ValueError(
+                f"model.num_classes is {config.model.num_classes} but the dataset has {info.num_classes} labels "
+                f"{info.label_names}; remove model.num_classes or make it match"
+            )
+        torch.manual_seed(tcfg.seed)
+        self.model = UperNetViT.from_config(config, num_classes=info.num_classes, in_chans=info.num_channels)
+        self.patch_size = list(config.data.patch_size)
+        if len(self.patch_size) != 2 or min(self.patch_size) < self.model.patch_size:
+            raise ValueError(
+                f"data.patch_size {self.patch_size} must be 2 sizes, each >= the backbone patch "
+                f"({self.model.patch_size} px for {self.model.backbone.name})"
+            )
+        if config.model.decoder.norm == "batchnorm" and self.dist.enabled:
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        self.model.to(self.device)
+        self.normalizer = Normalizer(self.model.mean, self.model.std, config.data.normalization)
+
+        self.optimizer = build_optimizer(self.model, tcfg, self.model.backbone.depth)
+        self.scheduler = build_scheduler(self.optimizer, tcfg)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=tcfg.amp == "fp16")
+        self.criterion = DiceCELoss()
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tcfg.amp)
+        self.net: nn.Module = (
+            DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            if self.dist.enabled
+            else self.model
+        )
+
+        aug = config.data.augmentation
+        augment = AugmentConfig(tuple(aug.scale_range), aug.rotation_degrees, aug.flip, aug.intensity)  # type: ignore[arg-type]
+        self.train_set = PatchDataset(
+            self.data.train_cases, self.patch_size, self.normalizer,
+            tcfg.num_iterations_per_epoch * config.data.batch_size, tcfg.seed, augment,
+        )
+        self.val_set = PatchDataset(
+            self.data.val_cases, self.patch_size, self.normalizer,
+            tcfg.num_val_iterations_per_epoch * config.data.batch_size, tcfg.seed + 1, None,
+        )
+        self.start_epoch = 0
+        self.history: List[Dict[str, float]] = []
+        self.best_ema = -math.inf
+        self.ema: Optional[float] = None
+        if self.dist.is_main:
+            os.makedirs(output_dir, exist_ok=True)
+        if resume:
+            self._resume()
+        elif self.dist.is_main and latest_checkpoint(output_dir):
+            raise FileExistsError(
+                f"{output_dir} already holds a run (checkpoint_latest); pass --resume to continue it "
+                f"or choose another --output"
+            )
+        if self.dist.is_main:
+            self._write_run_files()
+
+    # ------------------------------------------------------------------ files
+    def _preprocessing(self) -> Dict[str, Any]:
+        info = self.data.info
+        return {
+            "label_names": info.label_names,
+            "label_values": info.label_values,
+            "num_channels": info.num_channels,
+            "file_ending": info.file_ending,
+            "normalization": self.cfg.data.normalization,
+            "mean": list(self.normalizer.mean.flatten().tolist()),
+            "std": list(self.normalizer.std.flatten().tolist()),
+            "patch_size": self.patch_size,
+        }
+
+    def _write_run_files(self) -> None:
+        save_config(self.cfg, os.path.join(self.output_dir, "config.yaml"))
+        with open(os.path.join(self.output_dir, "splits_final.json"), "w", encoding="utf-8") as f:
+            json.dump(self.data.splits, f, indent=1)
+
+    def _save_checkpoint(self, name: str, next_epoch: int) -> None:
+        state = {
+            "epoch": next_epoch,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng_torch": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "history": self.history,
+            "best_ema": self.best_ema,
+            "ema": self.ema,
+        }
+
+        def write(folder: str) -> None:
+            self.model.save_pretrained(folder)
+            torch.save(state, os.path.join(folder, STATE_NAME))
+            with open(os.path.join(folder, PREPROCESSING_NAME), "w", encoding="utf-8") as f:
+                json.dump(self._preprocessing(), f, indent=1)
+
+        _atomic_dir(os.path.join(self.output_dir, name), write)
+
+    def _resume(self) -> None:
+        path = latest_checkpoint(self.output_dir)
+        if path is None:
+            raise FileNotFoundError(f"--resume: no checkpoint_latest with {STATE_NAME} in {self.output_dir}")
+        from safetensors.torch import load_file
+
+        self.model.load_state_dict(load_file(os.path.join(path, "model.safetensors"), device=str(self.device)))
+        state = torch.load(os.path.join(path, STATE_NAME), map_location="cpu", weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng_torch"])
+        if state["rng_cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        self.start_epoch = int(state["epoch"])
+        self.history = list(state["history"])
+        self.best_ema = float(state["best_ema"])
+        self.ema = state["ema"]
+        logger.info("resumed %s at epoch %d", path, self.start_epoch)
+
+    def _write_metrics(self) -> None:
+        path = os.path.join(self.output_dir, "metrics.csv")
+        columns = list(self.history[0])
+        tmp = path + ".tmp"
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(self.history)
+        os.replace(tmp, path)
+        from .plots import plot_progress
+
+        plot_progress(self.history, os.path.join(self.output_dir, "progress.png"))
+
+    # ------------------------------------------------------------------ loops
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def _loader(self, dataset: PatchDataset, epoch: int) -> DataLoader:
+        dataset.set_epoch(epoch)
+        sampler = (
+            DistributedSampler(dataset, self.dist.world_size, self.dist.rank, shuffle=False)
+            if self.dist.enabled
+            else None
+        )
+        return DataLoader(
+            dataset,
+            batch_size=self.cfg.data.batch_size // self.dist.world_size,
+            sampler=sampler,
+            num_workers=self.cfg.data.num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
+
+    def _loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            if self.model.config.decoder.aux_head:
+                logits, aux = self.net(images, return_aux=True)
+                return segmentation_loss(self.criterion, logits, labels, aux, self.cfg.train.aux_weight)
+            return segmentation_loss(self.criterion, self.net(images), labels)
+
+    def train_epoch(self, epoch: int) -> float:
+        from tqdm.auto import tqdm
+
+        self.net.train()
+        total, count, seen, start = 0.0, 0, 0, time.perf_counter()
+        clip = self.cfg.train.gradient_clip
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        bar = tqdm(
+            self._loader(self.train_set, epoch),
+            desc=f"epoch {epoch + 1}/{self.cfg.train.num_epochs}",
+            disable=not self.dist.is_main or None,
+            leave=False,
+            unit="it",
+        )
+        for images, labels in bar:
+            images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self._loss(images, labels)
+            self.scaler.scale(loss).backward()
+            if clip:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(params, clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+            total += float(loss.detach())
+            count += 1
+            seen += images.shape[0] * self.dist.world_size
+            bar.set_postfix(loss=f"{total / count:.4f}", img_s=f"{seen / (time.perf_counter() - start):.1f}")
+        stats = all_reduce_sum(torch.tensor([total, count], dtype=torch.float64), self.dist)
+        return float(stats[0] / max(stats[1], 1))
+
+    @torch.no_grad()
+    def val_loss(self, epoch: int) -> float:
+        if not len(self.val_set):
+            return float("nan")
+        self.net.eval()
+        total, count = 0.0, 0
+        for images, labels in self._loader(self.val_set, epoch):
+            total += float(self._loss(images.to(self.device), labels.to(self.device)))
+            count += 1
+        stats = all_reduce_sum(torch.tensor([total, count], dtype=torch.float64), self.dist)
+        return float(stats[0] / max(stats[1], 1))
+
+    @torch.no_grad()
+    def validate(self, write_overlays: bool = False) -> Dict[str, float]:
+        """Whole-image sliding-window Dice/IoU on this fold's validation cases (split across processes)."""
+        self.model.eval()
+        info = self.data.info
+        counts = torch.zeros(info.num_classes, 3, dtype=torch.int64)
+        mine = self.data.val_cases[self.dist.rank :: self.dist.world_size]
+        for i, case in enumerate(mine):
+            image = self.normalizer(torch.from_numpy(case.image)).to(self.device)
+            logits = sliding_window_logits(
+                self.model, image, self.patch_size, mirror=self.cfg.train.val_mirror, amp_dtype=self.amp_dtype
+            )
+            pred = logits.argmax(0).cpu()
+            counts += confusion_counts(pred, torch.from_numpy(case.label), info.num_classes)
+            if write_overlays and self.dist.is_main and i < self.cfg.train.num_overlays:
+                from .plots import save_overlay
+
+                folder = os.path.join(self.output_dir, "overlays")
+                os.makedirs(folder, exist_ok=True)
+                save_overlay(
+                    case.image, case.label, pred.numpy(), info.num_classes,
+                    os.path.join(folder, f"{case.case_id}.png"), title=case.case_id,
+                )
+        counts = all_reduce_sum(counts, self.dist)
+        return summarize(counts, info.label_names)
+
+    def run(self) -> List[Dict[str, float]]:
+        """Train from ``start_epoch`` to ``num_epochs``; returns the per-epoch history."""
+        tcfg = self.cfg.train
+        last = tcfg.num_epochs - 1
+        try:
+            for epoch in range(self.start_epoch, tcfg.num_epochs):
+                start = time.perf_counter()
+                lr = self.optimizer.param_groups[0]["lr"]
+                train_loss = self.train_epoch(epoch)
+                val_loss = self.val_loss(epoch)
+                validate = (epoch + 1) % tcfg.val_every == 0 or epoch == last
+                metrics = self.validate(write_overlays=epoch == last) if validate else {}
+                dice = metrics.get("dice_mean", float("nan"))
+                if not math.isnan(dice):
+                    self.ema = dice if self.ema is None else 0.9 * self.ema + 0.1 * dice
+                row: Dict[str, float] = {
+                    "epoch": epoch + 1,
+                    "train_loss": train_loss,
+                    "val_loss": val_loss,
+                    "val_dice_mean": dice,
+                    "val_iou_mean": metrics.get("iou_mean", float("nan")),
+                    "ema_dice": self.ema if self.ema is not None else float("nan"),
+                    "lr": lr,
+                    "epoch_time_s": time.perf_counter() - start,
+                }
+                for name in self.data.info.label_names:
+                    row[f"val_dice_{name}"] = metrics.get(f"dice_{name}", float("nan"))
+                for name in self.data.info.label_names:
+                    row[f"val_iou_{name}"] = metrics.get(f"iou_{name}", float("nan"))
+                self.history.append(row)
+                improved = self.ema is not None and self.ema > self.best_ema
+                if improved:
+                    self.best_ema = float(self.ema)
+                if self.dist.is_main:
+                    self._write_metrics()
+                    self._save_checkpoint("checkpoint_latest", epoch + 1)
+                    if improved:
+                        self._save_checkpoint("checkpoint_best", epoch + 1)
+                    logger.info(
+                        "epoch %d/%d  train_loss %.4f  val_loss %.4f  val_dice %.4f  ema_dice %.4f%s  lr %.2e  %.1f s",
+                        epoch + 1, tcfg.num_epochs, train_loss, val_loss, dice, row["ema_dice"],
+                        " (best)" if improved else "", lr, row["epoch_time_s"],
+                    )
+                barrier(self.dist)
+        finally:
+            cleanup(self.dist)
+        return self.history
