@@ -34,7 +34,7 @@ class ModelConfig:
     backbone: str = "dinov2"  # preset (dinov2, dinov2_reg4, dinov3, retfound, visionfm) or timm name
     backbone_size: Optional[str] = "base"  # null for a timm name
     num_classes: Optional[int] = None  # incl. background; may come from the dataset instead
-    in_chans: int = 3
+    in_chans: int = 3  # training takes it from the dataset
     checkpoint_path: Optional[str] = None  # "" or null: random init
     feature_indices: Optional[List[int]] = None  # null: [d/4-1, d/2-1, 3d/4-1, d-1]
     freeze_backbone: bool = False

@@ -24,7 +24,7 @@ from ..model import UperNetViT
 from .augment import AugmentConfig, Normalizer, PatchDataset
 from .data import Case, DatasetInfo, fold_case_ids, load_folders, load_nnunet_raw
 from .demo_data import demo_cases, demo_info
-from .distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
+from .distributed import all_reduce_sum, barrier, cleanup, init_distributed
 from .inference import sliding_window_logits
 from .losses import DiceCELoss, segmentation_loss
 from .metrics import confusion_counts, summarize
@@ -44,10 +44,10 @@ class PreparedData:
     splits: List[Dict[str, List[str]]]
 
 
-def prepare_data(cfg: DataConfig, seed: int = 0) -> PreparedData:
+def prepare_data(cfg: DataConfig) -> PreparedData:
     """Load and check the dataset and pick the fold's cases. Every data error surfaces here."""
-    if cfg.format == "demo":
-        info, cases = demo_info(), demo_cases(cfg.demo_cases, cfg.demo_image_size, seed)
+    if cfg.format == "demo":  # the same images whatever train.seed is
+        info, cases = demo_info(), demo_cases(cfg.demo_cases, cfg.demo_image_size)
         splits_file = None
     else:
         if not cfg.root:
@@ -109,10 +109,8 @@ class Trainer:
         self.cfg = config
         self.output_dir = output_dir
         tcfg = config.train
-        self.dist = DistInfo()
-        device = resolve_device(tcfg.device)
-        self.dist = init_distributed(device)
-        self.device = resolve_device(tcfg.device, self.dist.local_rank) if self.dist.enabled else device
+        self.dist = init_distributed(resolve_device(tcfg.device))
+        self.device = resolve_device(tcfg.device, self.dist.local_rank)
         if tcfg.amp == "fp16" and self.device.type != "cuda":
             raise ValueError("train.amp 'fp16' needs a CUDA device; use 'bf16' or 'none' on CPU")
         if config.data.batch_size % self.dist.world_size:
@@ -120,7 +118,7 @@ class Trainer:
                 f"data.batch_size {config.data.batch_size} is not divisible by the {self.dist.world_size} processes"
             )
 
-        self.data = prepare_data(config.data, tcfg.seed)
+        self.data = prepare_data(config.data)
         info = self.data.info
         if config.model.num_classes is not None and config.model.num_classes != info.num_classes:
             raise ValueError(
