@@ -36,6 +36,9 @@ class ModelConfig:
     num_classes: Optional[int] = None  # incl. background; may come from the dataset instead
     in_chans: int = 3  # training takes it from the dataset
     checkpoint_path: Optional[str] = None  # "" or null: random init
+    checkpoint_format: Literal["auto", "timm", "dinov2", "dinov3", "retfound_mae", "visionfm"] = "auto"
+    trust_checkpoint: bool = False  # allow full unpickling of checkpoint_path (runs code in the file)
+    norm_stats: Optional[str] = None  # named input stats (e.g. visionfm_oct); null: the preset's
     feature_indices: Optional[List[int]] = None  # null: [d/4-1, d/2-1, 3d/4-1, d-1]
     freeze_backbone: bool = False
     backbone_kwargs: Dict[str, Any] = field(default_factory=dict)

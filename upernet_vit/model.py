@@ -96,7 +96,8 @@ class UperNetViT(nn.Module):
         backbone_size: preset size (``small``/``base``/``large``/...); ``None`` for a timm name.
         num_classes: output channels K (background included).
         in_chans: input channels (1 = grayscale, 3 = RGB, any positive int).
-        checkpoint_path: local timm-format backbone weights; ``None`` = random init.
+        checkpoint_path: local backbone weights (official DINOv2/DINOv3/RETFound/VisionFM files or timm
+            layout); ``None`` = random init.
         decoder_channels: UperNet width (mmseg ``channels``, HF ``hidden_size``).
         pool_scales: PPM grid sizes.
         feature_indices: the 4 tapped blocks; default ``[d/4-1, d/2-1, 3d/4-1, d-1]``.
@@ -109,6 +110,11 @@ class UperNetViT(nn.Module):
         aux_head: build the auxiliary FCN head on the pyramid's 1x level (stride p: 16 for a patch-16
             ViT; ``forward(x, return_aux=True)``).
         aux_channels: width of the auxiliary head.
+        checkpoint_format: ``"auto"`` (detect from the keys), ``"timm"``, ``"dinov2"``, ``"dinov3"``,
+            ``"retfound_mae"``, ``"visionfm"``.
+        trust_checkpoint: allow full unpickling of ``checkpoint_path`` (only for files you trust).
+        norm_stats: named input statistics (``"imagenet"``, ``"dinov3_sat493m"``, ``"visionfm_oct"``, ...);
+            default: the preset's.
     """
 
     def __init__(
@@ -128,6 +134,9 @@ class UperNetViT(nn.Module):
         dropout: float = 0.1,
         aux_head: bool = False,
         aux_channels: int = 256,
+        checkpoint_format: str = "auto",
+        trust_checkpoint: bool = False,
+        norm_stats: Optional[str] = None,
     ) -> None:
         super().__init__()
         if norm not in NORM_NAMES:
@@ -138,6 +147,9 @@ class UperNetViT(nn.Module):
             num_classes=int(num_classes),
             in_chans=int(in_chans),
             checkpoint_path=checkpoint_path or None,
+            checkpoint_format=checkpoint_format,  # type: ignore[arg-type]
+            trust_checkpoint=bool(trust_checkpoint),
+            norm_stats=norm_stats,
             feature_indices=list(feature_indices) if feature_indices is not None else None,
             freeze_backbone=bool(freeze_backbone),
             backbone_kwargs=dict(backbone_kwargs or {}),
@@ -159,7 +171,10 @@ class UperNetViT(nn.Module):
                 f"lists) so save_pretrained can write them to config.yaml: {err}"
             ) from err
         self.lora_config: Optional[LoraConfig] = None
-        self.backbone = create_backbone(backbone, backbone_size, int(in_chans), checkpoint_path, backbone_kwargs)
+        self.backbone = create_backbone(
+            backbone, backbone_size, int(in_chans), checkpoint_path, backbone_kwargs,
+            checkpoint_format=checkpoint_format, trust_checkpoint=trust_checkpoint, norm_stats=norm_stats,
+        )
         self.feature_indices = resolve_feature_indices(self.backbone.depth, feature_indices)
         prepare_vit_for_taps(self.backbone.vit, self.feature_indices)
         self.backbone.depth = len(self.backbone.vit.blocks)
@@ -332,6 +347,9 @@ class UperNetViT(nn.Module):
             dropout=d.dropout,
             aux_head=d.aux_head,
             aux_channels=d.aux_channels,
+            checkpoint_format=model_cfg.checkpoint_format,
+            trust_checkpoint=model_cfg.trust_checkpoint,
+            norm_stats=model_cfg.norm_stats,
         )
         if cfg.lora.enabled:
             model.enable_lora(cfg.lora.r, cfg.lora.lora_alpha, cfg.lora.lora_dropout, cfg.lora.target_modules)

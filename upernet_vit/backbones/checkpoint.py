@@ -1,41 +1,55 @@
-"""Load a local timm-format checkpoint into a timm ViT, strictly, with readable errors.
+"""Load a local backbone checkpoint into a timm ViT: official layouts converted, strictly checked.
 
-Official DINOv2/DINOv3/RETFound/VisionFM file layouts are not converted yet (open issue); this handles
-state dicts whose keys already follow timm (``.safetensors``, ``.pth``/``.bin`` with the weights at the top
-level or under ``state_dict``/``model``).
+Formats (``checkpoint_format``, ``"auto"`` detects them from the keys): timm state dicts and
+``.safetensors``; DINOv2 hub and training files; DINOv3 hub files; RETFound MAE; RETFound DINOv2;
+VisionFM. See :mod:`upernet_vit.backbones.official`.
 """
 from __future__ import annotations
 
+import argparse
 import logging
+import math
 import os
 import re
 from collections import OrderedDict
-from typing import Dict, Iterable, List
+from typing import Any, Dict, Iterable, List, Optional
 
 import torch
-from timm.layers import resample_abs_pos_embed
 from torch import nn
+
+from .official import to_timm
+from .pos_embed import resample_patch_pos_embed
 
 logger = logging.getLogger(__name__)
 
-_HEAD_PREFIXES = ("head.", "head_dist.", "fc_norm.")
 
-
-def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
-    """Tensors of a ``.safetensors`` or torch file, unwrapped from ``state_dict``/``model`` containers."""
+def read_checkpoint(path: str, trust_checkpoint: bool = False) -> Any:
+    """The object stored in ``path``. Torch files load with ``weights_only=True`` (tensors, containers
+    and ``argparse.Namespace``, which MAE-style trainers save as ``args``); anything else needs
+    ``trust_checkpoint=True``, because full unpickling can run code from the file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint_path {path!r} does not exist or is not a file")
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
         return load_file(path)
+    if trust_checkpoint:
+        return torch.load(path, map_location="cpu", weights_only=False)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle errors come in several types
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(
-            f"could not read {path!r} as a weights-only torch checkpoint ({type(err).__name__}: "
-            f"{str(err).splitlines()[0]}); only tensors are loaded, never arbitrary pickled objects"
+            f"could not read {path!r} as a weights-only torch checkpoint ({type(err).__name__}: {first_line}). "
+            f"If you trust this file, pass trust_checkpoint=True (YAML: model.trust_checkpoint: true) to "
+            f"unpickle it fully; that can run code stored in the file"
         ) from err
+
+
+def read_state_dict(path: str, trust_checkpoint: bool = False) -> Dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` or torch file, unwrapped from ``state_dict``/``model`` containers."""
+    obj = read_checkpoint(path, trust_checkpoint)
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -69,17 +83,41 @@ def group_keys(keys: Iterable[str], limit: int = 12) -> List[str]:
     return lines[:limit] + ([f"... and {len(lines) - limit} more groups"] if len(lines) > limit else [])
 
 
-def load_timm_checkpoint(vit: nn.Module, path: str) -> None:
-    """Load ``path`` into ``vit``: classifier keys dropped, ``pos_embed`` resampled (bicubic) to the
-    model's grid, patch embedding adapted to the model's input channels; everything else strict."""
-    state = read_state_dict(path)
+def _fit_pos_embed(file_pos: torch.Tensor, own_pos: torch.Tensor, mode: str) -> torch.Tensor:
+    """Resample the file's ``pos_embed`` to the model's grid by the family's rule (once, at load)."""
+    n_prefix = own_pos.shape[1] - int(math.isqrt(own_pos.shape[1])) ** 2
+    own_grid = int(math.isqrt(own_pos.shape[1] - n_prefix))
+    resampled = resample_patch_pos_embed(file_pos[:, n_prefix:], (own_grid, own_grid), "mae" if mode == "dino" else mode)
+    return torch.cat([file_pos[:, :n_prefix], resampled], dim=1)
+
+
+def _arch(vit: nn.Module) -> str:
+    return str(getattr(vit, "pretrained_cfg", {}).get("architecture") or type(vit).__name__)
+
+
+def load_backbone_checkpoint(
+    vit: nn.Module,
+    path: str,
+    checkpoint_format: str = "auto",
+    trust_checkpoint: bool = False,
+    pos_embed_interpolation: str = "timm",
+    expected_format: Optional[str] = None,
+) -> str:
+    """Load ``path`` into ``vit`` strictly; returns the format it was read as.
+
+    Heads, MAE decoders and masking tokens are dropped; a ``pos_embed`` for another grid is resampled
+    by the family's rule; the patch embedding is adapted to the model's input channels; DINOv3's RoPE
+    periods are taken from the file. Any other mismatch is an error that names the format, the missing
+    and unexpected keys (grouped) and the likely cause.
+    """
+    state, fmt, extras = to_timm(read_checkpoint(path, trust_checkpoint), vit, checkpoint_format)
     own = vit.state_dict()
-    state = {k: v for k, v in state.items() if not (k.startswith(_HEAD_PREFIXES) and k not in own)}
+    if "rope.periods" in own:
+        # the file's periods are bf16-rounded; recomputing them in fp32 would shift every RoPE angle
+        state["rope.periods"] = extras.get("rope_periods", own["rope.periods"]).to(own["rope.periods"].dtype)
     if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:
-        prefix = 0 if getattr(vit, "no_embed_class", False) else vit.num_prefix_tokens
-        state["pos_embed"] = resample_abs_pos_embed(
-            state["pos_embed"], new_size=list(vit.patch_embed.grid_size), num_prefix_tokens=prefix
-        )
+        state["pos_embed"] = _fit_pos_embed(state["pos_embed"], own["pos_embed"], pos_embed_interpolation)
+        logger.info("resampled pos_embed of %s to the model's grid", path)
     key = "patch_embed.proj.weight"
     if key in state and key in own and state[key].shape[1] != own[key].shape[1]:
         state[key] = adapt_patch_embed(state[key], own[key].shape[1])
@@ -91,7 +129,8 @@ def load_timm_checkpoint(vit: nn.Module, path: str) -> None:
         if state[k].shape != own[k].shape
     ]
     if missing or unexpected or wrong_shape:
-        parts = [f"checkpoint {path!r} does not match the backbone {type(vit).__name__} (timm layout)."]
+        expected = f" (this backbone expects '{expected_format}' files)" if expected_format and expected_format != fmt else ""
+        parts = [f"checkpoint {path!r}, read as format '{fmt}'{expected}, does not match the backbone {_arch(vit)}."]
         if missing:
             parts.append(f"Missing keys ({len(missing)}): " + "; ".join(group_keys(missing)))
         if unexpected:
@@ -99,9 +138,10 @@ def load_timm_checkpoint(vit: nn.Module, path: str) -> None:
         if wrong_shape:
             parts.append("Shape mismatches: " + "; ".join(wrong_shape[:8]))
         parts.append(
-            "Likely cause: a different size preset (embed dim / depth) or a different model family "
-            "than the file was trained with."
+            "Likely cause: a different size preset (embed dim / depth) or a different model family than the "
+            "file was trained with; checkpoint_format can override the detected format."
         )
         raise ValueError("\n".join(parts))
     vit.load_state_dict(state, strict=True)
-    logger.info("loaded backbone weights from %s (%d tensors)", path, len(state))
+    logger.info("loaded backbone weights from %s (format %s, %d tensors)", path, fmt, len(state))
+    return fmt

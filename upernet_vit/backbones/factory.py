@@ -4,10 +4,12 @@ from __future__ import annotations
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import timm
+import torch
 from torch import nn
 
-from .checkpoint import load_timm_checkpoint
-from .presets import IMAGENET_MEAN, IMAGENET_STD, resolve_preset
+from .checkpoint import load_backbone_checkpoint
+from .pos_embed import use_pos_embed_interpolation
+from .presets import IMAGENET_MEAN, IMAGENET_STD, resolve_norm_stats, resolve_preset
 
 
 class ViTBackbone(nn.Module):
@@ -48,14 +50,19 @@ def create_backbone(
     in_chans: int = 3,
     checkpoint_path: Optional[str] = None,
     backbone_kwargs: Optional[Mapping[str, Any]] = None,
+    checkpoint_format: str = "auto",
+    trust_checkpoint: bool = False,
+    norm_stats: Optional[str] = None,
 ) -> ViTBackbone:
     """A timm ViT for a preset (``"dinov2"``, ``"dinov2_reg4"``, ``"dinov3"``, ``"retfound"``,
     ``"visionfm"`` with a ``backbone_size``) or any timm ViT name (``backbone_size=None``).
 
     ``backbone_kwargs`` go to ``timm.create_model`` (e.g. ``dict(depth=4, embed_dim=32, num_heads=2)``
     for tests, ``img_size``, ``drop_path_rate``). The model is built with ``dynamic_img_size=True``
-    (any input size that is a multiple of the patch), no classifier, random weights; a local
-    ``checkpoint_path`` in timm layout is then loaded strictly. Nothing is downloaded.
+    (any input size that is a multiple of the patch), no classifier, random weights, and the family's
+    official position-embedding interpolation. A local ``checkpoint_path`` (official layouts or timm;
+    ``checkpoint_format="auto"`` detects which) is then loaded strictly. Nothing is downloaded.
+    ``norm_stats`` picks named input statistics (e.g. ``"visionfm_oct"``); default: the preset's.
     """
     if not isinstance(in_chans, int) or in_chans < 1:
         raise ValueError(f"in_chans must be a positive int, got {in_chans!r}")
@@ -85,10 +92,19 @@ def create_backbone(
             f"timm model {timm_name!r} is not a plain ViT (it needs patch_embed, blocks and "
             f"forward_intermediates); hierarchical models such as Swin already have a pyramid"
         )
+    rope = getattr(vit, "rope", None)
+    if isinstance(getattr(rope, "periods", None), torch.Tensor):
+        # persistent, so save_pretrained keeps the (official, bf16-rounded) periods a checkpoint brings
+        rope.register_buffer("periods", rope.periods, persistent=True)
+    use_pos_embed_interpolation(vit, preset.pos_embed_interpolation if preset else "timm")
     if checkpoint_path:
-        load_timm_checkpoint(vit, checkpoint_path)
-    if preset is not None:
-        mean, std = preset.mean, preset.std
+        load_backbone_checkpoint(
+            vit, checkpoint_path, checkpoint_format, trust_checkpoint,
+            preset.pos_embed_interpolation if preset else "timm",
+            expected_format=preset.checkpoint_format if preset else None,
+        )
+    if norm_stats is not None or preset is not None:
+        mean, std = resolve_norm_stats(norm_stats or preset.norm_stats)  # type: ignore[union-attr]
     else:
         mean = tuple(vit.pretrained_cfg.get("mean", IMAGENET_MEAN))
         std = tuple(vit.pretrained_cfg.get("std", IMAGENET_STD))
