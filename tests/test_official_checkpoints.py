@@ -13,6 +13,14 @@ from official_reference import ReferenceViT
 TAPS = [0, 1, 2, 3]
 
 
+def _feature_diff(model, ref, x, ref_x=None) -> float:
+    """Max |ours - official| over the 4 tapped maps."""
+    with torch.no_grad():
+        ours = model.backbone_features(x)
+    want = ref.get_intermediate_layers(x if ref_x is None else ref_x, TAPS)
+    return max((a - b).abs().max().item() for a, b in zip(ours, want))
+
+
 def _hub(ref):
     return ref.state_dict()
 
@@ -87,11 +95,7 @@ def test_official_layout_loads_and_matches_official_features(tmp_path, case):
     model = UperNetViT(preset, size, 2, checkpoint_path=str(path), decoder_channels=8, feature_indices=TAPS,
                        backbone_kwargs=dict(depth=4, embed_dim=kw["dim"], num_heads=2)).eval()
     for h, w in sizes:
-        x = torch.randn(1, 3, h, w)
-        with torch.no_grad():
-            ours = model.backbone_features(x)
-        want = ref.get_intermediate_layers(x, TAPS)
-        diff = max((a - b).abs().max().item() for a, b in zip(ours, want))
+        diff = _feature_diff(model, ref, torch.randn(1, 3, h, w))
         assert diff <= 1e-5, f"{name} at {h}x{w}: max |diff| {diff:.2e}"
 
 
@@ -118,11 +122,7 @@ def test_dinov3_layout_matches_official_rope_features(tmp_path, preset, size, ml
     # the file's bf16-rounded periods are used, not recomputed fp32 ones
     assert torch.equal(model.backbone.vit.rope.periods, ref.rope_embed.periods)
     for h, w in [(224, 224), (16 * 5, 16 * 9), (16 * 12, 16 * 7)]:
-        x = torch.randn(2, 3, h, w)
-        with torch.no_grad():
-            ours = model.backbone_features(x)
-        want = ref.get_intermediate_layers(x, TAPS)
-        diff = max((a - b).abs().max().item() for a, b in zip(ours, want))
+        diff = _feature_diff(model, ref, torch.randn(2, 3, h, w))
         assert diff <= 1e-5, f"{preset} at {h}x{w}: max |diff| {diff:.2e}"
 
 
@@ -150,10 +150,7 @@ def test_gray_input_from_rgb_official_weights(tmp_path):
     model = UperNetViT("retfound", "large", 2, in_chans=1, checkpoint_path=str(tmp_path / "retfound.pth"),
                        feature_indices=TAPS, backbone_kwargs=dict(depth=4, embed_dim=32, num_heads=2)).eval()
     gray = torch.randn(1, 1, 160, 224)
-    with torch.no_grad():
-        ours = model.backbone_features(gray)
-    want = ref.get_intermediate_layers(gray.expand(1, 3, 160, 224), TAPS)
-    assert max((a - b).abs().max().item() for a, b in zip(ours, want)) <= 1e-5
+    assert _feature_diff(model, ref, gray, gray.expand(1, 3, 160, 224)) <= 1e-5
 
 
 def test_wrong_family_is_a_clear_error(tmp_path):
