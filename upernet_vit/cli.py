@@ -108,6 +108,35 @@ def cmd_make_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_nnunet_path(args: argparse.Namespace) -> int:
+    from .integrations.nnunet import EXT_TRAINER_DIR
+
+    print(EXT_TRAINER_DIR)
+    return 0
+
+
+def cmd_nnunet_train(args: argparse.Namespace, extra: List[str]) -> int:
+    """Seed-style ``nnunet-train DATASET 2d FOLD --config C``: nnUNetv2_train with our trainer."""
+    import shutil
+    import subprocess
+
+    from .config import load_config
+    from .integrations.nnunet import CONFIG_ENV, EXT_TRAINER_DIR
+
+    env = dict(os.environ)
+    if args.config:
+        load_config(args.config)  # fail here, with the key path, rather than inside nnU-Net
+        env[CONFIG_ENV] = os.path.abspath(args.config)
+    paths = [EXT_TRAINER_DIR] + [p for p in env.get("nnUNet_extTrainer", "").split(os.pathsep) if p]
+    env["nnUNet_extTrainer"] = os.pathsep.join(dict.fromkeys(paths))
+    exe = shutil.which("nnUNetv2_train", path=os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", ""))
+    if exe is None:
+        raise SystemExit('nnunet-train: nnUNetv2_train not found; install the extra: pip install -e ".[nnunet]"')
+    command = [exe, str(args.dataset), args.configuration, str(args.fold), "-tr", args.trainer, *extra]
+    print("running:", " ".join(command), f"({CONFIG_ENV}={env.get(CONFIG_ENV, '')})", flush=True)
+    return subprocess.call(command, env=env)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="upernet-vit", description="UperNet on plain ViT backbones")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -145,12 +174,30 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--num-test", type=int, default=8)
     demo.add_argument("--size", type=int, default=96)
     demo.set_defaults(func=cmd_make_demo)
+
+    path = sub.add_parser("nnunet-path", help="print the folder to export as nnUNet_extTrainer")
+    path.set_defaults(func=cmd_nnunet_path)
+
+    nn_train = sub.add_parser(
+        "nnunet-train", help="nnUNetv2_train with an UperNetViT trainer; extra arguments go to nnUNetv2_train"
+    )
+    nn_train.add_argument("dataset", help="nnU-Net dataset id or name")
+    nn_train.add_argument("configuration", help="nnU-Net configuration (2d)")
+    nn_train.add_argument("fold", help="fold 0-4 or all")
+    nn_train.add_argument("--config", help="YAML config (model/lora/train) for the generic trainer")
+    nn_train.add_argument("--trainer", default="nnUNetTrainerUperNetViT", help="trainer class name")
+    nn_train.set_defaults(func=cmd_nnunet_train)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.func is not cmd_nnunet_train:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
+        if args.func is cmd_nnunet_train:
+            return cmd_nnunet_train(args, extra)
         return args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"upernet-vit {args.command}: error: {err}", file=sys.stderr)

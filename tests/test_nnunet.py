@@ -1,0 +1,123 @@
+"""nnU-Net v2: plan and preprocess a tiny dataset, train the UperNetViT trainer on CPU, predict with the
+stock nnUNetv2_predict. Needs the nnunet extra (CI runs it in its nnU-Net venv)."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+nnunetv2 = pytest.importorskip("nnunetv2", reason='needs the nnunet extra: pip install -e ".[nnunet]"')
+
+from upernet_vit.cli import main  # noqa: E402
+from upernet_vit.config import load_config  # noqa: E402
+from upernet_vit.integrations.nnunet import EXT_TRAINER_DIR  # noqa: E402
+from upernet_vit.integrations.nnunet import trainer as trainers  # noqa: E402
+from upernet_vit.training.demo_data import write_demo_dataset  # noqa: E402
+from upernet_vit.training.image_io import read_label  # noqa: E402
+
+pytestmark = pytest.mark.nnunet
+
+TINY = dict(depth=4, embed_dim=32, num_heads=2)
+
+
+def _bin(name):
+    return os.path.join(os.path.dirname(sys.executable), name)
+
+
+@pytest.fixture(scope="module")
+def nnunet_env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("nnunet")
+    env = dict(os.environ, nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "preprocessed"),
+               nnUNet_results=str(root / "results"), nnUNet_n_proc_DA="1", OMP_NUM_THREADS="2")
+    write_demo_dataset(str(root / "raw" / "Dataset001_Demo"), num_train=12, num_test=2, size=64)
+    result = subprocess.run(
+        [_bin("nnUNetv2_plan_and_preprocess"), "-d", "1", "-c", "2d", "-np", "1", "--verify_dataset_integrity"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
+    return root, env
+
+
+def test_ext_trainer_folder_is_what_nnunet_imports():
+    from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
+
+    found = recursive_find_python_class(EXT_TRAINER_DIR, "nnUNetTrainerUperNetViT_DINOv2_Base", None,
+                                        base_folder=EXT_TRAINER_DIR, cleanup_imports_from_base_folder=True)
+    assert found is trainers.nnUNetTrainerUperNetViT_DINOv2_Base
+
+
+@pytest.mark.parametrize("name", [n for n in trainers.__all__ if n != "nnUNetTrainerUperNetViT"])
+def test_recipe_trainers_have_valid_configs(name):
+    config = getattr(trainers, name).recipe()
+    assert config.model.backbone in ("dinov2", "dinov3", "retfound", "visionfm")
+    assert config.train.optimizer == "adamw" and config.train.warmup_epochs > 0
+
+
+def test_pretrained_backbone_only_when_training(tmp_path):
+    import timm
+
+    vit = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0, **TINY)
+    torch.save(vit.state_dict(), tmp_path / "backbone.pth")
+    config = load_config({"model": {"backbone": "vit_small_patch16_224", "backbone_size": None, "backbone_kwargs": TINY,
+                                    "checkpoint_path": str(tmp_path / "backbone.pth"), "decoder": {"hidden_size": 8}}})
+    trained = trainers.build_network(config, ["ZScoreNormalization"], 1, 3, load_pretrained=True)
+    assert torch.equal(trained.model.backbone.vit.patch_embed.proj.weight, vit.patch_embed.proj.weight.sum(1, keepdim=True))
+    (tmp_path / "backbone.pth").unlink()
+    rebuilt = trainers.build_network(config, ["ZScoreNormalization"], 1, 3, load_pretrained=False)
+    assert isinstance(rebuilt.standardize, torch.nn.Identity)
+    rgb = trainers.build_network(config, ["RGBTo01Normalization"] * 3, 3, 3, load_pretrained=False)
+    assert torch.allclose(rgb.standardize.mean.flatten(), torch.tensor(rgb.model.mean))
+
+
+def test_train_then_stock_predict(nnunet_env, tmp_path):
+    root, env = nnunet_env
+    import timm
+
+    vit = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0, **TINY)
+    checkpoint = tmp_path / "backbone.pth"
+    torch.save(vit.state_dict(), checkpoint)
+    config = {
+        "model": {"backbone": "vit_small_patch16_224", "backbone_size": None, "backbone_kwargs": TINY,
+                  "checkpoint_path": str(checkpoint), "decoder": {"hidden_size": 16}},
+        "lora": {"enabled": True, "r": 2, "lora_dropout": 0.0},
+        "train": {"num_epochs": 1, "num_iterations_per_epoch": 2, "num_val_iterations_per_epoch": 1,
+                  "warmup_epochs": 0, "initial_lr": 1e-3},
+    }
+    config_path = tmp_path / "tiny.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    result = subprocess.run(
+        [sys.executable, "-m", "upernet_vit", "nnunet-train", "1", "2d", "0", "--config", str(config_path), "-device", "cpu"],
+        env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
+    out_dir = root / "results" / "Dataset001_Demo" / "nnUNetTrainerUperNetViT__nnUNetPlans__2d"
+    assert (out_dir / "fold_0" / "checkpoint_final.pth").is_file()
+    plans = yaml.safe_load((out_dir / "plans.json").read_text())  # JSON is YAML
+    stored = plans["configurations"]["2d"]["architecture"]
+    assert stored["network_class_name"] == "upernet_vit.UperNetViT"
+    assert stored["arch_kwargs"]["upernet_vit"]["lora"]["enabled"] is True
+
+    checkpoint.unlink()  # predictions must not need the pretrained file, nor the config variable
+    env_predict = {k: v for k, v in env.items() if k != "UPERNET_VIT_CONFIG"}
+    env_predict["nnUNet_extTrainer"] = EXT_TRAINER_DIR
+    prediction = tmp_path / "pred"
+    result = subprocess.run(
+        [_bin("nnUNetv2_predict"), "-i", str(root / "raw" / "Dataset001_Demo" / "imagesTs"), "-o", str(prediction),
+         "-d", "1", "-c", "2d", "-tr", "nnUNetTrainerUperNetViT", "-f", "0", "-chk", "checkpoint_final.pth",
+         "-device", "cpu", "-npp", "1", "-nps", "1"],
+        env=env_predict, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
+    masks = sorted(p for p in os.listdir(prediction) if p.endswith(".png"))
+    assert masks == ["demo_012.png", "demo_013.png"]
+    for name in masks:
+        mask = read_label(str(prediction / name))
+        assert mask.shape == (64, 64) and set(np.unique(mask)) <= {0, 1, 2, 3}
+
+
+def test_nnunet_path_command(capsys):
+    assert main(["nnunet-path"]) == 0
+    assert capsys.readouterr().out.strip() == EXT_TRAINER_DIR

@@ -1,0 +1,1 @@
+"""Integrations with other frameworks (optional dependencies; the model core never imports these)."""
