@@ -99,6 +99,16 @@ def test_official_layout_loads_and_matches_official_features(tmp_path, case):
         assert diff <= 1e-5, f"{name} at {h}x{w}: max |diff| {diff:.2e}"
 
 
+def test_dinov2_file_into_a_smaller_native_grid_follows_the_offset_rule(tmp_path):
+    """img_size=224 model, 518 px file: pos_embed resampled once at load as DINOv2 resamples at 224 px."""
+    torch.manual_seed(0)
+    ref = ReferenceViT("dinov2", dim=32, depth=4, heads=2, patch=14, img_size=518).eval()
+    torch.save(ref.state_dict(), tmp_path / "dinov2.pth")
+    model = UperNetViT("dinov2", "small", 2, checkpoint_path=str(tmp_path / "dinov2.pth"), feature_indices=TAPS,
+                       backbone_kwargs=dict(depth=4, embed_dim=32, num_heads=2, img_size=224)).eval()
+    assert _feature_diff(model, ref, torch.randn(1, 3, 224, 224)) <= 1e-5
+
+
 def _dinov3_ref(mlp="gelu", zero_qv_bias=False):
     torch.manual_seed(1)
     ref = ReferenceViT("dinov3", dim=32, depth=4, heads=2, patch=16, mlp=mlp).eval()

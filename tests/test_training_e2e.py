@@ -95,6 +95,14 @@ def test_resume_continues_to_the_same_state(tmp_path):
     assert strip(r1) == strip(r2)
 
 
+def test_resume_refuses_a_changed_config(tmp_path):
+    run = str(tmp_path / "run")
+    Trainer(_config(train={"num_epochs": 1}), run).run()
+    with pytest.raises(ValueError, match=r"data.fold \(0 -> 1\).*run's own config.yaml"):
+        Trainer(_config(train={"num_epochs": 1}, data={"fold": 1}), run, resume=True)
+    assert Trainer(_config(train={"num_epochs": 1}, data={"num_workers": 1}), run, resume=True).start_epoch == 1
+
+
 def test_bf16_training_and_layer_decay_run(tmp_path):
     cfg = _config(train={"amp": "bf16", "layer_decay": 0.75, "optimizer": "sgd", "initial_lr": 0.01, "num_epochs": 1})
     trainer = Trainer(cfg, str(tmp_path / "run"))
@@ -147,6 +155,42 @@ def test_predict_and_evaluate(trained_on_disk, tmp_path):
     assert len(summary["per_case"]) == len(cases)
 
 
+def test_predict_input_grouping_and_bare_model_folder(tmp_path):
+    from PIL import Image
+
+    from upernet_vit.training.predict import group_input_files, predict
+
+    folder = tmp_path / "plain"
+    folder.mkdir()
+    for i in (1, 2, 3):
+        Image.fromarray(np.full((20, 24), 60 * i, dtype=np.uint8)).save(folder / f"img_{i:04d}.png")
+    assert list(group_input_files(str(folder), 1)) == ["img_0001", "img_0002", "img_0003"]
+    nn = tmp_path / "nnunet"
+    nn.mkdir()
+    for channel in (0, 1):
+        Image.fromarray(np.zeros((20, 24), dtype=np.uint8)).save(nn / f"case_{channel:04d}.png")
+    assert group_input_files(str(nn), 2) == {"case": [str(nn / "case_0000.png"), str(nn / "case_0001.png")]}
+    assert len(group_input_files(str(nn), 1)) == 2  # a 1-channel model: two images
+
+    model = UperNetViT("vit_small_patch16_224", None, 3, in_chans=1, decoder_channels=8, backbone_kwargs=TINY)
+    model.save_pretrained(tmp_path / "bare")  # no preprocessing.json: backbone stats, whole images
+    written = predict(str(tmp_path / "bare"), str(folder), str(tmp_path / "out"))
+    assert len(written) == 3 and read_label(written[0]).shape == (20, 24)
+
+
+def test_evaluate_without_labels_takes_values_from_both_sides(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "gt").mkdir()
+    (tmp_path / "pred").mkdir()
+    Image.fromarray(np.zeros((4, 4), dtype=np.uint8)).save(tmp_path / "gt" / "a.png")
+    pred = np.zeros((4, 4), dtype=np.uint8)
+    pred[0, 0] = 3  # a class the ground truth never has
+    Image.fromarray(pred).save(tmp_path / "pred" / "a.png")
+    summary = evaluate(str(tmp_path / "pred"), str(tmp_path / "gt"))
+    assert summary["dice"]["class_3"] == 0.0 and summary["foreground_mean_case_dice"] == 0.0
+
+
 def test_evaluate_by_hand(tmp_path):
     from PIL import Image
 
@@ -160,6 +204,7 @@ def test_evaluate_by_hand(tmp_path):
     assert summary["dice"]["class_1"] == pytest.approx(4 / 6)
     assert summary["dice"]["class_2"] == pytest.approx(4 / 5)
     assert summary["foreground_mean_dice"] == pytest.approx((4 / 6 + 4 / 5) / 2)
+    assert summary["mean_case_dice"]["class_1"] == pytest.approx(4 / 6)  # one case: both ways agree
 
 
 def test_cli_reports_config_errors(tmp_path, capsys):

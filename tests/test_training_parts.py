@@ -179,3 +179,52 @@ def test_sliding_window_covers_and_matches_whole_image_for_a_local_model():
     out = sliding_window_logits(PixelModel(), image, (16, 32), mirror=True)
     assert out.shape == (2, 45, 70)
     assert torch.allclose(out, PixelModel()(image[None])[0], atol=1e-5)
+
+
+def test_zscore_uses_whole_image_statistics():
+    from upernet_vit.training.data import Case
+
+    rng = np.random.default_rng(0)
+    image = rng.normal(3.0, 2.0, (1, 40, 40)).astype(np.float32)
+    image[:, :20] += 10  # a patch from one half has other statistics than the image
+    case = Case("z", image, np.zeros((40, 40), dtype=np.int64))
+    normalizer = Normalizer([0.0], [1.0], mode="zscore")
+    ds = PatchDataset([case], (40, 40), normalizer, 2, 0, None)  # no augmentation: the whole image
+    patch, _ = ds[0]
+    assert torch.allclose(patch, normalizer(torch.from_numpy(image)), atol=1e-5)
+
+
+def test_rotation_is_bilinear_for_images_and_nearest_for_masks():
+    from upernet_vit.training.data import Case
+
+    label = np.zeros((32, 32), dtype=np.int64)
+    label[8:24, 8:24] = 2
+    case = Case("r", (label[None] / 2.0).astype(np.float32), label)
+    aug = AugmentConfig(scale_range=(1.0, 1.0), rotation_degrees=45, flip=False, intensity=False)
+    image, mask = PatchDataset([case], (32, 32), Normalizer([0.0], [1.0]), 1, 3, aug)[0]
+    assert ((image > 0.05) & (image < 0.95)).any()  # interpolated edge values
+    assert set(mask.unique().tolist()) <= {0, 2, IGNORE_INDEX}
+
+
+def test_named_splits_file_must_exist_and_folds_must_be_disjoint(tmp_path):
+    from upernet_vit.training.data import fold_case_ids
+
+    ids = [f"c{i}" for i in range(6)]
+    with pytest.raises(FileNotFoundError, match="splits.json"):
+        fold_case_ids(ids, "0", str(tmp_path / "splits.json"), required=True)
+    (tmp_path / "splits.json").write_text(json.dumps([{"train": ["c0", "c1"], "val": ["c1"]}]))
+    with pytest.raises(ValueError, match=r"both train and val: \['c1'\]"):
+        fold_case_ids(ids, "0", str(tmp_path / "splits.json"))
+
+
+def test_image_modes(tmp_path):
+    Image.fromarray(np.full((4, 5), 65535, dtype=np.int32), mode="I").save(tmp_path / "i32.tif")
+    assert np.allclose(read_image(str(tmp_path / "i32.tif")), 1.0)
+    gray = Image.fromarray(np.arange(20, dtype=np.uint8).reshape(4, 5), mode="L").convert("P")
+    gray.save(tmp_path / "pal.png")
+    assert read_image(str(tmp_path / "pal.png")).shape == (1, 4, 5)
+    rgba = np.zeros((4, 5, 4), dtype=np.uint8)
+    rgba[..., :3] = 2
+    rgba[..., 3] = 255
+    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "mask.png")
+    assert (read_label(str(tmp_path / "mask.png")) == 2).all()

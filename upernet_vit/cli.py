@@ -94,9 +94,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     out = args.output or os.path.join(args.pred, "summary.json")
     with open(out, "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=1)
-    for name, dice in summary["dice"].items():
-        print(f"{name:>20s}  Dice {dice if dice is not None else float('nan'):.4f}  IoU {summary['iou'][name] if summary['iou'][name] is not None else float('nan'):.4f}")
-    print(f"{'foreground mean':>20s}  Dice {summary['foreground_mean_dice']:.4f}   (summary: {out})")
+    def fmt(value):
+        return "   n/a" if value is None else f"{value:.4f}"
+
+    print(f"{'label':>20s}  {'Dice':>6s}  {'IoU':>6s}  {'Dice, mean over cases':>21s}")
+    for name in summary["dice"]:
+        print(f"{name:>20s}  {fmt(summary['dice'][name])}  {fmt(summary['iou'][name])}  {fmt(summary['mean_case_dice'][name]):>21s}")
+    print(f"{'foreground mean':>20s}  {fmt(summary['foreground_mean_dice'])}  {'':6s}  "
+          f"{fmt(summary['foreground_mean_case_dice']):>21s}   (summary: {out})")
     return 0
 
 

@@ -87,7 +87,7 @@ def _fit_pos_embed(file_pos: torch.Tensor, own_pos: torch.Tensor, mode: str) -> 
     """Resample the file's ``pos_embed`` to the model's grid by the family's rule (once, at load)."""
     n_prefix = own_pos.shape[1] - int(math.isqrt(own_pos.shape[1])) ** 2
     own_grid = int(math.isqrt(own_pos.shape[1] - n_prefix))
-    resampled = resample_patch_pos_embed(file_pos[:, n_prefix:], (own_grid, own_grid), "mae" if mode == "dino" else mode)
+    resampled = resample_patch_pos_embed(file_pos[:, n_prefix:], (own_grid, own_grid), mode)
     return torch.cat([file_pos[:, :n_prefix], resampled], dim=1)
 
 

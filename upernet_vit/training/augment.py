@@ -57,8 +57,9 @@ class RandomScaledCrop(v2.Transform):
 
 
 class RandomIntensity(v2.Transform):
-    """Brightness (x0.8-1.2), contrast (x0.75-1.25 around the mean), gamma (0.7-1.5) and a little
-    Gaussian noise, on images only, for any channel count. Images stay in [0, 1]."""
+    """Contrast (x0.75-1.25 around the mean), brightness (x0.8-1.2), gamma (0.7-1.5, on the image
+    rescaled to [0, 1] and back, as nnU-Net does) and Gaussian noise (up to 3% of the image's std), on
+    images only, any channel count, any value range (raw [0, 1] or z-scored)."""
 
     def make_params(self, flat_inputs: List[Any]) -> Dict[str, Any]:
         u = torch.rand(4)
@@ -75,8 +76,10 @@ class RandomIntensity(v2.Transform):
         x = inpt.as_subclass(torch.Tensor)
         mean = x.mean(dim=(-2, -1), keepdim=True)
         x = ((x - mean) * params["contrast"] + mean) * params["brightness"]
-        x = x.clamp(0, 1) ** params["gamma"]
-        x = (x + params["noise"] * torch.randn_like(x)).clamp(0, 1)
+        low, high = x.amin(dim=(-2, -1), keepdim=True), x.amax(dim=(-2, -1), keepdim=True)
+        span = (high - low).clamp_min(1e-8)
+        x = ((x - low) / span) ** params["gamma"] * span + low
+        x = x + params["noise"] * x.std() * torch.randn_like(x)
         return tv_tensors.wrap(x, like=inpt)
 
 
@@ -84,13 +87,19 @@ def build_transform(patch_size: Sequence[int], cfg: Optional[AugmentConfig]) -> 
     """Training augmentation (``cfg`` given) or a plain random crop at scale 1 (``cfg=None``)."""
     if cfg is None:
         return RandomScaledCrop(patch_size)
-    steps: List[v2.Transform] = [RandomScaledCrop(patch_size, cfg.scale_range)]
+    steps: List[v2.Transform] = []
+    if cfg.rotation_degrees:
+        # the whole image first, so only its own corners (not every patch's) come from outside;
+        # bilinear for the image, nearest for the mask (v2 picks that by type)
+        steps.append(
+            v2.RandomRotation(
+                cfg.rotation_degrees, interpolation=v2.InterpolationMode.BILINEAR,
+                fill={tv_tensors.Image: 0.0, tv_tensors.Mask: IGNORE_INDEX},
+            )
+        )
+    steps.append(RandomScaledCrop(patch_size, cfg.scale_range))
     if cfg.flip:
         steps += [v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()]
-    if cfg.rotation_degrees:
-        steps.append(
-            v2.RandomRotation(cfg.rotation_degrees, fill={tv_tensors.Image: 0.0, tv_tensors.Mask: IGNORE_INDEX})
-        )
     if cfg.intensity:
         steps.append(RandomIntensity())
     return v2.Compose(steps)
@@ -115,7 +124,10 @@ class Normalizer:
 
 class PatchDataset(torch.utils.data.Dataset):
     """``length`` patches per epoch; item i picks a case and augments it with RNG seeded by
-    (seed, epoch, i). Returns ``(image [C, *patch] float32 normalized, label [*patch] int64)``."""
+    (seed, epoch, i). Returns ``(image [C, *patch] float32 normalized, label [*patch] int64)``.
+
+    Z-score normalization uses each whole image's statistics (as validation and prediction do) and
+    runs before augmentation; the per-channel preset normalization runs after it."""
 
     def __init__(
         self,
@@ -128,9 +140,13 @@ class PatchDataset(torch.utils.data.Dataset):
     ) -> None:
         if not cases:
             raise ValueError("PatchDataset needs at least one case")
-        self.cases = list(cases)
-        self.transform = build_transform(patch_size, augment)
         self.normalizer = normalizer
+        self.per_image = normalizer.mode == "zscore"
+        self.cases = [
+            Case(c.case_id, normalizer(torch.from_numpy(c.image)).numpy(), c.label) if self.per_image else c
+            for c in cases
+        ]
+        self.transform = build_transform(patch_size, augment)
         self.length = length
         self.seed = seed
         self.epoch = 0
@@ -144,9 +160,10 @@ class PatchDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng([self.seed, self.epoch, index])
         case = self.cases[int(rng.integers(len(self.cases)))]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(rng.integers(2**31)))
+        with torch.random.fork_rng(devices=[]):  # the CPU generator only: CUDA's stays the trainer's
+            torch.default_generator.manual_seed(int(rng.integers(2**31)))
             image, label = self.transform(
                 tv_tensors.Image(torch.from_numpy(case.image)), tv_tensors.Mask(torch.from_numpy(case.label))
             )
-        return self.normalizer(image.as_subclass(torch.Tensor)), label.as_subclass(torch.Tensor)
+        image = image.as_subclass(torch.Tensor)
+        return (image if self.per_image else self.normalizer(image)), label.as_subclass(torch.Tensor)

@@ -235,12 +235,15 @@ def crossval_splits(case_ids: Sequence[str], n_splits: int = 5, seed: int = 1234
 
 
 def fold_case_ids(
-    case_ids: Sequence[str], fold: str, splits_file: Optional[str] = None, n_splits: int = 5
+    case_ids: Sequence[str], fold: str, splits_file: Optional[str] = None, n_splits: int = 5, required: bool = False
 ) -> Tuple[List[str], List[str], List[Dict[str, List[str]]]]:
     """(train ids, val ids, all splits) for ``fold`` (``"0"``..``"4"`` or ``"all"``: train and validate on all).
 
-    ``splits_file`` (nnU-Net's ``splits_final.json``) is used when it exists, else folds are generated.
+    ``splits_file`` (nnU-Net's ``splits_final.json``) is used when it exists, else folds are generated;
+    with ``required=True`` (the user named the file) a missing file is an error.
     """
+    if splits_file and required and not os.path.isfile(splits_file):
+        raise FileNotFoundError(f"data.splits_file {splits_file!r} does not exist")
     if splits_file and os.path.isfile(splits_file):
         with open(splits_file, encoding="utf-8") as f:
             splits = json.load(f)
@@ -255,4 +258,11 @@ def fold_case_ids(
     index = int(fold)
     if not 0 <= index < len(splits):
         raise ValueError(f"data.fold {fold!r} is out of range: there are {len(splits)} folds (0..{len(splits) - 1}) or 'all'")
-    return list(splits[index]["train"]), list(splits[index]["val"]), splits
+    train, val = list(splits[index]["train"]), list(splits[index]["val"])
+    where = splits_file if splits_file and os.path.isfile(splits_file) else "the generated splits"
+    if not train or not val:
+        raise ValueError(f"fold {index} of {where} has {len(train)} training and {len(val)} validation cases; both need at least one")
+    overlap = sorted(set(train) & set(val))
+    if overlap:
+        raise ValueError(f"fold {index} of {where} has cases in both train and val: {overlap[:5]}")
+    return train, val, splits

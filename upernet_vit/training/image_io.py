@@ -18,20 +18,31 @@ def _open(path: str) -> Image.Image:
         raise ValueError(f"cannot read image file {path!r}: {err}") from err
 
 
+def _is_gray_palette(img: Image.Image) -> bool:
+    rgb = np.asarray(img.convert("RGB"))
+    return bool((rgb[..., :1] == rgb).all())
+
+
 def read_image(path: str) -> np.ndarray:
-    """``[C, H, W]`` float32 scaled to [0, 1] for integer images (8-bit /255, 16-bit /65535); float
-    images as stored. RGB stays in one file (C = 3); an alpha channel is dropped; palette images
-    are read as their RGB colours."""
+    """``[C, H, W]`` float32. Integer images are scaled to [0, 1]: 8-bit /255, 16-bit /65535, 32-bit
+    integer (Pillow mode ``I``) /65535 when its values fit 16 bits, else /(2^31 - 1). Float images
+    (mode ``F``) are kept as stored: use ``normalization: zscore`` for them. RGB stays in one file
+    (C = 3); an alpha channel is dropped; palette images give their colours (1 channel if all gray)."""
     img = _open(path)
-    if img.mode in ("RGBA", "LA", "P", "CMYK", "YCbCr"):
-        img = img.convert("RGB" if img.mode != "LA" else "L")
+    if img.mode == "P":
+        img = img.convert("L" if _is_gray_palette(img) else "RGB")
+    elif img.mode in ("RGBA", "CMYK", "YCbCr"):
+        img = img.convert("RGB")
+    elif img.mode == "LA":
+        img = img.convert("L")
     arr = np.asarray(img)
     if arr.dtype == np.uint8:
         arr = arr.astype(np.float32) / 255.0
-    elif arr.dtype in (np.uint16, np.dtype(">u2"), np.dtype("<u2")) or img.mode.startswith("I;16"):
+    elif arr.dtype.kind == "u" and arr.dtype.itemsize == 2 or img.mode.startswith("I;16"):
         arr = arr.astype(np.float32) / 65535.0
-    elif arr.dtype == bool:
-        arr = arr.astype(np.float32)
+    elif arr.dtype.kind in "iu":
+        scale = 65535.0 if arr.size == 0 or (arr.min() >= 0 and arr.max() <= 65535) else float(2**31 - 1)
+        arr = arr.astype(np.float32) / scale
     else:
         arr = arr.astype(np.float32)
     if arr.ndim == 2:
@@ -45,6 +56,8 @@ def read_label(path: str) -> np.ndarray:
     """``[H, W]`` int64 label values as stored (palette PNGs give their indices)."""
     img = _open(path)
     arr = np.asarray(img)
+    if arr.ndim == 3 and img.mode in ("RGBA", "LA"):
+        arr = arr[..., :-1]  # alpha is not a label
     if arr.ndim == 3:
         if not (arr[..., :1] == arr).all():
             raise ValueError(

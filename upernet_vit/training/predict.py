@@ -35,8 +35,11 @@ def resolve_model_dir(path: str) -> str:
     )
 
 
-def group_input_files(path: str) -> Dict[str, List[str]]:
-    """``{case_id: channel files}``: nnU-Net ``<case>_XXXX.ext`` names are grouped, other images stand alone."""
+def group_input_files(path: str, max_files_per_case: Optional[int] = None) -> Dict[str, List[str]]:
+    """``{case_id: channel files}``. nnU-Net names ``<case>_0000.ext``, ``<case>_0001.ext``, ... are one case
+    when every group numbers its files 0000.. consecutively (with at most ``max_files_per_case`` files,
+    the model's input channels); otherwise every image is its own case (``img_0001.png``, ``img_0002.png``
+    are two images)."""
     if os.path.isfile(path):
         files = [path]
     elif os.path.isdir(path):
@@ -45,12 +48,18 @@ def group_input_files(path: str) -> Dict[str, List[str]]:
         raise FileNotFoundError(f"--input {path!r} does not exist")
     if not files:
         raise ValueError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {path!r}")
-    cases: Dict[str, List[str]] = {}
+    groups: Dict[str, List[tuple]] = {}
     for f in files:
-        stem = os.path.splitext(os.path.basename(f))[0]
-        match = re.match(r"^(.+)_(\d{4})$", stem)
-        cases.setdefault(match.group(1) if match else stem, []).append(f)
-    return {k: sorted(v) for k, v in sorted(cases.items())}
+        match = re.match(r"^(.+)_(\d{4})$", os.path.splitext(os.path.basename(f))[0])
+        if match is None:
+            break
+        groups.setdefault(match.group(1), []).append((int(match.group(2)), f))
+    else:
+        consecutive = all(sorted(i for i, _ in g) == list(range(len(g))) for g in groups.values())
+        sizes_ok = max_files_per_case is None or all(len(g) <= max_files_per_case for g in groups.values())
+        if consecutive and sizes_ok:
+            return {k: [f for _, f in sorted(g)] for k, g in sorted(groups.items())}
+    return {os.path.splitext(os.path.basename(f))[0]: [f] for f in files}
 
 
 def predict(
@@ -67,22 +76,29 @@ def predict(
     from tqdm.auto import tqdm
 
     model_dir = resolve_model_dir(model_path)
-    with open(os.path.join(model_dir, PREPROCESSING_NAME), encoding="utf-8") as f:
-        prep = json.load(f)
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
     model = UperNetViT.from_pretrained(model_dir).to(dev).eval()
+    prep_path = os.path.join(model_dir, PREPROCESSING_NAME)
+    if os.path.isfile(prep_path):
+        with open(prep_path, encoding="utf-8") as f:
+            prep = json.load(f)
+    else:  # a bare save_pretrained folder: the backbone's stats, labels 0..K-1, whole images
+        logger.warning("%s not found: using the backbone's mean/std, labels 0..K-1 and whole-image inference", prep_path)
+        prep = {"mean": list(model.mean), "std": list(model.std), "normalization": "preset",
+                "label_values": list(range(model.num_classes)), "patch_size": None}
     normalizer = Normalizer(prep["mean"], prep["std"], prep["normalization"])
     values = np.asarray(prep["label_values"], dtype=np.int64)
     os.makedirs(output_dir, exist_ok=True)
     written = []
-    for case_id, files in tqdm(group_input_files(input_path).items(), desc="predict", unit="case", disable=None):
+    for case_id, files in tqdm(group_input_files(input_path, model.in_chans).items(), desc="predict", unit="case", disable=None):
         image = read_case_image(files)
         if image.shape[0] != model.in_chans:
             raise ValueError(
                 f"{files[0]!r} has {image.shape[0]} channel(s) but the model was trained on {model.in_chans}"
             )
         x = normalizer(torch.from_numpy(image)).to(dev)
-        logits = sliding_window_logits(model, x, prep["patch_size"], step=step, mirror=mirror)
+        patch = prep["patch_size"] or list(x.shape[-2:])
+        logits = sliding_window_logits(model, x, patch, step=step, mirror=mirror)
         probs = logits.softmax(0)
         out = os.path.join(output_dir, f"{case_id}.png")
         write_label_png(out, values[probs.argmax(0).cpu().numpy()])
@@ -96,10 +112,12 @@ def predict(
 def evaluate(
     pred_dir: str, gt_dir: str, labels: Optional[Dict[str, int]] = None, ignore_value: Optional[int] = None
 ) -> Dict:
-    """Per-class Dice and IoU over all cases (counts summed, as nnU-Net's foreground mean) and per case.
+    """Per-class Dice and IoU, two ways: ``dice``/``iou`` from counts pooled over all cases, and
+    ``mean_case_dice`` (the mean over cases of each case's Dice, as nnU-Net's ``summary.json``,
+    cases where a class is absent from both prediction and truth left out), plus ``per_case``.
 
-    ``labels`` (name -> value) defaults to every value in the ground truth. Writes nothing; the CLI
-    saves the returned dict as ``summary.json``.
+    ``labels`` (name -> value) defaults to every value found in the ground truth or the predictions.
+    Writes nothing; the CLI saves the returned dict as ``summary.json``.
     """
     gts = {os.path.splitext(n)[0]: os.path.join(gt_dir, n) for n in sorted(os.listdir(gt_dir)) if n.lower().endswith(IMAGE_SUFFIXES)}
     if not gts:
@@ -109,7 +127,7 @@ def evaluate(
         raise FileNotFoundError(f"--pred {pred_dir!r} has no prediction for {len(missing)} case(s), e.g. {missing[0]}.png")
     arrays = {c: (read_label(os.path.join(pred_dir, c + ".png")), read_label(p)) for c, p in gts.items()}
     if labels is None:
-        found = sorted(set().union(*(np.unique(g).tolist() for _, g in arrays.values())) - {ignore_value})
+        found = sorted(set().union(*(set(np.unique(g).tolist()) | set(np.unique(p).tolist()) for p, g in arrays.values())) - {ignore_value})
         labels = {("background" if v == 0 else f"class_{v}"): v for v in found}
     names, label_values = list(labels), list(labels.values())
     lut = {v: i for i, v in enumerate(label_values)}
@@ -134,11 +152,18 @@ def evaluate(
         per_case[case] = {f"dice_{n}": _num(d) for n, d in zip(names, scores["dice"])}
     scores = dice_iou(total)
     fg = [d for d in scores["dice"][1:] if not np.isnan(d)]
+    case_mean = {}
+    for n in names:
+        values_n = [c[f"dice_{n}"] for c in per_case.values() if c[f"dice_{n}"] is not None]
+        case_mean[n] = float(np.mean(values_n)) if values_n else None
+    fg_case = [case_mean[n] for n in names[1:] if case_mean[n] is not None]
     return {
         "labels": labels,
         "dice": {n: _num(d) for n, d in zip(names, scores["dice"])},
         "iou": {n: _num(d) for n, d in zip(names, scores["iou"])},
         "foreground_mean_dice": _num(np.mean(fg)) if fg else None,
+        "mean_case_dice": case_mean,
+        "foreground_mean_case_dice": float(np.mean(fg_case)) if fg_case else None,
         "per_case": per_case,
     }
 

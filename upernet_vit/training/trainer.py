@@ -15,12 +15,13 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
+import yaml
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from ..config import Config, DataConfig, save_config
-from ..model import UperNetViT
+from ..config import Config, DataConfig, config_to_yaml, load_config, save_config
+from ..model import UperNetViT, atomic_write
 from .augment import AugmentConfig, Normalizer, PatchDataset
 from .data import Case, DatasetInfo, fold_case_ids, load_folders, load_nnunet_raw
 from .demo_data import demo_cases, demo_info
@@ -60,22 +61,51 @@ def prepare_data(cfg: DataConfig) -> PreparedData:
     if info.num_classes < 2:
         raise ValueError(f"the dataset has {info.num_classes} label(s); segmentation needs background plus at least one class")
     fold = str(cfg.fold)
-    train_ids, val_ids, splits = fold_case_ids([c.case_id for c in cases], fold, splits_file, cfg.num_folds)
+    train_ids, val_ids, splits = fold_case_ids(
+        [c.case_id for c in cases], fold, splits_file, cfg.num_folds, required=bool(cfg.splits_file)
+    )
     by_id = {c.case_id: c for c in cases}
     return PreparedData(info, [by_id[i] for i in train_ids], [by_id[i] for i in val_ids], splits)
 
 
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _atomic_dir(final: str, write) -> None:
-    """Write a folder under a temporary name, then swap it in; a crash leaves the old one or ``.old``."""
+    """Write a folder under a temporary name, flush it, then swap it in: after a crash or power loss
+    there is the old folder, its ``.old`` copy, or the complete new one."""
     tmp, old = final + ".tmp", final + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     write(tmp)
+    for name in os.listdir(tmp):
+        _fsync(os.path.join(tmp, name))
+    _fsync(tmp)
     if os.path.isdir(final):
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
     os.replace(tmp, final)
+    _fsync(os.path.dirname(os.path.abspath(final)))
     shutil.rmtree(old, ignore_errors=True)
+
+
+# keys that may differ between a run and its --resume (they do not change what is computed)
+_RESUME_FREE_KEYS = {"data.num_workers", "train.device", "train.output_dir", "train.num_overlays"}
+
+
+def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, dict) and key != "backbone_kwargs":
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def latest_checkpoint(run_dir: str) -> Optional[str]:
@@ -87,13 +117,20 @@ def latest_checkpoint(run_dir: str) -> Optional[str]:
     return None
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train.device is {name!r} but CUDA is not available; use 'cpu' or 'auto'")
+def resolve_device(name: str, local_rank: Optional[int] = None) -> torch.device:
+    """``auto``/``cpu``/``cuda``/``cuda:N``; under DDP (``local_rank`` given) each process takes GPU ``local_rank``."""
+    device = torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"train.device is {name!r} but CUDA is not available; use 'cpu' or 'auto'")
+        index = local_rank if local_rank is not None else (device.index or 0)
+        return torch.device(f"cuda:{index}")
     return device
+
+
+def _write_json(path: str, data: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1)
 
 
 class Trainer:
@@ -109,8 +146,8 @@ class Trainer:
         self.cfg = config
         self.output_dir = output_dir
         tcfg = config.train
-        self.dist = init_distributed(resolve_device(tcfg.device))
-        self.device = resolve_device(tcfg.device, self.dist.local_rank)
+        self.dist = init_distributed(resolve_device(tcfg.device).type)
+        self.device = resolve_device(tcfg.device, self.dist.local_rank if self.dist.enabled else None)
         if tcfg.amp == "fp16" and self.device.type != "cuda":
             raise ValueError("train.amp 'fp16' needs a CUDA device; use 'bf16' or 'none' on CPU")
         if config.data.batch_size % self.dist.world_size:
@@ -133,7 +170,7 @@ class Trainer:
                 f"data.patch_size {self.patch_size} must be 2 sizes, each >= the backbone patch "
                 f"({self.model.patch_size} px for {self.model.backbone.name})"
             )
-        if config.model.decoder.norm == "batchnorm" and self.dist.enabled:
+        if config.model.decoder.norm == "batchnorm" and self.dist.enabled and self.device.type == "cuda":
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.model.to(self.device)
         self.normalizer = Normalizer(self.model.mean, self.model.std, config.data.normalization)
@@ -190,9 +227,8 @@ class Trainer:
         }
 
     def _write_run_files(self) -> None:
-        save_config(self.cfg, os.path.join(self.output_dir, "config.yaml"))
-        with open(os.path.join(self.output_dir, "splits_final.json"), "w", encoding="utf-8") as f:
-            json.dump(self.data.splits, f, indent=1)
+        atomic_write(os.path.join(self.output_dir, "config.yaml"), lambda p: save_config(self.cfg, p))
+        atomic_write(os.path.join(self.output_dir, "splits_final.json"), lambda p: _write_json(p, self.data.splits))
 
     def _save_checkpoint(self, name: str, next_epoch: int) -> None:
         state = {
@@ -205,13 +241,13 @@ class Trainer:
             "history": self.history,
             "best_ema": self.best_ema,
             "ema": self.ema,
+            "config": config_to_yaml(self.cfg),
         }
 
         def write(folder: str) -> None:
             self.model.save_pretrained(folder)
             torch.save(state, os.path.join(folder, STATE_NAME))
-            with open(os.path.join(folder, PREPROCESSING_NAME), "w", encoding="utf-8") as f:
-                json.dump(self._preprocessing(), f, indent=1)
+            _write_json(os.path.join(folder, PREPROCESSING_NAME), self._preprocessing())
 
         _atomic_dir(os.path.join(self.output_dir, name), write)
 
@@ -223,6 +259,14 @@ class Trainer:
 
         self.model.load_state_dict(load_file(os.path.join(path, "model.safetensors"), device=str(self.device)))
         state = torch.load(os.path.join(path, STATE_NAME), map_location="cpu", weights_only=True)
+        saved, now = _flatten(load_config(yaml.safe_load(state["config"])).to_dict()), _flatten(self.cfg.to_dict())
+        changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and k not in _RESUME_FREE_KEYS)
+        if changed:
+            raise ValueError(
+                f"--resume: the config differs from the run in {self.output_dir} in "
+                + ", ".join(f"{k} ({saved.get(k)!r} -> {now.get(k)!r})" for k in changed)
+                + "; resume with the run's own config.yaml, or start a new run with another --output"
+            )
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -353,7 +397,7 @@ class Trainer:
         try:
             for epoch in range(self.start_epoch, tcfg.num_epochs):
                 start = time.perf_counter()
-                lr = self.optimizer.param_groups[0]["lr"]
+                lr = max(g["lr"] for g in self.optimizer.param_groups)  # the decoder's (layer decay scales the rest)
                 train_loss = self.train_epoch(epoch)
                 val_loss = self.val_loss(epoch)
                 validate = (epoch + 1) % tcfg.val_every == 0 or epoch == last
