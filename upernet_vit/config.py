@@ -41,6 +41,7 @@ class ModelConfig:
     norm_stats: Optional[str] = None  # named input stats (e.g. visionfm_oct); null: the preset's
     feature_indices: Optional[List[int]] = None  # null: [d/4-1, d/2-1, 3d/4-1, d-1]
     freeze_backbone: bool = False
+    gradient_checkpointing: bool = False  # recompute backbone blocks in backward: less memory, more time
     backbone_kwargs: Dict[str, Any] = field(default_factory=dict)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
 

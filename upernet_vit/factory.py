@@ -27,6 +27,7 @@ def create_segmentation_model(
     dropout: float = 0.1,
     aux_head: bool = False,
     aux_channels: int = 256,
+    gradient_checkpointing: bool = False,
     backbone_kwargs: Optional[Dict[str, Any]] = None,
     **unknown: Any,
 ) -> UperNetViT:
@@ -52,6 +53,7 @@ def create_segmentation_model(
         dropout=dropout,
         aux_head=aux_head,
         aux_channels=aux_channels,
+        gradient_checkpointing=gradient_checkpointing,
     )
     if use_lora:
         model.enable_lora(lora_rank, lora_alpha, lora_dropout, lora_target_modules)

@@ -15,7 +15,7 @@ from torch import nn
 from .backbones import create_backbone
 from .config import Config, DecoderConfig, LoraConfig, ModelConfig, config_to_yaml, load_config
 from .head import UperNetHead
-from .layers import NORM_NAMES
+from .layers import NORM_NAMES, fuse_conv_bn
 from .upsampler import build_upsampler
 from .vit_adapter import SimpleFeaturePyramid, extract_feature_maps, prepare_vit_for_taps, resolve_feature_indices
 
@@ -115,6 +115,8 @@ class UperNetViT(nn.Module):
         trust_checkpoint: allow full unpickling of ``checkpoint_path`` (only for files you trust).
         norm_stats: named input statistics (``"imagenet"``, ``"dinov3_sat493m"``, ``"visionfm_oct"``, ...);
             default: the preset's.
+        gradient_checkpointing: recompute the backbone blocks in the backward pass (timm's
+            ``set_grad_checkpointing``): same results, less activation memory, about a third more time.
     """
 
     def __init__(
@@ -137,6 +139,7 @@ class UperNetViT(nn.Module):
         checkpoint_format: str = "auto",
         trust_checkpoint: bool = False,
         norm_stats: Optional[str] = None,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if norm not in NORM_NAMES:
@@ -152,6 +155,7 @@ class UperNetViT(nn.Module):
             norm_stats=norm_stats,
             feature_indices=list(feature_indices) if feature_indices is not None else None,
             freeze_backbone=bool(freeze_backbone),
+            gradient_checkpointing=bool(gradient_checkpointing),
             backbone_kwargs=dict(backbone_kwargs or {}),
             decoder=DecoderConfig(
                 hidden_size=int(decoder_channels),
@@ -191,6 +195,8 @@ class UperNetViT(nn.Module):
         )
         self.upsampler = build_upsampler(upsampler, num_classes, norm)
         self.set_backbone_trainable(not freeze_backbone)
+        if gradient_checkpointing:
+            self.backbone.vit.set_grad_checkpointing(True)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -302,6 +308,17 @@ class UperNetViT(nn.Module):
         self.lora_config = None
         self.set_backbone_trainable(not self.config.freeze_backbone)
 
+    def fuse(self) -> "UperNetViT":
+        """Fold every BatchNorm (``norm="batchnorm"`` models) into the conv before it, for inference.
+
+        Eval mode only; outputs stay the same up to float rounding. The fused model has no BN weights,
+        so save the unfused one (``save_pretrained``) for training or sharing. Returns ``self``.
+        """
+        if self.training:
+            raise RuntimeError("fuse() folds BatchNorm running statistics: call model.eval() first")
+        fuse_conv_bn(self)
+        return self
+
     def parameter_summary(self) -> Dict[str, Dict[str, int]]:
         """``{component: {"total": n, "trainable": n}}`` for backbone, adapter, head, upsampler and ``all``."""
         summary = {}
@@ -350,6 +367,7 @@ class UperNetViT(nn.Module):
             checkpoint_format=model_cfg.checkpoint_format,
             trust_checkpoint=model_cfg.trust_checkpoint,
             norm_stats=model_cfg.norm_stats,
+            gradient_checkpointing=model_cfg.gradient_checkpointing,
         )
         if cfg.lora.enabled:
             model.enable_lora(cfg.lora.r, cfg.lora.lora_alpha, cfg.lora.lora_dropout, cfg.lora.target_modules)

@@ -1,0 +1,60 @@
+"""Performance code paths keep the math: BN fusion, gradient checkpointing, torch.compile without graph
+breaks. (Speed and memory are measured in benchmarks/, never asserted here.)"""
+import pytest
+import torch
+
+from upernet_vit import UperNetViT
+from helpers import TINY, tiny_model
+
+
+def _randomize_bn(model):
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+
+
+def test_fused_model_equals_unfused():
+    model = tiny_model(norm="batchnorm", upsampler="progressive", aux_head=True).eval()
+    _randomize_bn(model)
+    x = torch.randn(2, 3, 45, 61)
+    with torch.no_grad():
+        before = model(x, return_aux=True)
+        model.fuse()
+        after = model(x, return_aux=True)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    for a, b in zip(before, after):
+        assert (a - b).abs().max() < 1e-4
+    with pytest.raises(RuntimeError, match="eval"):
+        tiny_model(norm="batchnorm").train().fuse()
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    plain = tiny_model()
+    torch.manual_seed(0)
+    checkpointed = tiny_model(gradient_checkpointing=True)
+    assert checkpointed.backbone.vit.grad_checkpointing and checkpointed.to_config().model.gradient_checkpointing
+    for model in (plain, checkpointed):
+        model.train()
+        torch.manual_seed(1)  # the same dropout masks
+        model(torch.randn(2, 3, 32, 48, generator=torch.Generator().manual_seed(2))).square().mean().backward()
+    for (name, p), q in zip(plain.named_parameters(), checkpointed.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6), name
+
+
+@pytest.mark.parametrize("backbone, size", [("vit_small_patch16_224", None), ("dinov2", "small"), ("dinov3", "small")])
+def test_compiles_as_one_graph(backbone, size):
+    """fullgraph=True fails on any graph break; aot_eager traces forward and backward without codegen."""
+    model = UperNetViT(backbone, size, 3, decoder_channels=16, upsampler="progressive", backbone_kwargs=TINY)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(1, 3, 50, 70)  # not a multiple of the patch: the padding path too
+    model.eval()
+    with torch.no_grad():
+        assert (compiled(x) - model(x)).abs().max() < 1e-5
+    model.train()
+    compiled(x).sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
