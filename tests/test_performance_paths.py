@@ -58,3 +58,11 @@ def test_compiles_as_one_graph(backbone, size):
     model.train()
     compiled(x).sum().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_torch_export_of_the_eval_model():
+    model = UperNetViT("dinov2", "small", 3, in_chans=1, decoder_channels=16, backbone_kwargs=TINY).eval()
+    x = torch.randn(1, 1, 112, 140)
+    exported = torch.export.export(model, (x,))
+    with torch.no_grad():
+        assert (exported.module()(x) - model(x)).abs().max() < 1e-5
