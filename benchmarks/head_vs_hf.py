@@ -4,11 +4,13 @@
 
 For each setting prints eval-forward and train forward+backward times (median of --repeats), the ratio
 ours/HF, the max |diff| of the outputs, and achieved GFLOP/s as a fraction of a measured fp32 GEMM
-(the roofline). No speed-ups are applied yet: this is the baseline for the performance work.
+(the roofline). Modes: ``eval``, ``eval fused`` (our head after BatchNorm folding, ``UperNetViT.fuse()``;
+HF unchanged) and ``train`` (forward + backward).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import platform
 import statistics
 import time
@@ -19,6 +21,7 @@ from transformers import UperNetConfig
 from transformers.models.upernet.modeling_upernet import UperNetHead as HFUperNetHead
 
 from upernet_vit import UperNetHead, from_hf_upernet
+from upernet_vit.layers import fuse_conv_bn
 
 SETTINGS = [  # (name, in_channels, channels, map sizes (stride 4..32), batch)
     ("ViT-S-like 256px", [384] * 4, 256, [64, 32, 16, 8], 2),
@@ -71,12 +74,15 @@ def main() -> None:
         ours = UperNetHead(in_channels, channels=channels, num_classes=4, norm="batchnorm", dropout=0.0)
         ours.load_state_dict(from_hf_upernet(hf.state_dict()))
         feats = [torch.randn(batch, c, s, s) for c, s in zip(in_channels, sizes)]
-        for mode in ("eval", "train"):
+        fused = copy.deepcopy(ours).eval()
+        fuse_conv_bn(fused)
+        for mode in ("eval", "eval fused", "train"):
             hf.train(mode == "train")
             ours.train(mode == "train")
+            mine = fused if mode == "eval fused" else ours
 
             def run(head):
-                if mode == "eval":
+                if mode.startswith("eval"):
                     with torch.no_grad():
                         return head(feats)
                 out = head(feats)
@@ -84,11 +90,11 @@ def main() -> None:
                 return out
 
             with torch.no_grad():
-                diff = (hf.eval()(feats) - ours.eval()(feats)).abs().max().item()
+                diff = (hf.eval()(feats) - mine.eval()(feats)).abs().max().item()
             hf.train(mode == "train")
-            ours.train(mode == "train")
-            t_hf, t_ours = timed(lambda: run(hf), args.repeats), timed(lambda: run(ours), args.repeats)
-            gflop = flops(lambda: run(ours)) / 1e9
+            mine.train(mode == "train")
+            t_hf, t_ours = timed(lambda: run(hf), args.repeats), timed(lambda: run(mine), args.repeats)
+            gflop = flops(lambda: run(mine)) / 1e9
             print(f"| {name} | {mode} | {t_hf:.3f} | {t_ours:.3f} | {t_ours / t_hf:.2f} | {diff:.1e} | "
                   f"{gflop:.0f} | {gflop / t_ours:.0f} | {100 * gflop / t_ours / roof:.0f}% |")
 

@@ -88,11 +88,14 @@ class UperNetHead(nn.Module):
             if aux_head
             else None
         )
+        # NHWC ("channels_last") is the faster conv layout for oneDNN (CPU) and cuDNN; same values
+        self.to(memory_format=torch.channels_last)
 
     def forward(
         self, features: Sequence[torch.Tensor], return_aux: bool = False
     ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
         self._check_features(features)
+        features = [f.contiguous(memory_format=torch.channels_last) for f in features]
         fused = self.fpn(features[:-1], self.ppm(features[-1]))
         logits = self.classifier(self.dropout(fused))
         if not return_aux:

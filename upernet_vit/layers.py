@@ -63,7 +63,8 @@ class ConvNormAct(nn.Module):
             in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=norm == "none"
         )
         self.norm = build_norm2d(norm, out_channels)
-        self.act = act_layer()
+        # in place: the norm's backward needs its input, not its output, so this saves a map per layer
+        self.act = act_layer(inplace=True) if act_layer is nn.ReLU else act_layer()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.norm(self.conv(x)))

@@ -253,11 +253,11 @@ class UperNetViT(nn.Module):
         padded_size = [s * self.patch_size for s in levels[2].shape[-2:]]
         out = self.head(levels, return_aux=return_aux)
         if not return_aux:
-            return self.upsampler(out, padded_size)[..., :height, :width]
+            return self.upsampler(out, padded_size)[..., :height, :width].contiguous()
         logits, aux = out
-        logits = self.upsampler(logits, padded_size)[..., :height, :width]
+        logits = self.upsampler(logits, padded_size)[..., :height, :width].contiguous()
         aux = F.interpolate(aux, size=padded_size, mode="bilinear", align_corners=False)[..., :height, :width]
-        return logits, aux
+        return logits, aux.contiguous()
 
     # ------------------------------------------------------------------ training setup
     def set_backbone_trainable(self, trainable: bool) -> None:
