@@ -59,7 +59,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"# {args.config} | torch {torch.__version__} | {platform.processor() or platform.machine()} | "
           f"{torch.get_num_threads()} threads | {os.cpu_count()} cpus")
-    print(f"| amp | images/s | vs fp32 |\n|---|---|---|")
+    print("| amp | images/s | vs fp32 |\n|---|---|---|")
     reference = None
     for amp in args.amp.split(","):
         speed = run(args.config, args.iterations, amp)

@@ -1,5 +1,5 @@
 """ViT backbones: presets for foundation models, any timm ViT, local checkpoints."""
-from .checkpoint import adapt_patch_embed, load_backbone_checkpoint, read_checkpoint, read_state_dict
+from .checkpoint import adapt_patch_embed, load_backbone_checkpoint, read_checkpoint
 from .factory import ViTBackbone, channel_stats, create_backbone
 from .official import CHECKPOINT_FORMATS, to_timm
 from .pos_embed import POS_EMBED_MODES, resample_patch_pos_embed, use_pos_embed_interpolation
@@ -23,6 +23,5 @@ __all__ = [
     "adapt_patch_embed",
     "channel_stats",
     "create_backbone",
-    "read_state_dict",
     "resolve_preset",
 ]

@@ -12,7 +12,7 @@ import math
 import os
 import re
 from collections import OrderedDict
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Iterable, List, Optional
 
 import torch
 from torch import nn
@@ -45,17 +45,6 @@ def read_checkpoint(path: str, trust_checkpoint: bool = False) -> Any:
             f"If you trust this file, pass trust_checkpoint=True (YAML: model.trust_checkpoint: true) to "
             f"unpickle it fully; that can run code stored in the file"
         ) from err
-
-
-def read_state_dict(path: str, trust_checkpoint: bool = False) -> Dict[str, torch.Tensor]:
-    """Tensors of a ``.safetensors`` or torch file, unwrapped from ``state_dict``/``model`` containers."""
-    obj = read_checkpoint(path, trust_checkpoint)
-    for key in ("state_dict", "model"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path!r} does not hold a state dict of tensors (top-level keys: {list(obj)[:8]})")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
 def adapt_patch_embed(weight: torch.Tensor, in_chans: int) -> torch.Tensor:

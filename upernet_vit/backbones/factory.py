@@ -71,7 +71,7 @@ def create_backbone(
     kwargs.update(backbone_kwargs or {})
     for reserved in ("pretrained", "in_chans", "num_classes", "dynamic_img_size"):
         if reserved in kwargs:
-            hint = "use checkpoint_path for weights" if reserved == "pretrained" else f"it is set by upernet-vit"
+            hint = "use checkpoint_path for weights" if reserved == "pretrained" else "it is set by upernet-vit"
             raise ValueError(f"backbone_kwargs may not contain {reserved!r}: {hint}")
     if not timm.is_model(timm_name):
         matches = timm.list_models(f"*{timm_name}*")[:8]

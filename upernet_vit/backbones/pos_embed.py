@@ -11,7 +11,7 @@ implementations differ, and the difference is visible in the features at any non
 from __future__ import annotations
 
 import math
-from typing import Sequence, Tuple
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
