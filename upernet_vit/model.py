@@ -53,6 +53,15 @@ def _current_umask() -> int:
     return mask
 
 
+def fsync_path(path: str) -> None:
+    """Flush a file's or a folder's contents (a folder: its entries, e.g. a rename) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: str, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)``, flush it to disk, then rename over ``path``: readers see the old
     file or the new one, never half of one (also after a crash or power loss)."""
@@ -61,17 +70,12 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_current_umask())  # some writers (safetensors) create files 0600
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        fsync_path(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_path(folder)
 
 
 def _write_text(path: str, text: str) -> None:

@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ..config import Config, DataConfig, config_to_yaml, load_config, save_config
-from ..model import UperNetViT, atomic_write
+from ..model import UperNetViT, atomic_write, fsync_path
 from .augment import AugmentConfig, Normalizer, PatchDataset
 from .data import Case, DatasetInfo, fold_case_ids, load_folders, load_nnunet_raw
 from .demo_data import demo_cases, demo_info
@@ -66,14 +66,6 @@ def prepare_data(cfg: DataConfig) -> PreparedData:
     return PreparedData(info, [by_id[i] for i in train_ids], [by_id[i] for i in val_ids], splits)
 
 
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _atomic_dir(final: str, write) -> None:
     """Write a folder under a temporary name, flush it, then swap it in: after a crash or power loss
     there is the old folder, its ``.old`` copy, or the complete new one."""
@@ -82,13 +74,13 @@ def _atomic_dir(final: str, write) -> None:
     os.makedirs(tmp)
     write(tmp)
     for name in os.listdir(tmp):
-        _fsync(os.path.join(tmp, name))
-    _fsync(tmp)
+        fsync_path(os.path.join(tmp, name))
+    fsync_path(tmp)
     if os.path.isdir(final):
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
     os.replace(tmp, final)
-    _fsync(os.path.dirname(os.path.abspath(final)))
+    fsync_path(os.path.dirname(os.path.abspath(final)))
     shutil.rmtree(old, ignore_errors=True)
 
 
