@@ -28,6 +28,7 @@ def create_segmentation_model(
     aux_head: bool = False,
     aux_channels: int = 256,
     gradient_checkpointing: bool = False,
+    winograd: bool = True,
     backbone_kwargs: Optional[Dict[str, Any]] = None,
     **unknown: Any,
 ) -> UperNetViT:
@@ -54,6 +55,7 @@ def create_segmentation_model(
         aux_head=aux_head,
         aux_channels=aux_channels,
         gradient_checkpointing=gradient_checkpointing,
+        winograd=winograd,
     )
     if use_lora:
         model.enable_lora(lora_rank, lora_alpha, lora_dropout, lora_target_modules)

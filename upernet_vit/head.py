@@ -52,6 +52,10 @@ class UperNetHead(nn.Module):
     (for UperNetViT: strides 4, 8, 16, 32). PPM runs on the coarsest map, FPN fuses everything at the
     finest level, then dropout and a 1x1 classifier give logits ``[B, num_classes, H_0, W_0]``.
 
+    ``winograd=True`` (default) computes the large 3x3 FPN convs by Winograd F(2x2, 3x3) when running
+    fp32 on CPU in eager mode (2.25x fewer multiplies, same weights; :mod:`upernet_vit.winograd`);
+    elsewhere, and with ``False``, they are ordinary convs.
+
     With ``aux_head=True`` an :class:`FCNHead` on ``features[aux_in_index]`` is built;
     ``forward(features, return_aux=True)`` returns ``(logits, aux_logits)`` with the aux logits at
     that level's size.
@@ -68,6 +72,7 @@ class UperNetHead(nn.Module):
         aux_head: bool = False,
         aux_channels: int = 256,
         aux_in_index: int = 2,
+        winograd: bool = True,
     ) -> None:
         super().__init__()
         if len(in_channels) < 2:
@@ -78,7 +83,7 @@ class UperNetHead(nn.Module):
         self.channels = channels
         self.num_classes = num_classes
         self.ppm = PyramidPoolingModule(self.in_channels[-1], channels, pool_scales, norm)
-        self.fpn = FPNFusion(self.in_channels[:-1], channels, norm)
+        self.fpn = FPNFusion(self.in_channels[:-1], channels, norm, winograd=winograd)
         self.dropout = nn.Dropout2d(dropout)
         self.classifier = nn.Conv2d(channels, num_classes, 1)
         init_classifier(self.classifier)

@@ -1,12 +1,14 @@
 """Small building blocks shared by the decoder modules: norm factory, conv-norm-act, resize."""
 from __future__ import annotations
 
-from typing import Literal, Sequence, Type
+from typing import Literal, Sequence, Type, Union
 
 import torch
 import torch.nn.functional as F
 from timm.layers import LayerNorm2d
 from torch import nn
+
+from .winograd import WinogradConv2d, winograd_conv3x3
 
 NormName = Literal["layernorm", "groupnorm", "batchnorm", "none"]
 NORM_NAMES: tuple[str, ...] = ("layernorm", "groupnorm", "batchnorm", "none")
@@ -48,6 +50,10 @@ class ConvNormAct(nn.Module):
 
     Submodule names ``conv``/``norm`` map one to one onto mmsegmentation's ``conv``/``bn`` and
     HuggingFace's ``conv``/``batch_norm`` (see :mod:`upernet_vit.convert`).
+
+    ``winograd=True`` makes a 3x3 conv a :class:`~upernet_vit.winograd.WinogradConv2d` (same weights, faster
+    on CPU). ``forward`` also takes a list of maps, meaning their channel concat, which it never builds:
+    a conv is linear in its input channels, so the weight is split per map and the partial convs summed.
     """
 
     def __init__(
@@ -57,17 +63,36 @@ class ConvNormAct(nn.Module):
         kernel_size: int,
         norm: str = "layernorm",
         act_layer: Type[nn.Module] = nn.ReLU,
+        winograd: bool = False,
     ) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(
-            in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=norm == "none"
-        )
+        bias = norm == "none"
+        if winograd and kernel_size == 3:
+            self.conv: nn.Conv2d = WinogradConv2d(in_channels, out_channels, bias=bias)
+        else:
+            self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias)
         self.norm = build_norm2d(norm, out_channels)
         # in place: the norm's backward needs its input, not its output, so this saves a map per layer
         self.act = act_layer(inplace=True) if act_layer is nn.ReLU else act_layer()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.norm(self.conv(x)))
+    def forward(self, x: Union[torch.Tensor, Sequence[torch.Tensor]]) -> torch.Tensor:
+        """``x [B, C_in, H, W]``, or maps ``[B, C_i, H, W]`` with ``sum(C_i) = C_in`` (concat order)."""
+        return self.act(self.norm(self.conv(x) if isinstance(x, torch.Tensor) else self._conv_concat(x)))
+
+    def _conv_concat(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
+        sizes = [p.shape[1] for p in parts]
+        if sum(sizes) != self.conv.in_channels:
+            raise ValueError(
+                f"ConvNormAct expects maps whose channels sum to {self.conv.in_channels}, got {sizes}"
+            )
+        if isinstance(self.conv, WinogradConv2d) and self.conv.use_winograd(parts[0]):
+            return winograd_conv3x3(parts, self.conv.weight, self.conv.bias)  # concats per tile chunk
+        weights = self.conv.weight.split(sizes, dim=1)
+        out = self.conv._conv_forward(parts[0], weights[0], self.conv.bias)
+        for part, weight in zip(parts[1:], weights[1:]):
+            # in place is safe: no conv keeps its output for backward
+            out = out.add_(self.conv._conv_forward(part, weight, None))
+        return out
 
 
 def resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:

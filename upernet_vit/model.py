@@ -121,6 +121,8 @@ class UperNetViT(nn.Module):
             default: the preset's.
         gradient_checkpointing: recompute the backbone blocks in the backward pass (timm's
             ``set_grad_checkpointing``): same results, less activation memory, about a third more time.
+        winograd: run the head's large 3x3 convs by Winograd F(2x2, 3x3) on CPU in fp32 eager mode
+            (:mod:`upernet_vit.winograd`); no effect on CUDA, under autocast, compile or export.
     """
 
     def __init__(
@@ -144,6 +146,7 @@ class UperNetViT(nn.Module):
         trust_checkpoint: bool = False,
         norm_stats: Optional[str] = None,
         gradient_checkpointing: bool = False,
+        winograd: bool = True,
     ) -> None:
         super().__init__()
         if norm not in NORM_NAMES:
@@ -169,6 +172,7 @@ class UperNetViT(nn.Module):
                 upsampler=upsampler,  # type: ignore[arg-type]
                 aux_head=bool(aux_head),
                 aux_channels=int(aux_channels),
+                winograd=bool(winograd),
             ),
         )
         try:  # fail now, not at save time, if the config cannot be written
@@ -196,6 +200,7 @@ class UperNetViT(nn.Module):
             dropout=dropout,
             aux_head=aux_head,
             aux_channels=aux_channels,
+            winograd=winograd,
         )
         self.upsampler = build_upsampler(upsampler, num_classes, norm)
         self.set_backbone_trainable(not freeze_backbone)
@@ -372,6 +377,7 @@ class UperNetViT(nn.Module):
             trust_checkpoint=model_cfg.trust_checkpoint,
             norm_stats=model_cfg.norm_stats,
             gradient_checkpointing=model_cfg.gradient_checkpointing,
+            winograd=d.winograd,
         )
         if cfg.lora.enabled:
             model.enable_lora(cfg.lora.r, cfg.lora.lora_alpha, cfg.lora.lora_dropout, cfg.lora.target_modules)

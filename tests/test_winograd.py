@@ -1,0 +1,151 @@
+"""Winograd F(2x2, 3x3) convolution and the split (never concatenated) fpn_bottleneck keep the math."""
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import upernet_vit.winograd as winograd
+from upernet_vit import UperNetHead
+from upernet_vit.layers import ConvNormAct
+from upernet_vit.winograd import WinogradConv2d, filter_transform, filter_transform_adjoint, winograd_conv3x3
+
+
+def _force_winograd(module: torch.nn.Module) -> None:
+    """Winograd on every map size (the default skips maps below 32x32, too small to pay off)."""
+    for m in module.modules():
+        if isinstance(m, WinogradConv2d):
+            m.min_size = m.min_size_train = 1
+
+
+def _grads(y, inputs, seed=0):
+    g = torch.randn(y.shape, dtype=y.dtype, generator=torch.Generator().manual_seed(seed))
+    return torch.autograd.grad((y * g).sum(), inputs)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    batch=st.integers(1, 2),
+    parts=st.lists(st.integers(1, 5), min_size=1, max_size=3),
+    c_out=st.integers(1, 6),
+    height=st.integers(1, 13),
+    width=st.integers(1, 13),
+    tile_bytes=st.sampled_from([1, 3000, 1 << 30]),  # one tile row per chunk, a few, everything at once
+)
+def test_equals_direct_conv_forward_and_backward(batch, parts, c_out, height, width, tile_bytes):
+    """fp64 so that any mistake (a wrong transform, a tile off by one at an odd edge) shows above 1e-10."""
+    old = winograd.TILE_BYTES
+    winograd.TILE_BYTES = tile_bytes
+    try:
+        gen = torch.Generator().manual_seed(height * 100 + width)
+        xs = [torch.randn(batch, c, height, width, dtype=torch.float64, generator=gen).requires_grad_() for c in parts]
+        w = torch.randn(c_out, sum(parts), 3, 3, dtype=torch.float64, generator=gen).requires_grad_()
+        b = torch.randn(c_out, dtype=torch.float64, generator=gen).requires_grad_()
+        ours = winograd_conv3x3(xs if len(xs) > 1 else xs[0], w, b)
+        ref = F.conv2d(torch.cat(xs, 1), w, b, padding=1)
+        assert ours.shape == ref.shape
+        assert (ours - ref).abs().max() < 1e-10
+        for a, r in zip(_grads(ours, [*xs, w, b]), _grads(ref, [*xs, w, b])):
+            assert a.shape == r.shape and (a - r).abs().max() < 1e-10
+    finally:
+        winograd.TILE_BYTES = old
+
+
+def test_gradcheck():
+    x = torch.randn(1, 2, 5, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(winograd_conv3x3, (x, w))
+
+
+def test_filter_transform_adjoint_is_its_transpose():
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64)
+    u = torch.randn(16, 3, 4, dtype=torch.float64)
+    assert torch.allclose((filter_transform(w) * u).sum(), (w * filter_transform_adjoint(u)).sum())
+
+
+def test_fp32_error_is_no_worse_than_the_direct_conv():
+    """Against an fp64 reference, on a head-like shape (many channels, 2 chunks)."""
+    x = torch.randn(1, 256, 40, 40).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(64, 256, 3, 3) * 0.05
+    exact = F.conv2d(x.double(), w.double(), padding=1)
+    err_winograd = (winograd_conv3x3(x, w).double() - exact).abs().max()
+    err_direct = (F.conv2d(x, w, padding=1).double() - exact).abs().max()
+    assert err_winograd < 2 * err_direct + 1e-6
+
+
+def test_bad_shapes_are_named():
+    with pytest.raises(ValueError, match=r"sum\(C_i\) = C_in"):
+        winograd_conv3x3(torch.randn(1, 3, 8, 8), torch.randn(2, 4, 3, 3))
+    with pytest.raises(ValueError, match="one batch and size"):
+        winograd_conv3x3([torch.randn(1, 2, 8, 8), torch.randn(1, 2, 8, 9)], torch.randn(2, 4, 3, 3))
+
+
+def test_module_is_a_drop_in_conv2d():
+    conv = WinogradConv2d(4, 6, bias=True)
+    plain = torch.nn.Conv2d(4, 6, 3, padding=1)
+    assert conv.state_dict().keys() == plain.state_dict().keys()
+    plain.load_state_dict(conv.state_dict())
+    x = torch.randn(2, 4, 40, 36)
+    with torch.no_grad():
+        assert conv.use_winograd(x)
+        assert (conv(x) - plain(x)).abs().max() < 1e-5
+        # where the direct conv is the better choice or the only correct one, it is used
+        assert not conv.use_winograd(torch.randn(2, 4, 16, 16))  # below min_size
+        assert not conv.use_winograd(x.double())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not conv.use_winograd(x)
+            assert conv(x).dtype == torch.bfloat16
+    # training (autograd records): only from min_size_train pixels
+    assert not conv.use_winograd(x)
+    assert conv.use_winograd(torch.randn(2, 4, 96, 96))
+
+
+@pytest.mark.parametrize("use_winograd", [False, True])
+def test_conv_norm_act_on_a_list_equals_the_concat(use_winograd):
+    """The split fpn_bottleneck: ConvNormAct([a, b, c]) == ConvNormAct(cat([a, b, c])), values and grads."""
+    torch.manual_seed(0)
+    block = ConvNormAct(12, 8, 3, norm="layernorm", winograd=use_winograd)
+    _force_winograd(block)
+    parts = [torch.randn(2, c, 9, 14, requires_grad=True) for c in (4, 4, 4)]
+    split = block(parts)
+    concat = block(torch.cat(parts, 1))
+    assert (split - concat).abs().max() < 1e-5
+    for a, b in zip(_grads(split, parts + [block.conv.weight]), _grads(concat, parts + [block.conv.weight])):
+        assert (a - b).abs().max() < 1e-4
+    with pytest.raises(ValueError, match="channels sum to 12"):
+        block([parts[0], parts[1]])
+
+
+def test_head_with_winograd_equals_head_without():
+    torch.manual_seed(0)
+    in_channels = [24, 24, 24, 24]
+    fast = UperNetHead(in_channels, channels=16, num_classes=3, dropout=0.0, winograd=True)
+    plain = UperNetHead(in_channels, channels=16, num_classes=3, dropout=0.0, winograd=False)
+    plain.load_state_dict(fast.state_dict())
+    _force_winograd(fast)
+    feats = [torch.randn(2, c, s, s + 3) for c, s in zip(in_channels, (20, 10, 5, 3))]
+    y_fast, y_plain = fast(feats), plain(feats)
+    assert (y_fast - y_plain).abs().max() < 1e-5
+    y_fast.square().mean().backward()
+    y_plain.square().mean().backward()
+    for (name, p), q in zip(fast.named_parameters(), plain.parameters()):
+        assert (p.grad - q.grad).abs().max() < 1e-5, name
+
+
+def test_compile_and_export_see_a_plain_conv(monkeypatch):
+    """Under torch.compile/export the module takes the direct path: no graph break, no shape-specialized
+    Python tile loop in an exported graph."""
+    head = UperNetHead([8, 8, 8, 8], channels=8, num_classes=2, dropout=0.0).eval()
+    _force_winograd(head)
+    feats = [torch.randn(1, 8, s, s) for s in (16, 8, 4, 2)]
+    with torch.no_grad():
+        eager = head(feats)
+
+    def traced_winograd(*args):
+        raise AssertionError("the Winograd path was traced")
+
+    monkeypatch.setattr(winograd._Winograd3x3, "apply", traced_winograd)
+    compiled = torch.compile(head, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        assert (compiled(feats) - eager).abs().max() < 1e-5
+        assert (torch.export.export(head, (feats,)).module()(feats) - eager).abs().max() < 1e-5
