@@ -66,3 +66,50 @@ def test_torch_export_of_the_eval_model():
     exported = torch.export.export(model, (x,))
     with torch.no_grad():
         assert (exported.module()(x) - model(x)).abs().max() < 1e-5
+
+
+
+@pytest.mark.parametrize("winograd", [False, True])
+def test_head_recomputes_upsampled_levels_instead_of_saving_them(monkeypatch, winograd):
+    """Same gradients as keeping the upsampled maps, and after forward they are freed, not kept for backward."""
+    import contextlib
+    import gc
+    import weakref
+
+    import upernet_vit.fpn as fpn
+    from upernet_vit import UperNetHead
+
+    torch.manual_seed(0)
+    head = UperNetHead([16] * 4, channels=8, num_classes=3, norm="batchnorm", dropout=0.0, winograd=winograd)
+    for m in head.modules():
+        if hasattr(m, "min_size"):
+            m.min_size = m.min_size_train = 1
+    feats = [torch.randn(2, 16, s, s, requires_grad=True) for s in (24, 12, 6, 3)]
+    resized = []
+
+    def tracking_resize(x, size):
+        out = fpn.layers_resize(x, size)
+        if out is not x:
+            resized.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(fpn, "layers_resize", fpn.resize, raising=False)
+    monkeypatch.setattr(fpn, "resize", tracking_resize)
+
+    def run():
+        head.zero_grad()
+        for f in feats:
+            f.grad = None
+        resized.clear()
+        out = head(feats)
+        gc.collect()
+        alive = sum(r() is not None for r in resized)
+        out.square().mean().backward()
+        return alive, [p.grad.clone() for p in head.parameters()] + [f.grad.clone() for f in feats]
+
+    alive_recompute, recomputed = run()
+    monkeypatch.setattr(fpn, "recompute_resizes", lambda pairs: contextlib.nullcontext())
+    alive_kept, kept = run()
+    for a, b in zip(recomputed, kept):
+        assert torch.equal(a, b)
+    assert (alive_recompute, alive_kept) == (0, 3)  # 3 upsampled levels; the top-down resizes are never kept
