@@ -155,6 +155,22 @@ def test_predict_and_evaluate(trained_on_disk, tmp_path):
     assert len(summary["per_case"]) == len(cases)
 
 
+def test_predict_under_bf16_autocast(trained_on_disk, tmp_path, capsys):
+    """bf16 probabilities stay close to fp32 ones (a bf16 mantissa holds ~3 significant digits)."""
+    dataset, run = trained_on_disk
+    images = os.path.join(dataset, "imagesTs")
+    for amp in ("none", "bf16"):
+        assert main(["predict", "--model", run, "--input", images, "--output", str(tmp_path / amp),
+                     "--probabilities", "--amp", amp]) == 0
+    for name in sorted(os.listdir(tmp_path / "none")):
+        if name.endswith(".npz"):
+            fp32, bf16 = (np.load(tmp_path / amp / name)["probabilities"].astype(np.float32) for amp in ("none", "bf16"))
+            assert fp32.shape == bf16.shape and np.abs(fp32 - bf16).max() < 0.05
+    assert main(["predict", "--model", run, "--input", images, "--output", str(tmp_path / "x"), "--amp", "fp16",
+                 "--device", "cpu"]) == 2
+    assert "'fp16' (CUDA only; device is cpu)" in capsys.readouterr().err
+
+
 def test_predict_input_grouping_and_bare_model_folder(tmp_path):
     from PIL import Image
 

@@ -75,7 +75,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .training.predict import predict
 
     _setup_logging()
-    written = predict(args.model, args.input, args.output, args.device, args.step, args.mirror, args.probabilities)
+    written = predict(
+        args.model, args.input, args.output, args.device, args.step, args.mirror, args.probabilities, args.amp
+    )
     print(f"wrote {len(written)} mask(s) to {args.output}")
     return 0
 
@@ -164,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--step", type=float, default=0.5, help="sliding-window step as a fraction of the patch")
     pred.add_argument("--mirror", action="store_true", help="mirror test-time augmentation")
     pred.add_argument("--probabilities", action="store_true", help="also write <case>_probs.npz")
+    pred.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none",
+                      help="autocast dtype (bf16: CPU or CUDA; fp16: CUDA only)")
     pred.set_defaults(func=cmd_predict)
 
     ev = sub.add_parser("evaluate", help="Dice/IoU of predicted masks against ground truth")

@@ -70,13 +70,18 @@ def predict(
     step: float = 0.5,
     mirror: bool = False,
     save_probabilities: bool = False,
+    amp: str = "none",
 ) -> List[str]:
     """Write ``<case>.png`` label maps (dataset label values) and, if asked, ``<case>_probs.npz``
-    (``probabilities [K, H, W]`` float16). Returns the written mask paths."""
+    (``probabilities [K, H, W]`` float16). ``amp``: ``"none"``, ``"bf16"`` or ``"fp16"`` (CUDA only)
+    autocast for the forward passes. Returns the written mask paths."""
     from tqdm.auto import tqdm
 
     model_dir = resolve_model_dir(model_path)
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}.get(amp, "unknown")
+    if amp_dtype == "unknown" or (amp == "fp16" and dev.type != "cuda"):
+        raise ValueError(f"amp {amp!r}: use 'none', 'bf16' (CPU or CUDA) or 'fp16' (CUDA only; device is {dev})")
     model = UperNetViT.from_pretrained(model_dir).to(dev).eval()
     prep_path = os.path.join(model_dir, PREPROCESSING_NAME)
     if os.path.isfile(prep_path):
@@ -98,7 +103,7 @@ def predict(
             )
         x = normalizer(torch.from_numpy(image)).to(dev)
         patch = prep["patch_size"] or list(x.shape[-2:])
-        logits = sliding_window_logits(model, x, patch, step=step, mirror=mirror)
+        logits = sliding_window_logits(model, x, patch, step=step, mirror=mirror, amp_dtype=amp_dtype)
         probs = logits.softmax(0)
         out = os.path.join(output_dir, f"{case_id}.png")
         write_label_png(out, values[probs.argmax(0).cpu().numpy()])
