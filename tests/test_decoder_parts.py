@@ -117,3 +117,15 @@ def test_groupnorm_any_channel_count(channels, groups):
     assert norm(torch.randn(1, channels, 3, 3)).shape == (1, channels, 3, 3)
     with pytest.raises(ValueError, match="choose one of"):
         build_norm2d("bn", channels)
+
+
+def test_exportable_adaptive_pool_equals_torch():
+    """The PPM's pooling when exported (matrices from the run-time size) matches torch's bins at every size."""
+    from upernet_vit.ppm import adaptive_avg_pool2d_any_size
+
+    for h in range(1, 15):
+        for w in (1, 2, 5, 7, 12, 13):
+            x = torch.randn(2, 3, h, w)
+            for scale in (1, 2, 3, 6):
+                expected = torch.nn.functional.adaptive_avg_pool2d(x, scale)
+                assert torch.allclose(adaptive_avg_pool2d_any_size(x, scale), expected, atol=1e-6), (h, w, scale)

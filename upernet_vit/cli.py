@@ -1,4 +1,4 @@
-"""``upernet-vit`` command line: train, predict, evaluate, make-demo."""
+"""``upernet-vit`` command line: train, predict, evaluate, export, make-demo."""
 from __future__ import annotations
 
 import argparse
@@ -33,7 +33,7 @@ def _setup_logging(output_dir: Optional[str] = None) -> None:
         os.makedirs(output_dir, exist_ok=True)
         handlers.append(logging.FileHandler(os.path.join(output_dir, "train.log")))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", handlers=handlers, force=True)
-    for noisy in ("matplotlib", "PIL"):
+    for noisy in ("matplotlib", "PIL", "onnx_ir", "onnxscript"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -107,6 +107,35 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_onnx
+    from .model import UperNetViT
+    from .training.predict import resolve_model_dir
+    from .training.trainer import PREPROCESSING_NAME
+
+    _setup_logging()
+    model_dir = resolve_model_dir(args.model)
+    model = UperNetViT.from_pretrained(model_dir)
+    prep_path = os.path.join(model_dir, PREPROCESSING_NAME)
+    metadata, prep = {}, {}
+    if os.path.isfile(prep_path):  # normalization and label values travel in the file's metadata
+        with open(prep_path, encoding="utf-8") as f:
+            metadata["upernet_vit.preprocessing"] = f.read()
+        prep = json.loads(metadata["upernet_vit.preprocessing"])
+    # default size: the training patch, else 8 ViT patches; at least 3 patches (what a dynamic export needs)
+    default = [max(s, 3 * model.patch_size) for s in prep.get("patch_size") or [8 * model.patch_size] * 2]
+    height, width = args.height or default[0], args.width or default[1]
+    try:
+        diffs = export_onnx(model, args.output, height, width, dynamic=not args.static, opset=args.opset,
+                            check=not args.no_check, metadata=metadata)
+    except (ImportError, RuntimeError) as err:
+        raise SystemExit(f"upernet-vit export: error: {err}")
+    axes = f"fixed [1, {model.in_chans}, {height}, {width}]" if args.static else "dynamic batch, height, width"
+    worst = f", max |onnxruntime - pytorch| {max(diffs.values()):.1e}" if diffs else ""
+    print(f"wrote {args.output} (input 'image': {axes}{worst})")
+    return 0
+
+
 def cmd_make_demo(args: argparse.Namespace) -> int:
     from .training.demo_data import write_demo_dataset
 
@@ -176,6 +205,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--labels", help="dataset.json (or a JSON name->value mapping); default: values in --gt")
     ev.add_argument("--output", help="summary JSON (default: <pred>/summary.json)")
     ev.set_defaults(func=cmd_evaluate)
+
+    exp = sub.add_parser("export", help="export a trained model to ONNX, checked against PyTorch with onnxruntime")
+    exp.add_argument("model", metavar="CHECKPOINT_DIR_OR_RUN", help="run folder or a save_pretrained folder")
+    exp.add_argument("--format", choices=["onnx"], default="onnx")
+    exp.add_argument("--output", required=True, help="the model file, e.g. model.onnx")
+    exp.add_argument("--height", type=int, help="example (with --static: the) input height; default: the "
+                     "training patch from preprocessing.json, else 8 ViT patches")
+    exp.add_argument("--width", type=int, help="example (with --static: the) input width; default: as --height")
+    exp.add_argument("--static", action="store_true", help="fixed input [1, C, H, W] instead of dynamic axes")
+    exp.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    exp.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison with PyTorch")
+    exp.set_defaults(func=cmd_export)
 
     demo = sub.add_parser("make-demo", help="write the built-in demo data as an nnU-Net raw dataset")
     demo.add_argument("output")

@@ -15,7 +15,7 @@ from torch import nn
 from .backbones import create_backbone
 from .config import Config, DecoderConfig, LoraConfig, ModelConfig, config_to_yaml, load_config
 from .head import UperNetHead
-from .layers import NORM_NAMES, fuse_conv_bn
+from .layers import NORM_NAMES, fuse_conv_bn, statically_known_true
 from .upsampler import build_upsampler
 from .vit_adapter import SimpleFeaturePyramid, extract_feature_maps, prepare_vit_for_taps, resolve_feature_indices
 
@@ -29,13 +29,14 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     """Pad ``[B, C, H, W]`` at the bottom/right to multiples of ``multiple``.
 
     Reflect where the image is larger than the pad (no artificial edges), replicate otherwise
-    (reflect cannot pad a 5 px image by 11 px).
+    (reflect cannot pad a 5 px image by 11 px). With symbolic sizes (``torch.export``) the pad is always
+    in the graph, possibly of 0 px, so the graph serves every size.
     """
     h, w = x.shape[-2:]
     pad_h, pad_w = -h % multiple, -w % multiple
-    if pad_w:
+    if not statically_known_true(pad_w == 0):
         x = F.pad(x, (0, pad_w, 0, 0), mode="reflect" if pad_w < w else "replicate")
-    if pad_h:
+    if not statically_known_true(pad_h == 0):
         x = F.pad(x, (0, 0, 0, pad_h), mode="reflect" if pad_h < h else "replicate")
     return x
 

@@ -7,7 +7,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import ConvNormAct, resize
+from .layers import ConvNormAct, is_exporting, resize
+
+
+def adaptive_avg_pool2d_any_size(x: torch.Tensor, size: int) -> torch.Tensor:
+    """``F.adaptive_avg_pool2d(x, size)`` for ``x [B, C, h, w]`` as ``A_h @ x @ A_w^T``, with averaging
+    matrices ``A_n [size, n]`` built from the run-time n, so an exported graph pools any size. Bin i holds
+    torch's rows ``floor(i*n/size) <= j < ceil((i+1)*n/size)``, i.e. ``i*n < (j+1)*size`` and
+    ``j*size < (i+1)*n``. Equal up to float rounding. (The decomposition of the ATen op that the exporters
+    use lays the bins out for the example size: wrong at any other.)
+    """
+    if size == 1:
+        return x.mean((-2, -1), keepdim=True)
+
+    def averaging_matrix(n: int) -> torch.Tensor:
+        i = torch.arange(size, device=x.device).unsqueeze(1)
+        j = torch.arange(n, device=x.device)
+        inside = ((i * n < (j + 1) * size) & (j * size < (i + 1) * n)).to(x.dtype)
+        return inside / inside.sum(1, keepdim=True)
+
+    return averaging_matrix(x.shape[-2]) @ x @ averaging_matrix(x.shape[-1]).transpose(0, 1)
 
 
 class PyramidPoolingModule(nn.Module):
@@ -37,8 +56,9 @@ class PyramidPoolingModule(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = x.shape[-2:]
+        pool = adaptive_avg_pool2d_any_size if is_exporting() else F.adaptive_avg_pool2d
         pooled = [
-            resize(stage(F.adaptive_avg_pool2d(x, scale)), size)
+            resize(stage(pool(x, scale)), size)
             for scale, stage in zip(self.pool_scales, self.stages)
         ]
         return self.bottleneck(torch.cat([x, *pooled], dim=1))
