@@ -6,7 +6,7 @@ FLOPs). F(2x2, 3x3) computes each 2x2 output tile from a 4x4 input tile with 16 
 linear map as ``F.conv2d(x, w, padding=1)``; the transforms use only 0, +-1 and 1/2, so it is as
 accurate as the direct conv in fp32 (in our measurements closer to an fp64 reference than oneDNN's).
 cuDNN already picks Winograd itself, so on CUDA, under autocast or while compiling/exporting we leave
-the conv to PyTorch (:meth:`WinogradConv2d.forward`).
+the conv to PyTorch (:meth:`WinogradConv2d.use_winograd`).
 
 Per 4x4 input tile ``d`` and 3x3 filter ``g`` (one channel pair):
 
@@ -240,6 +240,7 @@ class WinogradConv2d(nn.Conv2d):
             and x.shape[-2] * x.shape[-1] >= (self.min_size_train if records else self.min_size)
             and not torch.is_autocast_enabled("cpu")
             and not torch.compiler.is_compiling()
+            and not getattr(torch.compiler, "is_exporting", lambda: False)()
             and not torch.jit.is_tracing()
             and not torch.jit.is_scripting()
         )
