@@ -69,14 +69,13 @@ def test_torch_export_of_the_eval_model():
 
 
 
-@pytest.mark.parametrize("winograd", [False, True])
-def test_head_recomputes_upsampled_levels_instead_of_saving_them(monkeypatch, winograd):
-    """Same gradients as keeping the upsampled maps, and after forward they are freed, not kept for backward."""
-    import contextlib
+def _recompute_check(monkeypatch, winograd):
+    """Run a head step; returns (upsampled maps still alive after forward, gradients)."""
     import gc
     import weakref
 
-    import upernet_vit.fpn as fpn
+    import upernet_vit.layers as layers
+    import upernet_vit.winograd as wg
     from upernet_vit import UperNetHead
 
     torch.manual_seed(0)
@@ -84,32 +83,39 @@ def test_head_recomputes_upsampled_levels_instead_of_saving_them(monkeypatch, wi
     for m in head.modules():
         if hasattr(m, "min_size"):
             m.min_size = m.min_size_train = 1
-    feats = [torch.randn(2, 16, s, s, requires_grad=True) for s in (24, 12, 6, 3)]
+    feats = [torch.randn(2, 16, s, s, generator=torch.Generator().manual_seed(s)).requires_grad_() for s in (24, 12, 6, 3)]
     resized = []
 
-    def tracking_resize(x, size):
-        out = fpn.layers_resize(x, size)
-        if out is not x:
-            resized.append(weakref.ref(out))
-        return out
+    def tracking(original):
+        def resize(x, size):
+            out = original(x, size)
+            if out is not x and tuple(out.shape[-2:]) == (24, 24):
+                resized.append(weakref.ref(out))
+            return out
+        return resize
 
-    monkeypatch.setattr(fpn, "layers_resize", fpn.resize, raising=False)
-    monkeypatch.setattr(fpn, "resize", tracking_resize)
+    monkeypatch.setattr(layers, "resize", tracking(layers.resize))
+    monkeypatch.setattr(wg, "_upsample", tracking(wg._upsample))
+    out = head(feats)
+    gc.collect()
+    alive = sum(r() is not None for r in resized)
+    assert len(resized) == 3  # the 3 upsampled levels (the top-down resizes stop at smaller sizes)
+    out.square().mean().backward()
+    return alive, [p.grad for p in head.parameters()] + [f.grad for f in feats]
 
-    def run():
-        head.zero_grad()
-        for f in feats:
-            f.grad = None
-        resized.clear()
-        out = head(feats)
-        gc.collect()
-        alive = sum(r() is not None for r in resized)
-        out.square().mean().backward()
-        return alive, [p.grad.clone() for p in head.parameters()] + [f.grad.clone() for f in feats]
 
-    alive_recompute, recomputed = run()
-    monkeypatch.setattr(fpn, "recompute_resizes", lambda pairs: contextlib.nullcontext())
-    alive_kept, kept = run()
-    for a, b in zip(recomputed, kept):
-        assert torch.equal(a, b)
-    assert (alive_recompute, alive_kept) == (0, 3)  # 3 upsampled levels; the top-down resizes are never kept
+def test_head_recomputes_upsampled_levels_instead_of_saving_them(monkeypatch):
+    """Direct and Winograd paths: the same gradients as keeping the upsampled maps, which are freed after
+    forward instead of kept for backward."""
+    import contextlib
+
+    import upernet_vit.layers as layers
+
+    alive_direct, direct = _recompute_check(monkeypatch, winograd=False)
+    alive_winograd, winograd = _recompute_check(monkeypatch, winograd=True)
+    monkeypatch.setattr(layers, "recompute_resizes", lambda pairs: contextlib.nullcontext())
+    alive_kept, kept = _recompute_check(monkeypatch, winograd=False)
+    assert (alive_direct, alive_winograd, alive_kept) == (0, 0, 3)
+    for a, b, c in zip(direct, winograd, kept):
+        assert torch.equal(a, c)
+        assert (b - c).abs().max() < 1e-5

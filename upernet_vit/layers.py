@@ -1,7 +1,8 @@
 """Small building blocks shared by the decoder modules: norm factory, conv-norm-act, resize."""
 from __future__ import annotations
 
-from typing import Literal, Sequence, Type, Union
+from contextlib import contextmanager
+from typing import Any, Dict, Iterator, Literal, Optional, Sequence, Tuple, Type, Union
 
 import torch
 import torch.nn.functional as F
@@ -75,24 +76,71 @@ class ConvNormAct(nn.Module):
         # in place: the norm's backward needs its input, not its output, so this saves a map per layer
         self.act = act_layer(inplace=True) if act_layer is nn.ReLU else act_layer()
 
-    def forward(self, x: Union[torch.Tensor, Sequence[torch.Tensor]]) -> torch.Tensor:
-        """``x [B, C_in, H, W]``, or maps ``[B, C_i, H, W]`` with ``sum(C_i) = C_in`` (concat order)."""
-        return self.act(self.norm(self.conv(x) if isinstance(x, torch.Tensor) else self._conv_concat(x)))
+    def forward(
+        self, x: Union[torch.Tensor, Sequence[torch.Tensor]], size: Optional[Sequence[int]] = None
+    ) -> torch.Tensor:
+        """``x [B, C_in, H, W]``, or maps ``[B, C_i, H, W]`` with ``sum(C_i) = C_in`` (concat order).
 
-    def _conv_concat(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
-        sizes = [p.shape[1] for p in parts]
-        if sum(sizes) != self.conv.in_channels:
+        With ``size=(H, W)`` the maps may have any sizes and are bilinearly resized to it first (see
+        :func:`resize`); in training the resized maps are not kept for backward but recomputed there.
+        """
+        if isinstance(x, torch.Tensor):
+            return self.act(self.norm(self.conv(x)))
+        return self.act(self.norm(self._conv_concat(x, size)))
+
+    def _conv_concat(self, parts: Sequence[torch.Tensor], size: Optional[Sequence[int]]) -> torch.Tensor:
+        channels = [p.shape[1] for p in parts]
+        if sum(channels) != self.conv.in_channels:
             raise ValueError(
-                f"ConvNormAct expects maps whose channels sum to {self.conv.in_channels}, got {sizes}"
+                f"ConvNormAct expects maps whose channels sum to {self.conv.in_channels}, got {channels}"
             )
-        if isinstance(self.conv, WinogradConv2d) and self.conv.use_winograd(parts[0]):
-            return winograd_conv3x3(parts, self.conv.weight, self.conv.bias)  # concats per tile chunk
-        weights = self.conv.weight.split(sizes, dim=1)
+        target = tuple(size) if size is not None else tuple(parts[0].shape[-2:])
+        if isinstance(self.conv, WinogradConv2d) and self.conv.use_winograd(parts[0], target):
+            # concats per tile chunk; with a size, resizes inside and keeps only the given maps
+            return winograd_conv3x3(parts, self.conv.weight, self.conv.bias, size=target if size is not None else None)
+        if size is None:
+            return self._split_conv(parts)
+        resized = [resize(p, target) for p in parts]
+        if not torch.is_grad_enabled() or torch.compiler.is_compiling():  # nothing saved / compile plans memory
+            return self._split_conv(resized)
+        with recompute_resizes(list(zip(parts, resized))):
+            return self._split_conv(resized)
+
+    def _split_conv(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
+        weights = self.conv.weight.split([p.shape[1] for p in parts], dim=1)
         out = self.conv._conv_forward(parts[0], weights[0], self.conv.bias)
         for part, weight in zip(parts[1:], weights[1:]):
             # in place is safe: no conv keeps its output for backward
             out = out.add_(self.conv._conv_forward(part, weight, None))
         return out
+
+
+@contextmanager
+def recompute_resizes(pairs: Sequence[Tuple[torch.Tensor, torch.Tensor]]) -> Iterator[None]:
+    """Within the block, autograd keeps the small source of each ``(source, resize(source))`` pair instead
+    of the resized map and redoes the resize in backward.
+
+    The upsampled pyramid levels are among the largest tensors of the head (``[B, C, H/4, W/4]`` each)
+    while bilinear upsampling is cheap, so recomputing them trades almost no time for memory.
+    """
+    def key(t: torch.Tensor) -> Tuple[Any, ...]:
+        return t.data_ptr(), t.shape, t.stride(), t.dtype
+
+    sources: Dict[Tuple[Any, ...], torch.Tensor] = {key(big): small for small, big in pairs if big is not small}
+    size = pairs[0][1].shape[-2:]
+
+    def pack(t: torch.Tensor) -> Any:
+        small = sources.get(key(t))
+        return t if small is None else ("resize", small)
+
+    def unpack(saved: Any) -> torch.Tensor:
+        if isinstance(saved, tuple):
+            with torch.no_grad():
+                return resize(saved[1], size)
+        return saved
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
 
 
 def resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:

@@ -25,6 +25,7 @@ from __future__ import annotations
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 # rows of the transforms; applied below as explicit adds so no matmul runs over the tiles
@@ -185,19 +186,73 @@ class _Winograd3x3(torch.autograd.Function):
         return (grad_w, *grad_xs)
 
 
+def _upsample(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """Bilinear, ``align_corners=False`` (as :func:`upernet_vit.layers.resize`); ``x`` itself at its size."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+class _ResizeConcatWinograd3x3(torch.autograd.Function):
+    """``conv3x3(cat([resize(x_i, size)]))`` keeping only the ``x_i`` for backward, which then handles one
+    map at a time: redo its resize, take its slice of the filter gradient (the filter gradient separates
+    per input channel) and its input gradient, and pass that back through the resize. So neither all
+    resized maps nor the ``[B, sum C_i, H, W]`` input gradient ever exist at once."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, size: Tuple[int, int], *xs: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.size = size
+        ctx.save_for_backward(weight, *xs)
+        return _conv_nhwc([_nhwc(_upsample(x, size)) for x in xs], filter_transform(weight))
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:  # type: ignore[override]
+        weight, *xs = ctx.saved_tensors
+        grad_nhwc = _nhwc(grad_y)
+        grad_w_parts: List[torch.Tensor] = []
+        grad_xs: List[Optional[torch.Tensor]] = []
+        start = 0
+        for i, x in enumerate(xs):
+            w_i = weight[:, start : start + x.shape[1]]
+            start += x.shape[1]
+            with torch.enable_grad():
+                source = x.detach().requires_grad_(ctx.needs_input_grad[2 + i])
+                big = _upsample(source, ctx.size)
+            if ctx.needs_input_grad[0]:
+                grad_u = _filter_grad_nhwc([_nhwc(big.detach())], grad_nhwc)
+                grad_w_parts.append(filter_transform_adjoint(grad_u))
+            grad_x = None
+            if ctx.needs_input_grad[2 + i]:
+                grad_big = _conv_nhwc([grad_nhwc], filter_transform(w_i.flip(-2, -1).transpose(0, 1)))
+                grad_x = grad_big if big is source else torch.autograd.grad(big, source, grad_big)[0]
+            grad_xs.append(grad_x)
+            del big, source
+        grad_w = torch.cat(grad_w_parts, dim=1) if ctx.needs_input_grad[0] else None
+        return (grad_w, None, *grad_xs)
+
+
 def winograd_conv3x3(
-    x: Union[torch.Tensor, Sequence[torch.Tensor]], weight: torch.Tensor, bias: Optional[torch.Tensor] = None
+    x: Union[torch.Tensor, Sequence[torch.Tensor]],
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    size: Optional[Tuple[int, int]] = None,
 ) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, padding=1)`` by F(2x2, 3x3), differentiable in ``x`` and ``weight``.
 
     ``x [B, C_in, H, W]`` (any H, W >= 1; channels_last memory is fastest), or a list of maps
     ``[B, C_i, H, W]`` standing for their channel concat (never materialized), ``weight
     [C_out, C_in, 3, 3]`` -> ``[B, C_out, H, W]`` in channels_last memory.
+
+    ``size=(H, W)``: the maps may have any sizes and stand for their bilinear resize to ``size`` (the
+    FPN's upsampled levels); only the maps as given are kept for backward, which treats them one by one.
     """
     xs = [x] if isinstance(x, torch.Tensor) else list(x)
     shapes = [tuple(t.shape) for t in xs]
     if (
-        any(t.ndim != 4 or t.shape[0] != xs[0].shape[0] or t.shape[2:] != xs[0].shape[2:] for t in xs)
+        any(
+            t.ndim != 4 or t.shape[0] != xs[0].shape[0] or (size is None and t.shape[2:] != xs[0].shape[2:])
+            for t in xs
+        )
         or weight.ndim != 4
         or weight.shape[-2:] != (3, 3)
         or weight.shape[1] != sum(s[1] for s in shapes)
@@ -206,7 +261,10 @@ def winograd_conv3x3(
             f"winograd_conv3x3 needs maps [B, C_i, H, W] of one batch and size with sum(C_i) = C_in and a "
             f"weight [C_out, C_in, 3, 3]; got maps {shapes} and weight {tuple(weight.shape)}"
         )
-    y = _Winograd3x3.apply(weight, *xs)
+    if size is None:
+        y = _Winograd3x3.apply(weight, *xs)
+    else:
+        y = _ResizeConcatWinograd3x3.apply(weight, (int(size[0]), int(size[1])), *xs)
     return y if bias is None else y + bias.view(1, -1, 1, 1)
 
 
@@ -231,18 +289,23 @@ class WinogradConv2d(nn.Conv2d):
         self.min_size = min_size
         self.min_size_train = min_size_train
 
-    def use_winograd(self, x: torch.Tensor) -> bool:
+    def use_winograd(self, x: torch.Tensor, size: Optional[Sequence[int]] = None) -> bool:
+        """For input ``x`` (or maps like ``x`` resized to ``size`` first)."""
+        if (  # first: under compile/export a test on the (symbolic) size would add a guard
+            torch.compiler.is_compiling()
+            or getattr(torch.compiler, "is_exporting", lambda: False)()
+            or torch.jit.is_tracing()
+            or torch.jit.is_scripting()
+        ):
+            return False
         records = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        height, width = size if size is not None else x.shape[-2:]
         return (
             x.device.type == "cpu"
             and x.dtype == torch.float32
             and self.weight.dtype == torch.float32
-            and x.shape[-2] * x.shape[-1] >= (self.min_size_train if records else self.min_size)
+            and height * width >= (self.min_size_train if records else self.min_size)
             and not torch.is_autocast_enabled("cpu")
-            and not torch.compiler.is_compiling()
-            and not getattr(torch.compiler, "is_exporting", lambda: False)()
-            and not torch.jit.is_tracing()
-            and not torch.jit.is_scripting()
         )
 
     def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
