@@ -149,3 +149,19 @@ def test_compile_and_export_see_a_plain_conv(monkeypatch):
     with torch.no_grad():
         assert (compiled(feats) - eager).abs().max() < 1e-5
         assert (torch.export.export(head, (feats,)).module()(feats) - eager).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("size", [(12, 9), (7, 7)])
+def test_resize_then_conv_form_equals_resize_concat_conv(size):
+    """``size=``: maps of several sizes, each bilinearly resized to ``size``, then the conv of their concat;
+    fp64 values and gradients against the direct computation (incl. a map already at ``size``)."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(3, size[0], size[1]), (2, 6, 5), (4, 3, 2), (1, 1, 1)]
+    xs = [torch.randn(2, c, h, w, dtype=torch.float64, generator=gen).requires_grad_() for c, h, w in shapes]
+    w = torch.randn(5, 10, 3, 3, dtype=torch.float64, generator=gen).requires_grad_()
+    ours = winograd_conv3x3(xs, w, size=size)
+    up = [F.interpolate(x, size=size, mode="bilinear", align_corners=False) for x in xs]
+    ref = F.conv2d(torch.cat(up, 1), w, padding=1)
+    assert (ours - ref).abs().max() < 1e-10
+    for a, r in zip(_grads(ours, [*xs, w]), _grads(ref, [*xs, w])):
+        assert a.shape == r.shape and (a - r).abs().max() < 1e-10
