@@ -6,7 +6,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .layers import ConvNormAct, resize
+from .layers import ConvNormAct
+from .sizes import resize
 
 
 class FPNFusion(nn.Module):

@@ -1,14 +1,14 @@
-"""Small building blocks shared by the decoder modules: norm factory, conv-norm-act, resize."""
+"""Small building blocks shared by the decoder modules: norm factory, conv-norm-act, BN folding."""
 from __future__ import annotations
 
 from contextlib import contextmanager
 from typing import Any, Dict, Iterator, Literal, Optional, Sequence, Tuple, Type, Union
 
 import torch
-import torch.nn.functional as F
 from timm.layers import LayerNorm2d
 from torch import nn
 
+from .sizes import resize
 from .winograd import WinogradConv2d, winograd_conv3x3
 
 NormName = Literal["layernorm", "groupnorm", "batchnorm", "none"]
@@ -94,13 +94,12 @@ class ConvNormAct(nn.Module):
             raise ValueError(
                 f"ConvNormAct expects maps whose channels sum to {self.conv.in_channels}, got {channels}"
             )
-        target = tuple(size) if size is not None else tuple(parts[0].shape[-2:])
-        if isinstance(self.conv, WinogradConv2d) and self.conv.use_winograd(parts[0], target):
+        if isinstance(self.conv, WinogradConv2d) and self.conv.use_winograd(parts[0], size):
             # concats per tile chunk; with a size, resizes inside and keeps only the given maps
-            return winograd_conv3x3(parts, self.conv.weight, self.conv.bias, size=target if size is not None else None)
+            return winograd_conv3x3(parts, self.conv.weight, self.conv.bias, size=size)
         if size is None:
             return self._split_conv(parts)
-        resized = [resize(p, target) for p in parts]
+        resized = [resize(p, size) for p in parts]
         if not torch.is_grad_enabled() or torch.compiler.is_compiling():  # nothing saved / compile plans memory
             return self._split_conv(resized)
         with recompute_resizes(list(zip(parts, resized))):
@@ -141,31 +140,6 @@ def recompute_resizes(pairs: Sequence[Tuple[torch.Tensor, torch.Tensor]]) -> Ite
 
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         yield
-
-
-def resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Bilinear resize to an explicit target size (never a scale factor, so odd grids stay exact).
-
-    ``align_corners=False`` as in mmsegmentation and HuggingFace. Same size: ``x`` itself, unless the sizes
-    are symbolic (``torch.export``) and not provably equal; then the interpolation, which is exact at scale 1.
-    """
-    if statically_known_true(x.shape[-2] == size[0]) and statically_known_true(x.shape[-1] == size[1]):
-        return x
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
-
-
-# For graphs that torch.export (also the ONNX exporter) traces with symbolic sizes: a Python branch on a
-# size would fix the graph to the example's.
-try:  # torch >= 2.3: True only where provable without adding a guard; plain bools pass through
-    from torch.fx.experimental.symbolic_shapes import statically_known_true
-except ImportError:  # pragma: no cover
-    def statically_known_true(x: bool) -> bool:  # type: ignore[misc]
-        return bool(x)
-
-
-def is_exporting() -> bool:
-    """True while ``torch.export`` traces the model (torch >= 2.7; always False before)."""
-    return bool(getattr(torch.compiler, "is_exporting", lambda: False)())
 
 
 def fuse_conv_bn(module: nn.Module) -> None:

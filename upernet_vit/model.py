@@ -15,7 +15,8 @@ from torch import nn
 from .backbones import create_backbone
 from .config import Config, DecoderConfig, LoraConfig, ModelConfig, config_to_yaml, load_config
 from .head import UperNetHead
-from .layers import NORM_NAMES, fuse_conv_bn, statically_known_true
+from .layers import NORM_NAMES, fuse_conv_bn
+from .sizes import statically_known_true
 from .upsampler import build_upsampler
 from .vit_adapter import SimpleFeaturePyramid, extract_feature_maps, prepare_vit_for_taps, resolve_feature_indices
 

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import ConvNormAct, is_exporting, resize
+from .layers import ConvNormAct
+from .sizes import is_exporting, resize
 
 
 def adaptive_avg_pool2d_any_size(x: torch.Tensor, size: int) -> torch.Tensor:

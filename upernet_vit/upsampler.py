@@ -6,7 +6,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .layers import build_norm2d, resize
+from .layers import build_norm2d
+from .sizes import resize
 
 UPSAMPLER_NAMES = ("bilinear", "progressive")
 

@@ -19,14 +19,18 @@ so for each of the 16 positions (k, l) the channel sum is one GEMM ``V[k,l] [til
 stay in cache and no 4x-sized buffer is ever allocated. Backward runs the same machinery: the input
 gradient is the forward conv with the flipped, channel-transposed filter, and the filter gradient is
 ``sum over tiles V^T @ (A dY A^T)`` mapped back with ``G^T . G``.
+
+Several input maps stand for their channel concat, optionally each bilinearly resized to one size first
+(the FPN bottleneck's upsampled levels): neither the concat nor, in backward, the resized maps are kept.
 """
 from __future__ import annotations
 
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from .sizes import is_exporting, resize
 
 # rows of the transforms; applied below as explicit adds so no matmul runs over the tiles
 G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
@@ -137,9 +141,9 @@ def _conv_nhwc(maps: Sequence[torch.Tensor], u: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _filter_grad_nhwc(maps: Sequence[torch.Tensor], grad_out: torch.Tensor) -> torch.Tensor:
-    """``dL/dU [16, sum C_i, C_out]`` from the maps ``[B, H, W, C_i]`` and ``grad_out [B, H, W, C_out]``."""
-    tiler = _Tiler(maps)
+def _filter_grad_nhwc(x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    """``dL/dU [16, C_in, C_out]`` from the input ``x [B, H, W, C_in]`` and ``grad_out [B, H, W, C_out]``."""
+    tiler = _Tiler([x])
     batch, height, width, c_out = grad_out.shape
     tw = tiler.tiles_w
     grad_u = grad_out.new_zeros(16, tiler.channels, c_out)
@@ -164,46 +168,17 @@ def _nhwc(x: torch.Tensor) -> torch.Tensor:
 
 
 class _Winograd3x3(torch.autograd.Function):
-    """Autograd wrapper that saves only the inputs and the weight (as a direct conv does), not the tiles."""
-
-    @staticmethod
-    def forward(ctx, weight: torch.Tensor, *xs: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        ctx.save_for_backward(weight, *xs)
-        return _conv_nhwc([_nhwc(x) for x in xs], filter_transform(weight))
-
-    @staticmethod
-    def backward(ctx, grad_y: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:  # type: ignore[override]
-        weight, *xs = ctx.saved_tensors
-        grad_w = None
-        grad_xs: List[Optional[torch.Tensor]] = [None] * len(xs)
-        if any(ctx.needs_input_grad[1:]):
-            # the transpose of a 'same' 3x3 conv is the 'same' conv with the flipped, transposed filter
-            flipped = weight.flip(-2, -1).transpose(0, 1)
-            grad_x = _conv_nhwc([_nhwc(grad_y)], filter_transform(flipped))
-            grad_xs = list(grad_x.split([x.shape[1] for x in xs], dim=1))
-        if ctx.needs_input_grad[0]:
-            grad_w = filter_transform_adjoint(_filter_grad_nhwc([_nhwc(x) for x in xs], _nhwc(grad_y)))
-        return (grad_w, *grad_xs)
-
-
-def _upsample(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
-    """Bilinear, ``align_corners=False`` (as :func:`upernet_vit.layers.resize`); ``x`` itself at its size."""
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
-
-
-class _ResizeConcatWinograd3x3(torch.autograd.Function):
-    """``conv3x3(cat([resize(x_i, size)]))`` keeping only the ``x_i`` for backward, which then handles one
-    map at a time: redo its resize, take its slice of the filter gradient (the filter gradient separates
-    per input channel) and its input gradient, and pass that back through the resize. So neither all
-    resized maps nor the ``[B, sum C_i, H, W]`` input gradient ever exist at once."""
+    """``conv3x3(cat([resize(x_i, size)]))``, keeping only the weight and the ``x_i`` for backward (as a
+    direct conv keeps its input), not the tiles nor the resized maps. Backward handles one map at a
+    time: redo its resize, take its slice of the filter gradient (which separates per input channel)
+    and its input gradient, and pass that back through the resize; so neither all resized maps nor a
+    ``[B, sum C_i, H, W]`` input gradient ever exist at once."""
 
     @staticmethod
     def forward(ctx, weight: torch.Tensor, size: Tuple[int, int], *xs: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         ctx.size = size
         ctx.save_for_backward(weight, *xs)
-        return _conv_nhwc([_nhwc(_upsample(x, size)) for x in xs], filter_transform(weight))
+        return _conv_nhwc([_nhwc(resize(x, size)) for x in xs], filter_transform(weight))
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:  # type: ignore[override]
@@ -217,12 +192,12 @@ class _ResizeConcatWinograd3x3(torch.autograd.Function):
             start += x.shape[1]
             with torch.enable_grad():
                 source = x.detach().requires_grad_(ctx.needs_input_grad[2 + i])
-                big = _upsample(source, ctx.size)
+                big = resize(source, ctx.size)
             if ctx.needs_input_grad[0]:
-                grad_u = _filter_grad_nhwc([_nhwc(big.detach())], grad_nhwc)
-                grad_w_parts.append(filter_transform_adjoint(grad_u))
+                grad_w_parts.append(filter_transform_adjoint(_filter_grad_nhwc(_nhwc(big.detach()), grad_nhwc)))
             grad_x = None
             if ctx.needs_input_grad[2 + i]:
+                # the transpose of a 'same' 3x3 conv is the 'same' conv with the flipped, transposed filter
                 grad_big = _conv_nhwc([grad_nhwc], filter_transform(w_i.flip(-2, -1).transpose(0, 1)))
                 grad_x = grad_big if big is source else torch.autograd.grad(big, source, grad_big)[0]
             grad_xs.append(grad_x)
@@ -258,13 +233,12 @@ def winograd_conv3x3(
         or weight.shape[1] != sum(s[1] for s in shapes)
     ):
         raise ValueError(
-            f"winograd_conv3x3 needs maps [B, C_i, H, W] of one batch and size with sum(C_i) = C_in and a "
-            f"weight [C_out, C_in, 3, 3]; got maps {shapes} and weight {tuple(weight.shape)}"
+            f"winograd_conv3x3 needs maps [B, C_i, H, W] of one batch and size (sizes may differ with size=) "
+            f"with sum(C_i) = C_in and a weight [C_out, C_in, 3, 3]; got maps {shapes} and weight "
+            f"{tuple(weight.shape)}"
         )
-    if size is None:
-        y = _Winograd3x3.apply(weight, *xs)
-    else:
-        y = _ResizeConcatWinograd3x3.apply(weight, (int(size[0]), int(size[1])), *xs)
+    target = (int(size[0]), int(size[1])) if size is not None else (xs[0].shape[-2], xs[0].shape[-1])
+    y = _Winograd3x3.apply(weight, target, *xs)
     return y if bias is None else y + bias.view(1, -1, 1, 1)
 
 
@@ -293,7 +267,7 @@ class WinogradConv2d(nn.Conv2d):
         """For input ``x`` (or maps like ``x`` resized to ``size`` first)."""
         if (  # first: under compile/export a test on the (symbolic) size would add a guard
             torch.compiler.is_compiling()
-            or getattr(torch.compiler, "is_exporting", lambda: False)()
+            or is_exporting()
             or torch.jit.is_tracing()
             or torch.jit.is_scripting()
         ):

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
-from ..layers import is_exporting
+from ..sizes import is_exporting
 
 POS_EMBED_MODES = ("timm", "dino", "mae")
 
