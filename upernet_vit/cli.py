@@ -110,18 +110,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_onnx
     from .model import UperNetViT
-    from .training.predict import resolve_model_dir
-    from .training.trainer import PREPROCESSING_NAME
+    from .training.predict import read_preprocessing, resolve_model_dir
 
     _setup_logging()
     model_dir = resolve_model_dir(args.model)
     model = UperNetViT.from_pretrained(model_dir)
-    prep_path = os.path.join(model_dir, PREPROCESSING_NAME)
-    metadata, prep = {}, {}
-    if os.path.isfile(prep_path):  # normalization and label values travel in the file's metadata
-        with open(prep_path, encoding="utf-8") as f:
-            metadata["upernet_vit.preprocessing"] = f.read()
-        prep = json.loads(metadata["upernet_vit.preprocessing"])
+    prep = read_preprocessing(model_dir) or {}
+    # normalization and label values travel in the file's metadata
+    metadata = {"upernet_vit.preprocessing": json.dumps(prep)} if prep else {}
     # default size: the training patch, else 8 ViT patches; at least 3 patches (what a dynamic export needs)
     default = [max(s, 3 * model.patch_size) for s in prep.get("patch_size") or [8 * model.patch_size] * 2]
     height, width = args.height or default[0], args.width or default[1]

@@ -9,6 +9,17 @@ import torch
 from torch import nn
 
 
+def amp_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
+    """``"none"`` / ``"bf16"`` (CPU or CUDA) / ``"fp16"`` (CUDA only) -> the autocast dtype (None: fp32)."""
+    dtypes = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if amp not in dtypes or (amp == "fp16" and device.type != "cuda"):
+        raise ValueError(
+            f"amp (train.amp / --amp) {amp!r}: use 'none', 'bf16' (CPU or CUDA) or 'fp16' (CUDA only; "
+            f"device is {device})"
+        )
+    return dtypes[amp]
+
+
 def gaussian_importance(size: Sequence[int], sigma_scale: float = 1.0 / 8) -> torch.Tensor:
     """``[h, w]`` weights peaking at the window centre (sigma = size/8), min clipped above 0."""
     axes = []

@@ -15,7 +15,7 @@ from .augment import Normalizer
 from .data import IGNORE_INDEX
 from .image_io import IMAGE_SUFFIXES, read_label, write_label_png
 from .data import read_case_image
-from .inference import sliding_window_logits
+from .inference import amp_dtype, sliding_window_logits
 from .metrics import confusion_counts, dice_iou
 from .trainer import PREPROCESSING_NAME
 
@@ -62,6 +62,16 @@ def group_input_files(path: str, max_files_per_case: Optional[int] = None) -> Di
     return {os.path.splitext(os.path.basename(f))[0]: [f] for f in files}
 
 
+def read_preprocessing(model_dir: str) -> Optional[Dict]:
+    """A trained model folder's ``preprocessing.json`` (mean/std, normalization, label values, patch size);
+    None for a bare ``save_pretrained`` folder."""
+    path = os.path.join(model_dir, PREPROCESSING_NAME)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
 def predict(
     model_path: str,
     input_path: str,
@@ -79,16 +89,12 @@ def predict(
 
     model_dir = resolve_model_dir(model_path)
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
-    amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}.get(amp, "unknown")
-    if amp_dtype == "unknown" or (amp == "fp16" and dev.type != "cuda"):
-        raise ValueError(f"amp {amp!r}: use 'none', 'bf16' (CPU or CUDA) or 'fp16' (CUDA only; device is {dev})")
+    autocast_dtype = amp_dtype(amp, dev)
     model = UperNetViT.from_pretrained(model_dir).to(dev).eval()
-    prep_path = os.path.join(model_dir, PREPROCESSING_NAME)
-    if os.path.isfile(prep_path):
-        with open(prep_path, encoding="utf-8") as f:
-            prep = json.load(f)
-    else:  # a bare save_pretrained folder: the backbone's stats, labels 0..K-1, whole images
-        logger.warning("%s not found: using the backbone's mean/std, labels 0..K-1 and whole-image inference", prep_path)
+    prep = read_preprocessing(model_dir)
+    if prep is None:  # a bare save_pretrained folder: the backbone's stats, labels 0..K-1, whole images
+        logger.warning("%s not found: using the backbone's mean/std, labels 0..K-1 and whole-image inference",
+                       os.path.join(model_dir, PREPROCESSING_NAME))
         prep = {"mean": list(model.mean), "std": list(model.std), "normalization": "preset",
                 "label_values": list(range(model.num_classes)), "patch_size": None}
     normalizer = Normalizer(prep["mean"], prep["std"], prep["normalization"])
@@ -103,7 +109,7 @@ def predict(
             )
         x = normalizer(torch.from_numpy(image)).to(dev)
         patch = prep["patch_size"] or list(x.shape[-2:])
-        logits = sliding_window_logits(model, x, patch, step=step, mirror=mirror, amp_dtype=amp_dtype)
+        logits = sliding_window_logits(model, x, patch, step=step, mirror=mirror, amp_dtype=autocast_dtype)
         probs = logits.softmax(0)
         out = os.path.join(output_dir, f"{case_id}.png")
         write_label_png(out, values[probs.argmax(0).cpu().numpy()])

@@ -24,7 +24,7 @@ from .augment import AugmentConfig, Normalizer, PatchDataset
 from .data import Case, DatasetInfo, fold_case_ids, load_folders, load_nnunet_raw
 from .demo_data import demo_cases, demo_info
 from .distributed import all_reduce_sum, barrier, cleanup, init_distributed
-from .inference import sliding_window_logits
+from .inference import amp_dtype, sliding_window_logits
 from .losses import DiceCELoss, segmentation_loss
 from .metrics import confusion_counts, summarize
 from .optim import build_optimizer, build_scheduler
@@ -138,8 +138,7 @@ class Trainer:
         tcfg = config.train
         self.dist = init_distributed(resolve_device(tcfg.device).type)
         self.device = resolve_device(tcfg.device, self.dist.local_rank if self.dist.enabled else None)
-        if tcfg.amp == "fp16" and self.device.type != "cuda":
-            raise ValueError("train.amp 'fp16' needs a CUDA device; use 'bf16' or 'none' on CPU")
+        self.amp_dtype = amp_dtype(tcfg.amp, self.device)  # fails early for fp16 without CUDA
         if config.data.batch_size % self.dist.world_size:
             raise ValueError(
                 f"data.batch_size {config.data.batch_size} is not divisible by the {self.dist.world_size} processes"
@@ -169,7 +168,6 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, tcfg)
         self.scaler = torch.amp.GradScaler("cuda", enabled=tcfg.amp == "fp16")
         self.criterion = DiceCELoss()
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tcfg.amp)
         self.net: nn.Module = (
             DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
             if self.dist.enabled
