@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import copy
 import platform
-import statistics
 import time
 
 import torch
@@ -22,6 +21,8 @@ from transformers.models.upernet.modeling_upernet import UperNetHead as HFUperNe
 
 from upernet_vit import UperNetHead, from_hf_upernet
 from upernet_vit.layers import fuse_conv_bn
+
+from timing import timed_pair  # benchmarks/timing.py
 
 SETTINGS = [  # (name, in_channels, channels, map sizes (stride 4..32), batch)
     ("ViT-S-like 256px", [384] * 4, 256, [64, 32, 16, 8], 2),
@@ -38,18 +39,6 @@ def gemm_gflops(n: int = 2048, repeats: int = 5) -> float:
         a @ b
         times.append(time.perf_counter() - start)
     return 2 * n**3 / min(times) / 1e9
-
-
-def timed_pair(fn_a, fn_b, repeats: int) -> tuple:
-    """Median times of two functions, run alternately so that machine noise hits both alike."""
-    fn_a(), fn_b()  # warm-up
-    times_a, times_b = [], []
-    for _ in range(repeats):
-        for fn, times in ((fn_a, times_a), (fn_b, times_b)):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-    return statistics.median(times_a), statistics.median(times_b)
 
 
 def flops(fn) -> int:

@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import tempfile
-import time
 from contextlib import nullcontext
 from typing import Dict, Optional
 
@@ -31,6 +29,8 @@ from upernet_vit.training.augment import Normalizer
 from upernet_vit.training.inference import sliding_window_logits
 from upernet_vit.training.metrics import confusion_counts, summarize
 from upernet_vit.training.trainer import Trainer, prepare_data
+
+from timing import timed_pair  # benchmarks/timing.py
 
 DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "demo.yaml")
 
@@ -56,19 +56,6 @@ def evaluate_run(run: str, device: torch.device, amp_dtype: Optional[torch.dtype
         counts += confusion_counts(pred, torch.from_numpy(case.label), data.info.num_classes)
         preds.append(pred)
     return {"metrics": summarize(counts, data.info.label_names), "preds": preds, "labels": data.info.label_names}
-
-
-def timed_pair(fn_a, fn_b, repeats: int):
-    fn_a(), fn_b()
-    a, b = [], []
-    for _ in range(repeats):
-        for fn, times in ((fn_a, a), (fn_b, b)):
-            start = time.perf_counter()
-            fn()
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-    return statistics.median(a), statistics.median(b)
 
 
 def speed(name: str, model: UperNetViT, x: torch.Tensor, repeats: int) -> None:
