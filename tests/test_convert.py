@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from upernet_vit import UperNetHead, from_hf_upernet, from_mmseg_upernet
+from helpers import randomize_bn
 
 transformers = pytest.importorskip("transformers")
 from transformers import UperNetConfig  # noqa: E402
@@ -12,21 +13,10 @@ from transformers.models.upernet.modeling_upernet import UperNetHead as HFUperNe
 IN_CHANNELS = [12, 16, 20, 24]
 
 
-def _randomize_bn(module: torch.nn.Module) -> None:
-    """Non-trivial BN statistics and affine params, so a wrong mapping cannot pass by accident."""
-    g = torch.Generator().manual_seed(1)
-    for m in module.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.5)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.randn(m.num_features, generator=g))
-            m.bias.data.copy_(torch.randn(m.num_features, generator=g))
-
-
 def _hf_head(num_labels=5, hidden=32, pool_scales=(1, 2, 3, 6)):
     config = UperNetConfig(hidden_size=hidden, pool_scales=list(pool_scales), num_labels=num_labels)
     head = HFUperNetHead(config, in_channels=IN_CHANNELS)
-    _randomize_bn(head)
+    randomize_bn(head)
     return head.eval(), config
 
 
@@ -59,7 +49,7 @@ def test_hf_head_parity(sizes):
 def test_hf_full_model_keys_with_aux_head():
     hf, config = _hf_head()
     aux = UperNetFCNHead(config, in_channels=IN_CHANNELS, in_index=2)
-    _randomize_bn(aux)
+    randomize_bn(aux)
     aux.eval()
     state = {f"decode_head.{k}": v for k, v in hf.state_dict().items()}
     state.update({f"auxiliary_head.{k}": v for k, v in aux.state_dict().items()})

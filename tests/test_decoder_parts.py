@@ -1,9 +1,15 @@
-"""PPM, FPN, SFP and head: shapes, strides, concat orders."""
+"""PPM, FPN, SFP and head: shapes, strides, concat orders, and the reference math."""
 import pytest
 import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
 
 from upernet_vit import FPNFusion, PyramidPoolingModule, SimpleFeaturePyramid, UperNetHead
 from upernet_vit.layers import build_norm2d
+from helpers import randomize_bn, tiny_model
+
+sizes = st.tuples(st.integers(1, 17), st.integers(1, 17))
 
 
 @pytest.mark.parametrize("size", [(1, 1), (3, 5), (8, 8)])
@@ -119,13 +125,76 @@ def test_groupnorm_any_channel_count(channels, groups):
         build_norm2d("bn", channels)
 
 
-def test_exportable_adaptive_pool_equals_torch():
-    """The PPM's pooling when exported (matrices from the run-time size) matches torch's bins at every size."""
-    from upernet_vit.ppm import adaptive_avg_pool2d_any_size
+@given(batch=st.integers(1, 2), in_channels=st.integers(1, 6), channels=st.integers(1, 6), size=sizes,
+       pool_scales=st.lists(st.integers(1, 7), min_size=1, max_size=4))
+def test_ppm_shape_property(batch, in_channels, channels, size, pool_scales):
+    ppm = PyramidPoolingModule(in_channels, channels, pool_scales)
+    assert ppm(torch.randn(batch, in_channels, *size)).shape == (batch, channels, *size)
 
-    for h in range(1, 15):
-        for w in (1, 2, 5, 7, 12, 13):
-            x = torch.randn(2, 3, h, w)
-            for scale in (1, 2, 3, 6):
-                expected = torch.nn.functional.adaptive_avg_pool2d(x, scale)
-                assert torch.allclose(adaptive_avg_pool2d_any_size(x, scale), expected, atol=1e-6), (h, w, scale)
+
+@given(batch=st.integers(1, 2), levels=st.lists(st.tuples(st.integers(1, 5), sizes), min_size=1, max_size=4),
+       top=sizes, channels=st.integers(1, 6))
+def test_fpn_output_is_at_the_finest_level_for_any_level_sizes(batch, levels, top, channels):
+    """Levels of any sizes (not only halving ones, 1 x 1 included) fuse at the first level's size."""
+    fpn = FPNFusion([c for c, _ in levels], channels)
+    features = [torch.randn(batch, c, *s) for c, s in levels]
+    out = fpn(features, torch.randn(batch, channels, *top))
+    assert out.shape == (batch, channels, *levels[0][1])
+
+
+@given(batch=st.integers(1, 2), grid=sizes, dim=st.integers(1, 8))
+def test_sfp_strides_property(batch, grid, dim):
+    """Any token grid h x w -> 4h x 4w, 2h x 2w, h x w, ceil(h/2) x ceil(w/2): strides p/4, p/2, p, 2p."""
+    h, w = grid
+    outs = SimpleFeaturePyramid(dim)([torch.randn(batch, dim, h, w) for _ in range(4)])
+    assert [tuple(o.shape) for o in outs] == [
+        (batch, dim, 4 * h, 4 * w), (batch, dim, 2 * h, 2 * w), (batch, dim, h, w), (batch, dim, -(-h // 2), -(-w // 2))
+    ]
+
+
+@given(batch=st.integers(1, 2), grid=sizes, num_classes=st.integers(1, 4))
+def test_head_on_a_pyramid_of_any_grid(batch, grid, num_classes):
+    """The head on the SFP's output for any grid, down to a 1 x 1 coarsest map: logits at stride p/4."""
+    h, w = grid
+    levels = SimpleFeaturePyramid(8)([torch.randn(batch, 8, h, w) for _ in range(4)])
+    head = UperNetHead([8] * 4, channels=8, num_classes=num_classes)
+    assert head(levels).shape == (batch, num_classes, 4 * h, 4 * w)
+
+
+def _conv_norm_act(block, x):
+    """conv -> eval BatchNorm -> ReLU, in functional form."""
+    y = F.conv2d(x, block.conv.weight, block.conv.bias, padding=block.conv.padding)
+    bn = block.norm
+    return F.relu(F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps))
+
+
+def _reference_head(head, features):
+    """UperNet as the paper and mmseg's uper_head.py write it: pool, resize, concat, conv."""
+    def up(x, size):
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+    x = features[-1]
+    psp = [x] + [up(_conv_norm_act(stage, F.adaptive_avg_pool2d(x, s)), x.shape[-2:])
+                 for s, stage in zip(head.ppm.pool_scales, head.ppm.stages)]
+    laterals = [_conv_norm_act(c, f) for c, f in zip(head.fpn.lateral_convs, features[:-1])]
+    laterals.append(_conv_norm_act(head.ppm.bottleneck, torch.cat(psp, 1)))
+    for i in range(len(laterals) - 1, 0, -1):
+        laterals[i - 1] = laterals[i - 1] + up(laterals[i], laterals[i - 1].shape[-2:])
+    outs = [_conv_norm_act(c, lat) for c, lat in zip(head.fpn.fpn_convs, laterals[:-1])] + [laterals[-1]]
+    fused = _conv_norm_act(head.fpn.fpn_bottleneck, torch.cat([up(o, outs[0].shape[-2:]) for o in outs], 1))
+    return F.conv2d(fused, head.classifier.weight, head.classifier.bias)
+
+
+@pytest.mark.parametrize("image", [(45, 61), (16, 16), (64, 32)])
+def test_default_model_computes_the_reference_formulation(image):
+    """The default model (no fast paths) is, to fp32 rounding, the plain resize-concat-conv formulation."""
+    model = tiny_model(norm="batchnorm").eval()
+    randomize_bn(model)
+    x = torch.randn(2, 3, *image)
+    with torch.no_grad():
+        levels = model.adapter(model.backbone_features(x))
+        logits = _reference_head(model.head, levels)
+        padded = [s * model.patch_size for s in levels[2].shape[-2:]]
+        expected = F.interpolate(logits, size=padded, mode="bilinear", align_corners=False)[..., : image[0], : image[1]]
+        assert (model.head(levels) - logits).abs().max() < 1e-5
+        assert (model(x) - expected).abs().max() < 1e-5

@@ -73,7 +73,7 @@ def test_progressive_upsampler_starts_as_two_bilinear_steps_and_learns():
     model = tiny_model(upsampler="progressive")
     assert model(torch.randn(1, 3, 20, 20)).shape == (1, 3, 20, 20)
     assert model.parameter_summary()["upsampler"]["trainable"] > 0
-    with pytest.raises(ValueError, match="bilinear, progressive"):
+    with pytest.raises(ValueError, match="upsampler: expected one of 'bilinear', 'progressive'"):
         tiny_model(upsampler="nearest")
 
 
@@ -226,7 +226,7 @@ def test_fc_norm_backbones_get_a_final_norm_on_taps():
 
 
 def test_lora_bad_rank():
-    with pytest.raises(ValueError, match="rank must be >= 1"):
+    with pytest.raises(ValueError, match="LoRA r: must be >= 1"):
         tiny_model().enable_lora(rank=0)
 
 

@@ -213,7 +213,7 @@ def test_format_override_and_unknown_format(tmp_path):
     kwargs = dict(backbone_kwargs=dict(depth=4, embed_dim=32, num_heads=2), decoder_channels=8)
     model = UperNetViT("visionfm", "base", 2, checkpoint_path=str(tmp_path / "vfm.pth"), checkpoint_format="visionfm", **kwargs)
     assert torch.equal(model.backbone.vit.blocks[0].attn.qkv.weight, ref.blocks[0].attn.qkv.weight)
-    with pytest.raises(ValueError, match="unknown checkpoint_format 'dino'"):
+    with pytest.raises(ValueError, match="checkpoint_format: expected one of 'auto', .* got 'dino'"):
         UperNetViT("visionfm", "base", 2, checkpoint_path=str(tmp_path / "vfm.pth"), checkpoint_format="dino", **kwargs)
 
 

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import numbers
 import os
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Sequence, Union
 
 import yaml
 
@@ -18,91 +19,137 @@ class ConfigError(ValueError):
     """A config value or key is wrong; the message names the dotted key path."""
 
 
-@dataclass
-class DecoderConfig:
-    hidden_size: int = 512  # UperNet channels (mmseg ``channels``, HF ``hidden_size``)
-    pool_scales: List[int] = field(default_factory=lambda: [1, 2, 3, 6])
-    norm: Norm = "layernorm"
-    dropout: float = 0.1
-    upsampler: Upsampler = "bilinear"
-    aux_head: bool = False
-    aux_channels: int = 256
-    winograd: bool = True  # 3x3 FPN convs by Winograd F(2x2,3x3) on CPU fp32 (same weights, ~2x fewer FLOPs)
+def option(default: Any = dataclasses.MISSING, *, factory: Optional[Callable[[], Any]] = None,
+           check: Optional[Callable[[Any], bool]] = None, must: str = "") -> Any:
+    """A dataclass field whose value must satisfy ``check`` ("must be ``must``"), tested at construction."""
+    metadata = {"check": (check, must)} if check is not None else {}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _positive(v: Any) -> bool:
+    return v >= 1
+
+
+def _non_negative(v: Any) -> bool:
+    return v >= 0
+
+
+def _fraction(v: Any) -> bool:
+    return 0 <= v < 1
+
+
+class _Checked:
+    """Runs each field's ``option(check=...)`` at construction; a failure is a ConfigError naming the field."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            check, must = f.metadata.get("check", (None, ""))
+            value = getattr(self, f.name)
+            try:
+                ok = check is None or check(value)
+            except TypeError:
+                ok = False
+            if not ok:
+                raise ConfigError(f"{f.name}: must be {must}, got {value!r}")
 
 
 @dataclass
-class ModelConfig:
-    backbone: str = "dinov2"  # preset (dinov2, dinov2_reg4, dinov3, retfound, visionfm) or timm name
-    backbone_size: Optional[str] = "base"  # null for a timm name
-    num_classes: Optional[int] = None  # incl. background; may come from the dataset instead
-    in_chans: int = 3  # training takes it from the dataset
+class DecoderConfig(_Checked):
+    hidden_size: int = option(512, check=_positive, must=">= 1")  # UperNet channels (mmseg ``channels``, HF ``hidden_size``)
+    pool_scales: List[int] = option(
+        factory=lambda: [1, 2, 3, 6], check=lambda v: len(v) > 0 and all(s >= 1 for s in v),
+        must="a non-empty list of integers >= 1",
+    )
+    norm: Norm = "layernorm"  # layernorm | groupnorm | batchnorm (mmseg/HF weights) | none
+    dropout: float = option(0.1, check=_fraction, must="in [0, 1)")  # before the classifiers
+    upsampler: Upsampler = "bilinear"  # stride 4 -> 1: bilinear, or progressive (two learned 2x stages)
+    aux_head: bool = False  # auxiliary FCN head on the pyramid's 1x level (training signal)
+    aux_channels: int = option(256, check=_positive, must=">= 1")
+
+
+@dataclass
+class ModelConfig(_Checked):
+    """Every model option, once. ``UperNetViT(**options)``, ``UperNetViT.from_config``, the YAML ``model``
+    section and ``create_segmentation_model`` all map onto these fields (see :func:`model_config`)."""
+
+    backbone: str = "dinov2"  # preset (dinov2, dinov2_reg4, dinov3, retfound, visionfm, ...) or timm ViT name
+    backbone_size: Optional[str] = None  # preset size; null: a timm name, or a one-size preset's size
+    num_classes: Optional[int] = option(None, check=lambda v: v is None or v >= 1, must=">= 1 (background included) or null")
+    in_chans: int = option(3, check=_positive, must=">= 1")  # training takes it from the dataset
     checkpoint_path: Optional[str] = None  # "" or null: random init
     checkpoint_format: Literal["auto", "timm", "dinov2", "dinov3", "retfound_mae", "visionfm"] = "auto"
     trust_checkpoint: bool = False  # allow full unpickling of checkpoint_path (runs code in the file)
     norm_stats: Optional[str] = None  # named input stats (e.g. visionfm_oct); null: the preset's
-    feature_indices: Optional[List[int]] = None  # null: [d/4-1, d/2-1, 3d/4-1, d-1]
+    feature_indices: Optional[List[int]] = option(None, check=lambda v: v is None or len(v) == 4, must="4 block indices or null")
     freeze_backbone: bool = False
     gradient_checkpointing: bool = False  # recompute backbone blocks in backward: less memory, more time
-    backbone_kwargs: Dict[str, Any] = field(default_factory=dict)
+    backbone_kwargs: Dict[str, Any] = field(default_factory=dict)  # to timm.create_model
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
 
 
 @dataclass
-class LoraConfig:
+class LoraConfig(_Checked):
     enabled: bool = False
-    r: int = 8
+    r: int = option(8, check=_positive, must=">= 1")
     lora_alpha: float = 16.0
-    target_modules: List[str] = field(default_factory=lambda: ["qkv"])
-    lora_dropout: float = 0.05
+    target_modules: List[str] = option(factory=lambda: ["qkv"], check=lambda v: len(v) > 0, must="a non-empty list of module names")
+    lora_dropout: float = option(0.05, check=_fraction, must="in [0, 1)")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(_Checked):
     """The first six keys mean what they mean in nnU-Net (an epoch is num_iterations_per_epoch batches)."""
 
-    initial_lr: float = 1e-3
-    weight_decay: float = 3e-5
-    gradient_clip: float = 12.0  # max grad norm; 0 disables
-    num_epochs: int = 1000
-    num_iterations_per_epoch: int = 250
-    num_val_iterations_per_epoch: int = 50  # validation-loss batches per epoch
+    initial_lr: float = option(1e-3, check=lambda v: v > 0, must="> 0")
+    weight_decay: float = option(3e-5, check=_non_negative, must=">= 0")
+    gradient_clip: float = option(12.0, check=_non_negative, must=">= 0 (0 disables clipping)")  # max grad norm
+    num_epochs: int = option(1000, check=_positive, must=">= 1")
+    num_iterations_per_epoch: int = option(250, check=_positive, must=">= 1")
+    num_val_iterations_per_epoch: int = option(50, check=_non_negative, must=">= 0")  # validation-loss batches
     optimizer: Literal["adamw", "sgd"] = "adamw"  # sgd = SGD with Nesterov momentum
     momentum: float = 0.99  # sgd only
-    warmup_epochs: float = 5.0  # linear warmup, then poly decay
+    warmup_epochs: float = option(5.0, check=_non_negative, must=">= 0")  # linear warmup, then poly decay
     poly_exponent: float = 0.9
-    layer_decay: Optional[float] = None  # e.g. 0.75: backbone block i gets lr * decay^(depth - i)
+    layer_decay: Optional[float] = option(None, check=lambda v: v is None or 0 < v <= 1, must="in (0, 1] or null")
     amp: Literal["none", "bf16", "fp16"] = "none"  # fp16 needs CUDA (uses a GradScaler)
     aux_weight: float = 0.4  # auxiliary-head loss weight (when model.decoder.aux_head)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    val_every: int = 1  # whole-image validation every N epochs (and always at the last)
+    val_every: int = option(1, check=_positive, must=">= 1")  # whole-image validation every N epochs (and the last)
     val_mirror: bool = False  # mirror TTA in validation
-    num_overlays: int = 4  # validation overlays written to the run folder
+    num_overlays: int = option(4, check=_non_negative, must=">= 0")  # validation overlays written to the run folder
     output_dir: Optional[str] = None  # default: runs/<config file name>
 
 
 @dataclass
-class AugmentationConfig:
-    scale_range: List[float] = field(default_factory=lambda: [0.7, 1.4])  # zoom factors
+class AugmentationConfig(_Checked):
+    scale_range: List[float] = option(
+        factory=lambda: [0.7, 1.4], check=lambda v: len(v) == 2 and 0 < v[0] <= v[1],
+        must="[low, high] with 0 < low <= high",
+    )  # zoom factors
     rotation_degrees: float = 180.0
     flip: bool = True
     intensity: bool = True
 
 
 @dataclass
-class DataConfig:
+class DataConfig(_Checked):
     format: Literal["demo", "nnunet", "folders"] = "demo"
     root: Optional[str] = None  # nnunet: the raw Dataset### folder; folders: with images/ and masks/
-    patch_size: List[int] = field(default_factory=lambda: [224, 224])
-    batch_size: int = 2  # global batch (split across DDP processes)
-    fold: Union[int, Literal["all"]] = 0
-    num_folds: int = 5
+    patch_size: List[int] = option(
+        factory=lambda: [224, 224], check=lambda v: len(v) == 2 and min(v) >= 1, must="[height, width], each >= 1"
+    )
+    batch_size: int = option(2, check=_positive, must=">= 1")  # global batch (split across DDP processes)
+    fold: Union[int, Literal["all"]] = option(0, check=lambda v: v == "all" or v >= 0, must="a fold number >= 0 or 'all'")
+    num_folds: int = option(5, check=lambda v: v >= 2, must=">= 2")
     splits_file: Optional[str] = None  # nnU-Net splits_final.json; default <root>/splits_final.json if present
-    num_workers: int = 2
+    num_workers: int = option(2, check=_non_negative, must=">= 0")
     normalization: Literal["preset", "zscore"] = "preset"  # backbone mean/std, or per-image z-score
     labels: Optional[Dict[str, int]] = None  # folders only: name -> value (default: values found)
-    demo_cases: int = 64  # demo only
-    demo_image_size: int = 96  # demo only
+    demo_cases: int = option(64, check=lambda v: v >= 2, must=">= 2")  # demo only
+    demo_image_size: int = option(96, check=lambda v: v >= 8, must=">= 8")  # demo only
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
 
 
@@ -177,11 +224,11 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
     elif tp is bool:
         if isinstance(value, bool):
             return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
+    elif tp is int:  # numbers.Integral: numpy integers from the API are fine too
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            return int(value)
     elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
             return float(value)
         if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
             try:
@@ -194,43 +241,6 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
     raise ConfigError(f"{path}: expected {_describe(tp)}, got {value!r} ({type(value).__name__})")
 
 
-def _positive(v: Any) -> bool:
-    return v >= 1
-
-
-# (class, field) -> (check, what the value must be)
-_CHECKS: Dict[Tuple[str, str], Tuple[Callable[[Any], bool], str]] = {
-    ("DecoderConfig", "hidden_size"): (_positive, ">= 1"),
-    ("DecoderConfig", "pool_scales"): (lambda v: len(v) > 0 and all(s >= 1 for s in v), "a non-empty list of integers >= 1"),
-    ("DecoderConfig", "dropout"): (lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("DecoderConfig", "aux_channels"): (_positive, ">= 1"),
-    ("ModelConfig", "num_classes"): (lambda v: v is None or v >= 1, ">= 1 (background included) or null"),
-    ("ModelConfig", "in_chans"): (_positive, ">= 1"),
-    ("ModelConfig", "feature_indices"): (lambda v: v is None or len(v) == 4, "4 block indices or null"),
-    ("LoraConfig", "r"): (_positive, ">= 1"),
-    ("LoraConfig", "lora_dropout"): (lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("LoraConfig", "target_modules"): (lambda v: len(v) > 0, "a non-empty list of module names"),
-    ("TrainConfig", "initial_lr"): (lambda v: v > 0, "> 0"),
-    ("TrainConfig", "weight_decay"): (lambda v: v >= 0, ">= 0"),
-    ("TrainConfig", "gradient_clip"): (lambda v: v >= 0, ">= 0 (0 disables clipping)"),
-    ("TrainConfig", "num_epochs"): (_positive, ">= 1"),
-    ("TrainConfig", "num_iterations_per_epoch"): (_positive, ">= 1"),
-    ("TrainConfig", "num_val_iterations_per_epoch"): (lambda v: v >= 0, ">= 0"),
-    ("TrainConfig", "warmup_epochs"): (lambda v: v >= 0, ">= 0"),
-    ("TrainConfig", "layer_decay"): (lambda v: v is None or 0 < v <= 1, "in (0, 1] or null"),
-    ("TrainConfig", "val_every"): (_positive, ">= 1"),
-    ("TrainConfig", "num_overlays"): (lambda v: v >= 0, ">= 0"),
-    ("AugmentationConfig", "scale_range"): (lambda v: len(v) == 2 and 0 < v[0] <= v[1], "[low, high] with 0 < low <= high"),
-    ("DataConfig", "patch_size"): (lambda v: len(v) == 2 and min(v) >= 1, "[height, width], each >= 1"),
-    ("DataConfig", "batch_size"): (_positive, ">= 1"),
-    ("DataConfig", "num_folds"): (lambda v: v >= 2, ">= 2"),
-    ("DataConfig", "fold"): (lambda v: v == "all" or v >= 0, "a fold number >= 0 or 'all'"),
-    ("DataConfig", "num_workers"): (lambda v: v >= 0, ">= 0"),
-    ("DataConfig", "demo_cases"): (lambda v: v >= 2, ">= 2"),
-    ("DataConfig", "demo_image_size"): (lambda v: v >= 8, ">= 8"),
-}
-
-
 def _build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
@@ -241,13 +251,11 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
             raise ConfigError(
                 f"{prefix}{key}: unknown key; {hint}valid keys here: {', '.join(names)}"
             )
-    obj = cls(**{k: _convert(v, hints[k], prefix + k) for k, v in data.items()})
-    for name in names:
-        check = _CHECKS.get((cls.__name__, name))
-        value = getattr(obj, name)
-        if check and not check[0](value):
-            raise ConfigError(f"{prefix}{name}: must be {check[1]}, got {value!r}")
-    return obj
+    values = {k: _convert(v, hints[k], prefix + k) for k, v in data.items()}
+    try:
+        return cls(**values)
+    except ConfigError as err:  # a range check (option(check=...)) of this class
+        raise ConfigError(f"{prefix}{err}") from None
 
 
 def load_config(source: Union[str, os.PathLike, Mapping[str, Any], Config]) -> Config:
@@ -292,3 +300,37 @@ def save_config(config: Config, path: Union[str, os.PathLike], sections: Sequenc
     text = config_to_yaml(config, sections)
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
+
+
+# keyword spellings of the Python API that differ from the field names
+MODEL_OPTION_ALIASES: Dict[str, str] = {"decoder_channels": "hidden_size"}
+
+
+def model_option_names() -> List[str]:
+    """The flat keyword names :func:`model_config` takes (ModelConfig and DecoderConfig fields, aliases)."""
+    model = [f.name for f in dataclasses.fields(ModelConfig) if f.name != "decoder"]
+    return model + [f.name for f in dataclasses.fields(DecoderConfig)] + list(MODEL_OPTION_ALIASES)
+
+
+def model_config(base: Optional[ModelConfig] = None, **options: Any) -> ModelConfig:
+    """``base`` (default: ``ModelConfig()``) with ``options`` replaced, type- and range-checked like YAML keys.
+
+    ``options`` are flat: every :class:`ModelConfig` field (``backbone``, ``num_classes``, ...) and every
+    :class:`DecoderConfig` field by its own name (``hidden_size``, also spelled ``decoder_channels``,
+    ``pool_scales``, ``norm``, ...). An unknown name is a ``TypeError`` naming the closest option; a bad
+    value a :class:`ConfigError` naming the field.
+    """
+    data = dataclasses.asdict(base if base is not None else ModelConfig())
+    top = {f.name for f in dataclasses.fields(ModelConfig)} - {"decoder"}
+    decoder = {f.name for f in dataclasses.fields(DecoderConfig)}
+    for key, value in options.items():
+        name = MODEL_OPTION_ALIASES.get(key, key)
+        if name in top:
+            data[name] = value
+        elif name in decoder:
+            data["decoder"][name] = value
+        else:
+            close = difflib.get_close_matches(key, model_option_names(), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise TypeError(f"unknown model option {key!r}{hint}; options: {', '.join(model_option_names())}")
+    return _build(ModelConfig, data)

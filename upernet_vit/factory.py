@@ -1,9 +1,13 @@
-"""``create_segmentation_model``: the nnU-Net ViT plan's keyword names for building an UperNetViT."""
+"""``create_segmentation_model``: the nnU-Net ViT plan's keyword names for building an UperNetViT.
+
+The seed names map onto :class:`~upernet_vit.config.ModelConfig` and :class:`~upernet_vit.config.LoraConfig`;
+every other model option (``in_chans``, ``norm``, ``upsampler``, ...) passes through by its own name.
+"""
 from __future__ import annotations
 
-import inspect
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Optional, Sequence
 
+from .config import model_option_names
 from .model import UperNetViT
 
 
@@ -11,52 +15,29 @@ def create_segmentation_model(
     backbone_name: str = "dinov2",
     backbone_size: Optional[str] = "base",
     num_classes: int = 2,
-    checkpoint_path: Optional[str] = None,
-    freeze_backbone: bool = False,
     use_lora: bool = False,
     lora_rank: int = 8,
     lora_alpha: float = 16.0,
     lora_dropout: float = 0.05,
     lora_target_modules: Sequence[str] = ("qkv",),
-    hidden_size: int = 512,
-    pool_scales: Sequence[int] = (1, 2, 3, 6),
-    in_chans: int = 3,
-    feature_indices: Optional[Sequence[int]] = None,
-    upsampler: str = "bilinear",
-    norm: str = "layernorm",
-    dropout: float = 0.1,
-    aux_head: bool = False,
-    aux_channels: int = 256,
-    gradient_checkpointing: bool = False,
-    winograd: bool = True,
-    backbone_kwargs: Optional[Dict[str, Any]] = None,
-    **unknown: Any,
+    **model_options: Any,
 ) -> UperNetViT:
-    """Build an :class:`UperNetViT`, optionally with LoRA; an unknown keyword is a ``TypeError``."""
+    """Build an :class:`UperNetViT`, optionally with LoRA.
+
+    Seed keywords: ``backbone_name`` (-> ``backbone``), ``backbone_size``, ``num_classes``,
+    ``checkpoint_path``, ``freeze_backbone``, ``hidden_size``, ``pool_scales``, ``use_lora`` and
+    ``lora_rank``/``lora_alpha``/``lora_dropout``/``lora_target_modules``. An unknown keyword is a
+    ``TypeError`` that names it.
+    """
+    unknown = sorted(set(model_options) - (set(model_option_names()) - {"backbone"}))  # backbone_name
     if unknown:
-        accepted = [p for p in inspect.signature(create_segmentation_model).parameters if p != "unknown"]
+        seed = ["backbone_name", "backbone_size", "num_classes", "use_lora", "lora_rank", "lora_alpha",
+                "lora_dropout", "lora_target_modules"]
         raise TypeError(
-            f"create_segmentation_model() got unknown keyword(s) {sorted(unknown)}; accepted: {', '.join(accepted)}"
+            f"create_segmentation_model() got unknown keyword(s) {unknown}; accepted: "
+            f"{', '.join(seed + [n for n in model_option_names() if n not in seed and n != 'backbone'])}"
         )
-    model = UperNetViT(
-        backbone=backbone_name,
-        backbone_size=backbone_size,
-        num_classes=num_classes,
-        in_chans=in_chans,
-        checkpoint_path=checkpoint_path,
-        decoder_channels=hidden_size,
-        pool_scales=pool_scales,
-        feature_indices=feature_indices,
-        upsampler=upsampler,
-        freeze_backbone=freeze_backbone,
-        backbone_kwargs=backbone_kwargs,
-        norm=norm,
-        dropout=dropout,
-        aux_head=aux_head,
-        aux_channels=aux_channels,
-        gradient_checkpointing=gradient_checkpointing,
-        winograd=winograd,
-    )
+    model = UperNetViT(backbone=backbone_name, backbone_size=backbone_size, num_classes=num_classes, **model_options)
     if use_lora:
         model.enable_lora(lora_rank, lora_alpha, lora_dropout, lora_target_modules)
     return model

@@ -1,4 +1,10 @@
-"""UperNet decode head (PPM + FPN + classifier) and the optional auxiliary FCN head."""
+"""UperNet decode head (Xiao et al. 2018) and the optional auxiliary FCN head.
+
+    features (finest first)  ->  PPM on the coarsest  ->  FPN fusion at the finest level
+                             ->  dropout -> 1x1 classifier  ->  logits [B, K, H_0, W_0]
+
+The math of mmseg ``UPerHead`` and HF ``UperNetHead``; their weights load by name (:mod:`upernet_vit.convert`).
+"""
 from __future__ import annotations
 
 from typing import List, Sequence, Tuple, Union
@@ -52,10 +58,6 @@ class UperNetHead(nn.Module):
     (for UperNetViT: strides 4, 8, 16, 32). PPM runs on the coarsest map, FPN fuses everything at the
     finest level, then dropout and a 1x1 classifier give logits ``[B, num_classes, H_0, W_0]``.
 
-    ``winograd=True`` (default) computes the large 3x3 FPN convs by Winograd F(2x2, 3x3) when running
-    fp32 on CPU in eager mode (2.25x fewer multiplies, same weights; :mod:`upernet_vit.winograd`);
-    elsewhere, and with ``False``, they are ordinary convs.
-
     With ``aux_head=True`` an :class:`FCNHead` on ``features[aux_in_index]`` is built;
     ``forward(features, return_aux=True)`` returns ``(logits, aux_logits)`` with the aux logits at
     that level's size.
@@ -72,7 +74,6 @@ class UperNetHead(nn.Module):
         aux_head: bool = False,
         aux_channels: int = 256,
         aux_in_index: int = 2,
-        winograd: bool = True,
     ) -> None:
         super().__init__()
         if len(in_channels) < 2:
@@ -83,7 +84,7 @@ class UperNetHead(nn.Module):
         self.channels = channels
         self.num_classes = num_classes
         self.ppm = PyramidPoolingModule(self.in_channels[-1], channels, pool_scales, norm)
-        self.fpn = FPNFusion(self.in_channels[:-1], channels, norm, winograd=winograd)
+        self.fpn = FPNFusion(self.in_channels[:-1], channels, norm)
         self.dropout = nn.Dropout2d(dropout)
         self.classifier = nn.Conv2d(channels, num_classes, 1)
         init_classifier(self.classifier)
@@ -93,14 +94,11 @@ class UperNetHead(nn.Module):
             if aux_head
             else None
         )
-        # NHWC ("channels_last") is the faster conv layout for oneDNN (CPU) and cuDNN; same values
-        self.to(memory_format=torch.channels_last)
 
     def forward(
         self, features: Sequence[torch.Tensor], return_aux: bool = False
     ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
         self._check_features(features)
-        features = [f.contiguous(memory_format=torch.channels_last) for f in features]
         fused = self.fpn(features[:-1], self.ppm(features[-1]))
         logits = self.classifier(self.dropout(fused))
         if not return_aux:

@@ -1,18 +1,25 @@
-"""Small building blocks shared by the decoder modules: norm factory, conv-norm-act, BN folding."""
+"""Building blocks of the decoder: bilinear resize by size, the norm factory, conv-norm-act.
+
+Every map is ``[B, C, H, W]``. Every resize goes to an explicit target size, never a scale factor, so odd
+grids (37 x 37 tokens from a 518 px DINOv2 input, a 1 x 1 grid) stay exact; bilinear with
+``align_corners=False``, as mmsegmentation and HuggingFace do.
+"""
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Any, Dict, Iterator, Literal, Optional, Sequence, Tuple, Type, Union
+from typing import Literal, Sequence, Type
 
 import torch
+import torch.nn.functional as F
 from timm.layers import LayerNorm2d
 from torch import nn
 
-from .sizes import resize
-from .winograd import WinogradConv2d, winograd_conv3x3
-
 NormName = Literal["layernorm", "groupnorm", "batchnorm", "none"]
 NORM_NAMES: tuple[str, ...] = ("layernorm", "groupnorm", "batchnorm", "none")
+
+
+def resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Bilinear ``[B, C, h, w] -> [B, C, *size]`` (mmseg's ``resize``; exact at the same size)."""
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 
 
 def build_norm2d(norm: str, channels: int) -> nn.Module:
@@ -47,14 +54,10 @@ def group_count(channels: int, max_groups: int = 32, min_group_size: int = 8) ->
 
 
 class ConvNormAct(nn.Module):
-    """Conv (no bias before a norm) -> norm -> activation: `[B, C_in, H, W] -> [B, C_out, H, W]`.
+    """Conv (no bias before a norm) -> norm -> activation: ``[B, C_in, H, W] -> [B, C_out, H, W]``.
 
-    Submodule names ``conv``/``norm`` map one to one onto mmsegmentation's ``conv``/``bn`` and
-    HuggingFace's ``conv``/``batch_norm`` (see :mod:`upernet_vit.convert`).
-
-    ``winograd=True`` makes a 3x3 conv a :class:`~upernet_vit.winograd.WinogradConv2d` (same weights, faster
-    on CPU). ``forward`` also takes a list of maps, meaning their channel concat, which it never builds:
-    a conv is linear in its input channels, so the weight is split per map and the partial convs summed.
+    'Same' padding, stride 1. Submodule names ``conv``/``norm`` map one to one onto mmsegmentation's
+    ``conv``/``bn`` and HuggingFace's ``conv``/``batch_norm`` (see :mod:`upernet_vit.convert`).
     """
 
     def __init__(
@@ -64,96 +67,14 @@ class ConvNormAct(nn.Module):
         kernel_size: int,
         norm: str = "layernorm",
         act_layer: Type[nn.Module] = nn.ReLU,
-        winograd: bool = False,
     ) -> None:
         super().__init__()
-        bias = norm == "none"
-        if winograd and kernel_size == 3:
-            self.conv: nn.Conv2d = WinogradConv2d(in_channels, out_channels, bias=bias)
-        else:
-            self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias)
+        self.conv = nn.Conv2d(
+            in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=norm == "none"
+        )
         self.norm = build_norm2d(norm, out_channels)
-        # in place: the norm's backward needs its input, not its output, so this saves a map per layer
+        # in place (as mmcv's ConvModule): the norm's backward needs its input, not its output
         self.act = act_layer(inplace=True) if act_layer is nn.ReLU else act_layer()
 
-    def forward(
-        self, x: Union[torch.Tensor, Sequence[torch.Tensor]], size: Optional[Sequence[int]] = None
-    ) -> torch.Tensor:
-        """``x [B, C_in, H, W]``, or maps ``[B, C_i, H, W]`` with ``sum(C_i) = C_in`` (concat order).
-
-        With ``size=(H, W)`` the maps may have any sizes and are bilinearly resized to it first (see
-        :func:`resize`); in training the resized maps are not kept for backward but recomputed there.
-        """
-        if isinstance(x, torch.Tensor):
-            return self.act(self.norm(self.conv(x)))
-        return self.act(self.norm(self._conv_concat(x, size)))
-
-    def _conv_concat(self, parts: Sequence[torch.Tensor], size: Optional[Sequence[int]]) -> torch.Tensor:
-        channels = [p.shape[1] for p in parts]
-        if sum(channels) != self.conv.in_channels:
-            raise ValueError(
-                f"ConvNormAct expects maps whose channels sum to {self.conv.in_channels}, got {channels}"
-            )
-        if isinstance(self.conv, WinogradConv2d) and self.conv.use_winograd(parts[0], size):
-            # concats per tile chunk; with a size, resizes inside and keeps only the given maps
-            return winograd_conv3x3(parts, self.conv.weight, self.conv.bias, size=size)
-        if size is None:
-            return self._split_conv(parts)
-        resized = [resize(p, size) for p in parts]
-        if not torch.is_grad_enabled() or torch.compiler.is_compiling():  # nothing saved / compile plans memory
-            return self._split_conv(resized)
-        with recompute_resizes(list(zip(parts, resized))):
-            return self._split_conv(resized)
-
-    def _split_conv(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
-        weights = self.conv.weight.split([p.shape[1] for p in parts], dim=1)
-        out = self.conv._conv_forward(parts[0], weights[0], self.conv.bias)
-        for part, weight in zip(parts[1:], weights[1:]):
-            # in place is safe: no conv keeps its output for backward
-            out = out.add_(self.conv._conv_forward(part, weight, None))
-        return out
-
-
-@contextmanager
-def recompute_resizes(pairs: Sequence[Tuple[torch.Tensor, torch.Tensor]]) -> Iterator[None]:
-    """Within the block, autograd keeps the small source of each ``(source, resize(source))`` pair instead
-    of the resized map and redoes the resize in backward.
-
-    The upsampled pyramid levels are among the largest tensors of the head (``[B, C, H/4, W/4]`` each)
-    while bilinear upsampling is cheap, so recomputing them trades almost no time for memory.
-    """
-    def key(t: torch.Tensor) -> Tuple[Any, ...]:
-        return t.data_ptr(), t.shape, t.stride(), t.dtype
-
-    sources: Dict[Tuple[Any, ...], torch.Tensor] = {key(big): small for small, big in pairs if big is not small}
-    size = pairs[0][1].shape[-2:]
-
-    def pack(t: torch.Tensor) -> Any:
-        small = sources.get(key(t))
-        return t if small is None else ("resize", small)
-
-    def unpack(saved: Any) -> torch.Tensor:
-        if isinstance(saved, tuple):
-            with torch.no_grad():
-                return resize(saved[1], size)
-        return saved
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-        yield
-
-
-def fuse_conv_bn(module: nn.Module) -> None:
-    """In place: every ``ConvNormAct`` with BatchNorm, and every (transposed) conv directly followed by a
-    BatchNorm in an ``nn.Sequential``, becomes one conv with the BN folded in (eval statistics)."""
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
-    for child in module.modules():
-        if isinstance(child, ConvNormAct) and isinstance(child.norm, nn.BatchNorm2d):
-            child.conv = fuse_conv_bn_eval(child.conv, child.norm)
-            child.norm = nn.Identity()
-        elif isinstance(child, nn.Sequential):
-            for i in range(len(child) - 1):
-                conv, bn = child[i], child[i + 1]
-                if isinstance(conv, (nn.Conv2d, nn.ConvTranspose2d)) and isinstance(bn, nn.BatchNorm2d):
-                    child[i] = fuse_conv_bn_eval(conv, bn, transpose=isinstance(conv, nn.ConvTranspose2d))
-                    child[i + 1] = nn.Identity()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.norm(self.conv(x)))

@@ -6,8 +6,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .layers import build_norm2d
-from .sizes import resize
+from .layers import build_norm2d, resize
 
 UPSAMPLER_NAMES = ("bilinear", "progressive")
 

@@ -3,7 +3,7 @@ from .checkpoint import adapt_patch_embed, load_backbone_checkpoint, read_checkp
 from .factory import ViTBackbone, channel_stats, create_backbone
 from .official import CHECKPOINT_FORMATS, to_timm
 from .pos_embed import POS_EMBED_MODES, resample_patch_pos_embed, use_pos_embed_interpolation
-from .presets import IMAGENET_MEAN, IMAGENET_STD, NORM_STATS, PRESETS, BackbonePreset, resolve_norm_stats, resolve_preset
+from .presets import IMAGENET_MEAN, IMAGENET_STD, NORM_STATS, PRESETS, BackbonePreset, resolve_backbone_size, resolve_norm_stats, resolve_preset
 
 __all__ = [
     "BackbonePreset",
@@ -23,5 +23,6 @@ __all__ = [
     "adapt_patch_embed",
     "channel_stats",
     "create_backbone",
+    "resolve_backbone_size",
     "resolve_preset",
 ]

@@ -17,44 +17,7 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
-from ..sizes import is_exporting
-
 POS_EMBED_MODES = ("timm", "dino", "mae")
-
-
-def _bicubic_matrix(size: int, native: int, ratio: torch.Tensor) -> torch.Tensor:
-    """``[size, native]``: row i holds torch's bicubic weights (A = -0.75, edge taps clamped) on the
-    source pixels of output pixel i, whose source coordinate is ``(i + 0.5) * ratio - 0.5``; so
-    ``W_h @ x @ W_w^T`` is ``F.interpolate(x, mode="bicubic")`` with input/output ratio ``ratio``."""
-    a = -0.75
-
-    def near(t: torch.Tensor) -> torch.Tensor:  # weight at distance |t| <= 1
-        return ((a + 2) * t - (a + 3)) * t * t + 1
-
-    def far(t: torch.Tensor) -> torch.Tensor:  # weight at distance 1 < |t| < 2
-        return ((a * t - 5 * a) * t + 8 * a) * t - 4 * a
-
-    # ratio rounded to float32, the source coordinate rounded once (a fused multiply-add): as torch's kernel
-    i = torch.arange(size, device=ratio.device, dtype=torch.float64)
-    src = ((i + 0.5) * ratio.float().double() - 0.5).float()
-    first = src.floor()
-    t = src - first
-    weights = torch.stack([far(t + 1), near(t), near(1 - t), far((1 - t) + 1)], dim=1)  # taps first-1 .. first+2
-    taps = (first.long().unsqueeze(1) + torch.arange(-1, 3, device=ratio.device)).clamp(0, native - 1)
-    return (weights.unsqueeze(-1) * (taps.unsqueeze(-1) == torch.arange(native, device=ratio.device))).sum(1)
-
-
-def _dino_resample_any_size(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """The ``"dino"`` resampling of ``x [1, D, M, M]`` to ``[1, D, h, w]`` with h, w known only at run time
-    (export), equal to the eager path up to float rounding. (``F.interpolate`` takes the scale factor
-    ``(h + 0.1) / M`` as a constant, so an exported graph would resample every grid as the example's.)"""
-    native = x.shape[-1]
-    one = torch.ones((), device=x.device, dtype=torch.float64)  # torch divides in float64 too
-    h_t, w_t = one * h, one * w
-    at_native = (h_t == native) & (w_t == native)  # eager skips the resampling there; ratio 1 is the identity
-    ratio_h = torch.where(at_native, 1.0, native / (h_t + 0.1))
-    ratio_w = torch.where(at_native, 1.0, native / (w_t + 0.1))
-    return _bicubic_matrix(h, native, ratio_h) @ (x @ _bicubic_matrix(w, native, ratio_w).transpose(0, 1))
 
 
 def resample_patch_pos_embed(patch_pos: torch.Tensor, grid: Sequence[int], mode: str) -> torch.Tensor:
@@ -63,15 +26,12 @@ def resample_patch_pos_embed(patch_pos: torch.Tensor, grid: Sequence[int], mode:
     native = int(math.isqrt(n))
     if native * native != n:
         raise ValueError(f"pos_embed has {n} patch positions, not a square grid")
-    exporting = is_exporting()  # then the grid is symbolic: int() or a branch on it would fix the example's
-    h, w = (grid[0], grid[1]) if exporting else (int(grid[0]), int(grid[1]))
-    if not exporting and (h, w) == (native, native):
+    h, w = int(grid[0]), int(grid[1])
+    if (h, w) == (native, native):
         return patch_pos
     orig_dtype = patch_pos.dtype
     x = patch_pos.float().reshape(1, native, native, dim).permute(0, 3, 1, 2)
-    if mode == "dino" and exporting:
-        x = _dino_resample_any_size(x, h, w)
-    elif mode == "dino":
+    if mode == "dino":
         scale = ((h + 0.1) / native, (w + 0.1) / native)
         x = F.interpolate(x, scale_factor=scale, mode="bicubic", antialias=False)
         if tuple(x.shape[-2:]) != (h, w):
@@ -101,13 +61,17 @@ class OfficialPosEmbedViT(VisionTransformer):
         if self.pos_embed is None:
             return self.pos_drop(torch.cat(prefix + [x], dim=1))
         if self.no_embed_class:  # pos_embed covers the patches only; prefix tokens carry their own
-            x = x + resample_patch_pos_embed(self.pos_embed, (h, w), self.pos_embed_interpolation)
+            x = x + self.resample_pos_embed(self.pos_embed, (h, w))
             return self.pos_drop(torch.cat(prefix + [x], dim=1))
         # pos_embed = [cls position, patch positions]; registers (if any) get none
         n_pos_prefix = self.pos_embed.shape[1] - self.patch_embed.num_patches
-        patch_pos = resample_patch_pos_embed(self.pos_embed[:, n_pos_prefix:], (h, w), self.pos_embed_interpolation)
+        patch_pos = self.resample_pos_embed(self.pos_embed[:, n_pos_prefix:], (h, w))
         pos = torch.cat([self.pos_embed[:, :n_pos_prefix], patch_pos], dim=1)
         return self.pos_drop(torch.cat(prefix + [x], dim=1) + pos)
+
+    def resample_pos_embed(self, patch_pos: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
+        """``[1, M*M, D] -> [1, h*w, D]``; the export formulation overrides it (upernet_vit.export)."""
+        return resample_patch_pos_embed(patch_pos, grid, self.pos_embed_interpolation)
 
 
 def use_pos_embed_interpolation(vit: torch.nn.Module, mode: str) -> None:

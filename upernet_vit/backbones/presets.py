@@ -109,8 +109,9 @@ def _closest(word: str, options) -> str:
     return f" (did you mean {match[0]!r}?)" if match else ""
 
 
-def resolve_preset(backbone: str, backbone_size: Optional[str]) -> Tuple[str, Optional[BackbonePreset]]:
-    """``(timm model name, preset or None)``; a name that is not a preset is taken as a timm model name."""
+def resolve_backbone_size(backbone: str, backbone_size: Optional[str]) -> Optional[str]:
+    """The size to build: ``None`` for a timm name; for a preset the given size, or its only size when
+    it has one (retfound, visionfm). A multi-size preset without a size is a ValueError listing them."""
     preset = PRESETS.get(backbone)
     if preset is None:
         if backbone_size is not None:
@@ -119,13 +120,25 @@ def resolve_preset(backbone: str, backbone_size: Optional[str]) -> Tuple[str, Op
                 f"({', '.join(PRESETS)}); {backbone!r} is taken as a timm model name, so set "
                 f"backbone_size to null/None{_closest(backbone, PRESETS)}"
             )
-        return backbone, None
+        return None
+    if backbone_size is None and len(preset.sizes) == 1:
+        return next(iter(preset.sizes))
     if backbone_size not in preset.sizes:
+        given = "no backbone_size" if backbone_size is None else f"backbone_size={backbone_size!r}"
         raise ValueError(
-            f"backbone {backbone!r} has sizes {', '.join(preset.sizes)}, got backbone_size="
-            f"{backbone_size!r}{_closest(str(backbone_size), preset.sizes)}"
+            f"backbone {backbone!r} has sizes {', '.join(preset.sizes)}; got {given}"
+            f"{_closest(str(backbone_size), preset.sizes) if backbone_size is not None else ''}"
         )
-    return preset.sizes[backbone_size], preset
+    return backbone_size
+
+
+def resolve_preset(backbone: str, backbone_size: Optional[str]) -> Tuple[str, Optional[BackbonePreset]]:
+    """``(timm model name, preset or None)``; a name that is not a preset is taken as a timm model name."""
+    size = resolve_backbone_size(backbone, backbone_size)
+    preset = PRESETS.get(backbone)
+    if preset is None:
+        return backbone, None
+    return preset.sizes[size], preset  # type: ignore[index]
 
 
 def resolve_norm_stats(name: str) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:

@@ -19,7 +19,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ..config import Config, DataConfig, config_to_yaml, load_config, save_config
-from ..model import UperNetViT, atomic_write, fsync_path
+from ..fileio import atomic_write, fsync_path
+from ..model import UperNetViT
 from .augment import AugmentConfig, Normalizer, PatchDataset
 from .data import Case, DatasetInfo, fold_case_ids, load_folders, load_nnunet_raw
 from .demo_data import demo_cases, demo_info

@@ -1,26 +1,13 @@
-"""Winograd F(2x2, 3x3) convolution and the split (never concatenated) fpn_bottleneck keep the math."""
+"""The Winograd F(2x2, 3x3) kernel of upernet_vit.fast keeps the math: values and gradients, any size."""
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import upernet_vit.winograd as winograd
-from upernet_vit import UperNetHead
-from upernet_vit.layers import ConvNormAct
-from upernet_vit.winograd import WinogradConv2d, filter_transform, filter_transform_adjoint, winograd_conv3x3
-
-
-def _force_winograd(module: torch.nn.Module) -> None:
-    """Winograd on every map size (the default skips maps below 32x32, too small to pay off)."""
-    for m in module.modules():
-        if isinstance(m, WinogradConv2d):
-            m.min_size = m.min_size_train = 1
-
-
-def _grads(y, inputs, seed=0):
-    g = torch.randn(y.shape, dtype=y.dtype, generator=torch.Generator().manual_seed(seed))
-    return torch.autograd.grad((y * g).sum(), inputs)
+import upernet_vit.fast.winograd as winograd
+from upernet_vit.fast.winograd import WinogradConv2d, filter_transform, filter_transform_adjoint, winograd_conv3x3
+from helpers import grads as _grads
 
 
 @settings(max_examples=25, deadline=None)
@@ -81,10 +68,12 @@ def test_bad_shapes_are_named():
 
 
 def test_module_is_a_drop_in_conv2d():
-    conv = WinogradConv2d(4, 6, bias=True)
     plain = torch.nn.Conv2d(4, 6, 3, padding=1)
+    conv = WinogradConv2d.convert(torch.nn.Conv2d(4, 6, 3, padding=1))
+    conv.load_state_dict(plain.state_dict())
     assert conv.state_dict().keys() == plain.state_dict().keys()
-    plain.load_state_dict(conv.state_dict())
+    with pytest.raises(ValueError, match="3x3, stride 1, padding 1"):
+        WinogradConv2d.convert(torch.nn.Conv2d(4, 6, 3, padding=1, stride=2))
     x = torch.randn(2, 4, 40, 36)
     with torch.no_grad():
         assert conv.use_winograd(x)
@@ -98,57 +87,6 @@ def test_module_is_a_drop_in_conv2d():
     # training (autograd records): only from min_size_train pixels
     assert not conv.use_winograd(x)
     assert conv.use_winograd(torch.randn(2, 4, 96, 96))
-
-
-@pytest.mark.parametrize("use_winograd", [False, True])
-def test_conv_norm_act_on_a_list_equals_the_concat(use_winograd):
-    """The split fpn_bottleneck: ConvNormAct([a, b, c]) == ConvNormAct(cat([a, b, c])), values and grads."""
-    torch.manual_seed(0)
-    block = ConvNormAct(12, 8, 3, norm="layernorm", winograd=use_winograd)
-    _force_winograd(block)
-    parts = [torch.randn(2, c, 9, 14, requires_grad=True) for c in (4, 4, 4)]
-    split = block(parts)
-    concat = block(torch.cat(parts, 1))
-    assert (split - concat).abs().max() < 1e-5
-    for a, b in zip(_grads(split, parts + [block.conv.weight]), _grads(concat, parts + [block.conv.weight])):
-        assert (a - b).abs().max() < 1e-4
-    with pytest.raises(ValueError, match="channels sum to 12"):
-        block([parts[0], parts[1]])
-
-
-def test_head_with_winograd_equals_head_without():
-    torch.manual_seed(0)
-    in_channels = [24, 24, 24, 24]
-    fast = UperNetHead(in_channels, channels=16, num_classes=3, dropout=0.0, winograd=True)
-    plain = UperNetHead(in_channels, channels=16, num_classes=3, dropout=0.0, winograd=False)
-    plain.load_state_dict(fast.state_dict())
-    _force_winograd(fast)
-    feats = [torch.randn(2, c, s, s + 3) for c, s in zip(in_channels, (20, 10, 5, 3))]
-    y_fast, y_plain = fast(feats), plain(feats)
-    assert (y_fast - y_plain).abs().max() < 1e-5
-    y_fast.square().mean().backward()
-    y_plain.square().mean().backward()
-    for (name, p), q in zip(fast.named_parameters(), plain.parameters()):
-        assert (p.grad - q.grad).abs().max() < 1e-5, name
-
-
-def test_compile_and_export_see_a_plain_conv(monkeypatch):
-    """Under torch.compile/export the module takes the direct path: no graph break, no shape-specialized
-    Python tile loop in an exported graph."""
-    head = UperNetHead([8, 8, 8, 8], channels=8, num_classes=2, dropout=0.0).eval()
-    _force_winograd(head)
-    feats = [torch.randn(1, 8, s, s) for s in (16, 8, 4, 2)]
-    with torch.no_grad():
-        eager = head(feats)
-
-    def traced_winograd(*args):
-        raise AssertionError("the Winograd path was traced")
-
-    monkeypatch.setattr(winograd._Winograd3x3, "apply", traced_winograd)
-    compiled = torch.compile(head, fullgraph=True, backend="aot_eager")
-    with torch.no_grad():
-        assert (compiled(feats) - eager).abs().max() < 1e-5
-        assert (torch.export.export(head, (feats,)).module()(feats) - eager).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("size", [(12, 9), (7, 7)])

@@ -7,7 +7,9 @@ from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 
-from .model import UperNetViT, atomic_write
+from ..fileio import atomic_write
+from ..model import UperNetViT
+from .program import export_program
 
 logger = logging.getLogger(__name__)
 
@@ -71,11 +73,6 @@ def export_onnx(
     """
     ort = _import_onnxruntime()
     patch = model.patch_size
-    if dynamic and not hasattr(torch.compiler, "is_exporting"):
-        raise RuntimeError(
-            f"a dynamic ONNX export needs torch >= 2.7 (found {torch.__version__}); upgrade torch or "
-            "export a fixed size (dynamic=False)"
-        )
     smallest = 2 * patch + 1 if dynamic else 1
     if min(height, width) < smallest or batch < 1:
         why = f" (a dynamic export traces more than 2 patches of {patch} px)" if dynamic else ""
@@ -87,15 +84,13 @@ def export_onnx(
     example = inputs[0].to(device)
     if dynamic and batch == 1:  # a size-1 axis is traced as the constant 1; 2 gives the same graph
         example = example.repeat(2, 1, 1, 1)
-    axes = {"x": {0: torch.export.Dim.DYNAMIC, 2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC}}
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            exported = torch.export.export(model, (example,), dynamic_shapes=axes if dynamic else None)
             program = torch.onnx.export(
-                exported, opset_version=opset, dynamo=True, input_names=["image"], output_names=["logits"],
-                verbose=False,
+                export_program(model, example, dynamic=dynamic), opset_version=opset, dynamo=True,
+                input_names=["image"], output_names=["logits"], verbose=False,
             )
             expected = [model(x.to(device)).float().cpu() for x in inputs] if check else []
     finally:

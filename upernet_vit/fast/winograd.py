@@ -30,7 +30,17 @@ from typing import Iterator, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from .sizes import is_exporting, resize
+from ..layers import resize as _resize
+
+
+def resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Bilinear resize to ``size``; ``x`` itself at its own size (eager only: this module never runs traced)."""
+    return x if tuple(x.shape[-2:]) == tuple(size) else _resize(x, size)
+
+
+def is_exporting() -> bool:
+    """True while ``torch.export`` traces (torch >= 2.7 can tell; before, export also sets ``is_compiling``)."""
+    return bool(getattr(torch.compiler, "is_exporting", lambda: False)())
 
 # rows of the transforms; applied below as explicit adds so no matmul runs over the tiles
 G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
@@ -243,7 +253,7 @@ def winograd_conv3x3(
 
 
 class WinogradConv2d(nn.Conv2d):
-    """A drop-in ``nn.Conv2d(C_in, C_out, 3, padding=1)`` (same parameters and state-dict keys) that runs
+    """An ``nn.Conv2d(C_in, C_out, 3, padding=1)`` (same parameters and state-dict keys) that runs
     :func:`winograd_conv3x3` where it pays off: CPU, fp32, no autocast, eager mode, and maps of at least
     ``min_size`` pixels (``min_size_train`` when autograd records: the backward's extra transforms only
     pay off on larger maps; both measured with ``benchmarks/head_vs_hf.py`` on a 2-core Xeon).
@@ -251,17 +261,20 @@ class WinogradConv2d(nn.Conv2d):
     keeps the autocast kernels, and compile/export see a normal conv.
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        bias: bool = True,
-        min_size: int = 32 * 32,
-        min_size_train: int = 96 * 96,
-    ) -> None:
-        super().__init__(in_channels, out_channels, 3, padding=1, bias=bias)
-        self.min_size = min_size
-        self.min_size_train = min_size_train
+    min_size: int = 32 * 32
+    min_size_train: int = 96 * 96
+
+    @classmethod
+    def convert(cls, conv: nn.Conv2d) -> "WinogradConv2d":
+        """Make ``conv`` (a 3x3, stride 1, padding 1, ungrouped ``nn.Conv2d``) this class, in place."""
+        if not (
+            type(conv) in (nn.Conv2d, cls) and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
+            and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
+            and conv.padding_mode == "zeros"
+        ):
+            raise ValueError(f"WinogradConv2d replaces a 3x3, stride 1, padding 1, ungrouped conv; got {conv}")
+        conv.__class__ = cls
+        return conv  # type: ignore[return-value]
 
     def use_winograd(self, x: torch.Tensor, size: Optional[Sequence[int]] = None) -> bool:
         """For input ``x`` (or maps like ``x`` resized to ``size`` first)."""

@@ -1,0 +1,69 @@
+"""What trains in the backbone: everything (full fine-tuning), nothing (frozen), or peft LoRA adapters.
+
+The decoder (pyramid, head, upsampler) always trains. These functions are also ``UperNetViT`` methods
+(``model.enable_lora(...)``); the LoRA settings live in ``model.lora_config`` so ``save_pretrained``
+records them.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Sequence
+
+from torch import nn
+
+from .config import ConfigError, LoraConfig
+
+if TYPE_CHECKING:
+    from .model import UperNetViT
+
+
+def set_backbone_trainable(model: "UperNetViT", trainable: bool) -> None:
+    """Full fine-tuning (True) or a frozen backbone (False). With LoRA on, only LoRA weights train."""
+    for name, p in model.backbone.named_parameters():
+        p.requires_grad = trainable and (model.lora_config is None or "lora_" in name)
+
+
+def enable_lora(
+    model: "UperNetViT",
+    rank: int = 8,
+    alpha: float = 16.0,
+    dropout: float = 0.05,
+    target_modules: Sequence[str] = ("qkv",),
+) -> None:
+    """Wrap the backbone's ``target_modules`` linears with peft LoRA adapters.
+
+    Afterwards exactly the LoRA weights and the decoder (adapter, head, upsampler) are trainable.
+    """
+    from peft import LoraConfig as PeftLoraConfig
+    from peft.tuners.lora import LoraModel
+
+    if model.lora_config is not None:
+        raise RuntimeError("LoRA is already enabled on this model; call merge_lora() first to add another")
+    try:  # LoraConfig's range checks: rank >= 1, dropout in [0, 1), at least one target
+        settings = LoraConfig(
+            enabled=True, r=int(rank), lora_alpha=float(alpha), lora_dropout=float(dropout),
+            target_modules=[target_modules] if isinstance(target_modules, str) else list(target_modules),
+        )
+    except ConfigError as err:
+        raise ConfigError(f"LoRA {err}") from None
+    names = [n for n, m in model.backbone.vit.named_modules() if isinstance(m, nn.Linear)]
+    targets = settings.target_modules
+    if not any(n == t or n.endswith("." + t) for n in names for t in targets):
+        linears = sorted({n.rsplit(".", 1)[-1] for n in names})
+        raise ValueError(
+            f"LoRA target_modules {targets} match no linear layer of backbone {model.backbone.name!r}; "
+            f"its linear layers are named: {', '.join(linears)}"
+        )
+    peft_config = PeftLoraConfig(r=settings.r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
+                                 target_modules=targets)
+    model.backbone.vit = LoraModel(model.backbone.vit, peft_config, "default")
+    model.lora_config = settings
+    set_backbone_trainable(model, True)
+
+
+def merge_lora(model: "UperNetViT") -> None:
+    """Fold the LoRA deltas into the backbone weights and drop the adapters (same outputs, plain model)."""
+    if model.lora_config is None:
+        raise RuntimeError("merge_lora() needs LoRA enabled; call enable_lora() first")
+    model.backbone.vit = model.backbone.vit.merge_and_unload()
+    model.lora_config = None
+    set_backbone_trainable(model, not model.config.freeze_backbone)
