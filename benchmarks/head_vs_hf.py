@@ -1,80 +1,97 @@
-"""Our UperNetHead against transformers' UperNetHead: same weights, same inputs, same process.
+"""Our UperNetHead, as built (the reference) and after ``upernet_vit.fast.optimize``, against transformers'
+UperNetHead: same weights, same inputs, same process.
 
-    python benchmarks/head_vs_hf.py [--repeats 5] [--threads N]
+    python benchmarks/head_vs_hf.py [--repeats 5] [--threads N] [--ablation] [--settings S B]
 
-For each setting prints eval-forward and train forward+backward times (median of --repeats), the ratio
-ours/HF, the max |diff| of the outputs, and achieved GFLOP/s as a fraction of a measured fp32 GEMM
-(the roofline). Modes: ``eval``, ``eval fused`` (our head after BatchNorm folding, ``UperNetViT.fuse()``;
-HF unchanged) and ``train`` (forward + backward).
+For each setting and mode, prints the median time of each head (run in turn), its ratio to HF's, and the
+max |diff| of each output against HF's. Modes: ``eval``, ``eval, fuse_bn`` (ours with BatchNorm folded:
+``optimize(..., fuse_bn=True)``; HF unchanged) and ``train`` (forward + backward). Columns:
+- ``reference``: ``UperNetHead`` as built (resize, concat, conv)
+- ``train default``: ``optimize(channels_last=False)``: recompute_upsampled only, what ``upernet-vit train`` applies
+- ``optimize()``: channels_last and recompute_upsampled, what ``upernet-vit predict`` applies on CPU
+- ``+ winograd``: ``optimize(winograd=True)`` (Winograd F(2x2,3x3) 3x3 convs on CPU fp32)
+
+``--ablation`` times each flag alone instead: ``channels_last``, ``recompute_upsampled``, ``winograd``.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import platform
-import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 from transformers import UperNetConfig
 from transformers.models.upernet.modeling_upernet import UperNetHead as HFUperNetHead
 
 from upernet_vit import UperNetHead, from_hf_upernet
-from upernet_vit.layers import fuse_conv_bn
+from upernet_vit.fast import optimize
 
-from timing import timed_pair  # benchmarks/timing.py
+from timing import timed  # benchmarks/timing.py
 
 SETTINGS = [  # (name, in_channels, channels, map sizes (stride 4..32), batch)
     ("ViT-S-like 256px", [384] * 4, 256, [64, 32, 16, 8], 2),
     ("ViT-B-like 512px", [768] * 4, 512, [128, 64, 32, 16], 2),
 ]
+VARIANTS = {  # column -> optimize() flags (None: the head as built)
+    "reference": None,
+    "train default": {"channels_last": False},  # TRAIN_FAST_PATHS: upernet-vit train
+    "optimize()": {},  # = predict's default on CPU
+    "+ winograd": {"winograd": True},
+}
+ABLATION = {
+    "reference": None,
+    "channels_last": {"channels_last": True, "recompute_upsampled": False},
+    "recompute_upsampled": {"channels_last": False, "recompute_upsampled": True},
+    "winograd": {"channels_last": False, "recompute_upsampled": False, "winograd": True},
+}
 
 
-def gemm_gflops(n: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - start)
-    return 2 * n**3 / min(times) / 1e9
-
-
-def flops(fn) -> int:
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--ablation", action="store_true", help="each optimize() flag alone")
+    parser.add_argument("--settings", nargs="+", choices=[s[0].split("-")[1] for s in SETTINGS],
+                        default=[s[0].split("-")[1] for s in SETTINGS], help="which settings (S, B)")
     args = parser.parse_args()
+    variants = ABLATION if args.ablation else VARIANTS
     if args.threads:
         torch.set_num_threads(args.threads)
-    roof = gemm_gflops()
-    print(f"# torch {torch.__version__} | {platform.machine()} | {torch.get_num_threads()} threads | "
-          f"fp32 GEMM {roof:.0f} GFLOP/s (roofline)")
-    print("| setting | mode | HF (s) | ours (s) | ours/HF | max abs diff | GFLOP (direct) | HF % roofline "
-          "| ours effective % roofline |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"# {cpu_name()} | torch {torch.__version__} | {torch.get_num_threads()} threads | fp32")
+    print("| setting | mode | HF (s) | " + " | ".join(f"{v} (s) | {v}/HF" for v in variants) + " | max abs diff |")
+    print("|---|---|---|" + "---|---|" * len(variants) + "---|")
     for name, in_channels, channels, sizes, batch in SETTINGS:
+        if name.split("-")[1] not in args.settings:
+            continue
         torch.manual_seed(0)
         hf = HFUperNetHead(UperNetConfig(hidden_size=channels, pool_scales=[1, 2, 3, 6], num_labels=4), in_channels)
-        ours = UperNetHead(in_channels, channels=channels, num_classes=4, norm="batchnorm", dropout=0.0)
-        ours.load_state_dict(from_hf_upernet(hf.state_dict()))
+        reference = UperNetHead(in_channels, channels=channels, num_classes=4, norm="batchnorm", dropout=0.0)
+        reference.load_state_dict(from_hf_upernet(hf.state_dict()))
+        ours = [reference if flags is None else optimize(copy.deepcopy(reference), **flags) for flags in variants.values()]
         feats = [torch.randn(batch, c, s, s) for c, s in zip(in_channels, sizes)]
-        fused = copy.deepcopy(ours).eval()
-        fuse_conv_bn(fused)
-        for mode in ("eval", "eval fused", "train"):
-            hf.train(mode == "train")
-            ours.train(mode == "train")
-            mine = fused if mode == "eval fused" else ours
+        for mode in ("eval", "eval, fuse_bn", "train"):
+            training = mode == "train"
+            heads = [hf.train(training)] + [h.train(training) for h in ours]
+            if mode == "eval, fuse_bn":  # each variant's flags plus fuse_bn (the reference: fuse_bn alone)
+                heads = [hf] + [
+                    optimize(copy.deepcopy(reference).eval(), fuse_bn=True,
+                             **(flags if flags is not None else {"channels_last": False, "recompute_upsampled": False}))
+                    for flags in variants.values()
+                ]
 
             def run(head):
-                if mode.startswith("eval"):
+                if not training:
                     with torch.no_grad():
                         return head(feats)
                 out = head(feats)
@@ -82,15 +99,13 @@ def main() -> None:
                 return out
 
             with torch.no_grad():
-                diff = (hf.eval()(feats) - mine.eval()(feats)).abs().max().item()
-            hf.train(mode == "train")
-            mine.train(mode == "train")
-            t_hf, t_ours = timed_pair(lambda: run(hf), lambda: run(mine), args.repeats)
-            # FLOPs of the direct convolutions (HF's count); Winograd does fewer multiplies for the same
-            # result, so ours is an *effective* rate that can exceed the GEMM roofline
-            gflop = flops(lambda: run(hf)) / 1e9
-            print(f"| {name} | {mode} | {t_hf:.3f} | {t_ours:.3f} | {t_ours / t_hf:.2f} | {diff:.1e} | "
-                  f"{gflop:.0f} | {100 * gflop / t_hf / roof:.0f}% | {100 * gflop / t_ours / roof:.0f}% |")
+                outs = [h.eval()(feats) for h in heads]
+                diff = max((o - outs[0]).abs().max().item() for o in outs[1:])
+            for h in heads:
+                h.train(training)
+            times = timed([lambda h=h: run(h) for h in heads], args.repeats)
+            cells = " | ".join(f"{t:.3f} | {t / times[0]:.2f}" for t in times[1:])
+            print(f"| {name} | {mode} | {times[0]:.3f} | {cells} | {diff:.1e} |", flush=True)
 
 
 if __name__ == "__main__":

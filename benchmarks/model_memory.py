@@ -1,14 +1,17 @@
-"""Peak training memory of a whole UperNetViT step: our head against HuggingFace's, and backbone
-gradient checkpointing.
+"""Peak training memory of a whole UperNetViT step: our head (the reference, and after
+``upernet_vit.fast.optimize``) against HuggingFace's, and backbone gradient checkpointing.
 
     python benchmarks/model_memory.py [--backbone vit_base_patch16_224 --image 512 --batch 2]
 
 Variants (same backbone and pyramid; the head's math is the same, BatchNorm as in HF's head; weight
 values do not change memory, so each head keeps its own random init):
 - ``hf head``: the model with transformers' ``UperNetHead`` in place of ours
-- ``ours``: the model as built (split fpn_bottleneck, in-place ReLU, Winograd convs on CPU)
-- ``ours + checkpointing``: and ``gradient_checkpointing=True`` (timm ``set_grad_checkpointing``)
-- ``ours, layernorm``: our default decoder norm (not loadable into HF's head)
+- ``reference``: the model as built (resize, concat, conv)
+- ``train default``: after ``optimize(**TRAIN_FAST_PATHS)``, the fast paths ``upernet-vit train`` applies
+  (recompute_upsampled; no channels_last)
+- ``train default + winograd``: and Winograd 3x3 convs (CPU fp32; ``upernet-vit train --winograd``)
+- ``train default + checkpointing``: and ``gradient_checkpointing=True`` (timm ``set_grad_checkpointing``)
+- ``train default, layernorm``: our default decoder norm (not loadable into HF's head)
 
 Each variant runs in its own process; the figure is the process's peak resident memory during one
 forward+backward minus its resident memory just before (CPU). The children run with glibc's
@@ -26,7 +29,8 @@ import subprocess
 import sys
 import time
 
-VARIANTS = ("hf head", "ours", "ours + checkpointing", "ours, layernorm")
+VARIANTS = ("hf head", "reference", "train default", "train default + winograd", "train default + checkpointing",
+            "train default, layernorm")
 
 
 def _rss_mb() -> float:
@@ -43,8 +47,8 @@ def one_step(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     model = UperNetViT(
         args.backbone, args.size, 4,
-        norm="layernorm" if args.variant == "ours, layernorm" else "batchnorm",
-        gradient_checkpointing=args.variant == "ours + checkpointing",
+        norm="layernorm" if args.variant.endswith("layernorm") else "batchnorm",
+        gradient_checkpointing=args.variant.endswith("checkpointing"),
         dropout=0.0,  # HF's head has none; ours would keep one more [B, C, H/4, W/4] map for it
     ).train()
     if args.variant == "hf head":
@@ -61,6 +65,11 @@ def one_step(args: argparse.Namespace) -> None:
 
         config = UperNetConfig(hidden_size=model.head.channels, pool_scales=[1, 2, 3, 6], num_labels=4)
         model.head = HFHead(HFUperNetHead(config, list(model.head.in_channels)))
+    elif args.variant.startswith("train default"):
+        from upernet_vit.fast import optimize
+        from upernet_vit.training.trainer import TRAIN_FAST_PATHS
+
+        optimize(model, **TRAIN_FAST_PATHS, winograd=args.variant.endswith("winograd"))
     x = torch.randn(args.batch, 3, args.image, args.image)
     before = _rss_mb()
     start = time.perf_counter()

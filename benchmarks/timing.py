@@ -3,21 +3,27 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, Tuple
+from typing import Callable, List, Sequence, Tuple
 
 import torch
 
 
-def timed_pair(fn_a: Callable[[], object], fn_b: Callable[[], object], repeats: int) -> Tuple[float, float]:
-    """Median seconds of two functions after one warm-up each, run alternately so that machine noise hits
-    both alike; waits for CUDA work to finish before each reading."""
-    fn_a(), fn_b()
-    times_a, times_b = [], []
+def timed(fns: Sequence[Callable[[], object]], repeats: int) -> List[float]:
+    """Median seconds of each function after one warm-up each, run in turn so that machine noise hits
+    all alike; waits for CUDA work to finish before each reading."""
+    for fn in fns:
+        fn()
+    times: List[List[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        for fn, times in ((fn_a, times_a), (fn_b, times_b)):
+        for fn, samples in zip(fns, times):
             start = time.perf_counter()
             fn()
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-    return statistics.median(times_a), statistics.median(times_b)
+            samples.append(time.perf_counter() - start)
+    return [statistics.median(samples) for samples in times]
+
+
+def timed_pair(fn_a: Callable[[], object], fn_b: Callable[[], object], repeats: int) -> Tuple[float, float]:
+    a, b = timed([fn_a, fn_b], repeats)
+    return a, b  # (a tuple of exactly two, for unpacking)

@@ -232,3 +232,80 @@ def test_lora_bad_rank():
 
 def test_depth_reflects_pruning():
     assert tiny_model(feature_indices=[0, 1, 1, 2]).backbone.depth == 3
+
+
+def test_backbone_size_is_optional_where_it_is_unambiguous():
+    assert UperNetViT("vit_small_patch16_224", num_classes=2, backbone_kwargs=TINY).config.backbone_size is None
+    assert UperNetViT(backbone="retfound", num_classes=2, backbone_kwargs=TINY).config.backbone_size == "large"
+    assert UperNetViT(backbone="visionfm", num_classes=2, backbone_kwargs=TINY).backbone.name == "vit_base_patch16_224"
+    with pytest.raises(ValueError, match="'dinov2' has sizes small, base, large, giant; got no backbone_size"):
+        UperNetViT(backbone="dinov2", num_classes=2)
+    with pytest.raises(ValueError, match="num_classes is not set"):
+        UperNetViT(backbone="retfound", backbone_kwargs=TINY)
+
+
+def test_options_are_the_model_config_fields():
+    import numpy as np
+
+    from upernet_vit import ConfigError
+    from upernet_vit.config import ModelConfig
+
+    model = tiny_model(decoder_channels=16, pool_scales=(1, 2), feature_indices=(0, 1, 2, 3), num_classes=np.int64(4))
+    cfg = model.config
+    assert (cfg.decoder.hidden_size, cfg.decoder.pool_scales, cfg.feature_indices, cfg.num_classes) == (16, [1, 2], [0, 1, 2, 3], 4)
+    assert UperNetViT(cfg).state_dict().keys() == model.state_dict().keys()  # a ModelConfig builds the same model
+    assert UperNetViT(cfg, num_classes=2).num_classes == 2
+    with pytest.raises(TypeError, match=r"unknown model option 'decoder_chanels' \(did you mean 'decoder_channels'\?\)"):
+        tiny_model(decoder_chanels=16)
+    with pytest.raises(ConfigError, match=r"decoder\.hidden_size: must be >= 1, got 0"):
+        tiny_model(decoder_channels=0)
+    with pytest.raises(ConfigError, match="in_chans: expected an integer"):
+        tiny_model(in_chans="3")
+    with pytest.raises(ConfigError, match="dropout: must be in"):
+        ModelConfig().decoder.__class__(dropout=1.0)
+    with pytest.raises(ConfigError, match=r"backbone: expected a string, got \['dinov2'\]"):
+        UperNetViT(["dinov2"], num_classes=2)
+
+
+def test_every_option_reaches_every_entry_point():
+    """A new ModelConfig field needs no other declaration: kwargs, from_config, YAML and the factory take it."""
+    import dataclasses
+
+    from upernet_vit.config import DecoderConfig, ModelConfig
+
+    base = tiny_model(norm="groupnorm", upsampler="progressive", aux_head=True, aux_channels=8, dropout=0.2).config
+    options = {f.name: getattr(base, f.name) for f in dataclasses.fields(ModelConfig) if f.name != "decoder"}
+    options.update({f.name: getattr(base.decoder, f.name) for f in dataclasses.fields(DecoderConfig)})
+    built = [
+        UperNetViT(**options),
+        UperNetViT.from_config({"model": {"backbone": "dinov2", "backbone_size": "small"}}, **options),
+        create_segmentation_model(backbone_name=options.pop("backbone"), **options),
+    ]
+    for model in built:
+        assert model.config == base
+
+
+def test_default_model_imports_neither_fast_nor_export_paths():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch; sys.path.insert(0, 'tests'); from helpers import tiny_model\n"
+        "model = tiny_model().train(); model(torch.randn(2, 3, 40, 36)).square().mean().backward()\n"
+        "model.eval(); torch.no_grad()(model)(torch.randn(1, 3, 20, 20))\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('upernet_vit.fast', 'upernet_vit.export'))))"
+    )
+    root = os.path.join(os.path.dirname(__file__), "..")
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_torch_floor_is_guarded_and_declared():
+    from upernet_vit import TORCH_MIN, _check_torch_version
+
+    _check_torch_version("2.5.0")
+    _check_torch_version("2.14.1+cu130")
+    with pytest.raises(ImportError, match=r"torch >= 2\.5, found 2\.4\.1"):
+        _check_torch_version("2.4.1")
+    setup = open(os.path.join(os.path.dirname(__file__), "..", "setup.cfg"), encoding="utf-8").read()
+    assert f"torch>={TORCH_MIN[0]}.{TORCH_MIN[1]}\n" in setup

@@ -113,6 +113,17 @@ def test_bf16_training_and_layer_decay_run(tmp_path):
         Trainer(_config(train={"amp": "fp16"}), str(tmp_path / "run2"))
 
 
+def test_trainer_applies_the_measured_fast_paths_or_the_reference(tmp_path):
+    from upernet_vit import FPNFusion
+    from upernet_vit.fast import LeanFPNFusion, WinogradConv2d
+
+    fpn = Trainer(_config(), str(tmp_path / "a")).model.head.fpn  # TRAIN_FAST_PATHS: recompute, no channels_last
+    assert type(fpn) is LeanFPNFusion and fpn.fpn_bottleneck.conv.weight.is_contiguous()
+    assert type(Trainer(_config(), str(tmp_path / "b"), fast=None).model.head.fpn) is FPNFusion
+    winograd = Trainer(_config(), str(tmp_path / "c"), fast={"winograd": True}).model.head.fpn
+    assert isinstance(winograd.fpn_bottleneck.conv, WinogradConv2d)
+
+
 @pytest.fixture(scope="module")
 def trained_on_disk(tmp_path_factory):
     """A tiny run on the demo data written as an nnU-Net raw dataset, through the CLI."""
@@ -192,6 +203,10 @@ def test_predict_input_grouping_and_bare_model_folder(tmp_path):
     model.save_pretrained(tmp_path / "bare")  # no preprocessing.json: backbone stats, whole images
     written = predict(str(tmp_path / "bare"), str(folder), str(tmp_path / "out"))
     assert len(written) == 3 and read_label(written[0]).shape == (20, 24)
+    # the reference model (no fast paths) and Winograd give the same masks
+    for name, fast in (("reference", None), ("winograd", {"winograd": True})):
+        other = predict(str(tmp_path / "bare"), str(folder), str(tmp_path / name), fast=fast)
+        assert all(np.array_equal(read_label(a), read_label(b)) for a, b in zip(written, other))
 
 
 def test_evaluate_without_labels_takes_values_from_both_sides(tmp_path):

@@ -228,3 +228,15 @@ def test_image_modes(tmp_path):
     rgba[..., 3] = 255
     Image.fromarray(rgba, mode="RGBA").save(tmp_path / "mask.png")
     assert (read_label(str(tmp_path / "mask.png")) == 2).all()
+
+
+def test_cli_fast_path_flags():
+    from upernet_vit.cli import _fast_paths, build_parser
+
+    parser = build_parser()
+    for command in (["train", "c.yaml"], ["predict", "--model", "m", "--input", "i", "--output", "o"]):
+        assert _fast_paths(parser.parse_args(command)) == {"winograd": False}
+        assert _fast_paths(parser.parse_args(command + ["--winograd"])) == {"winograd": True}
+        assert _fast_paths(parser.parse_args(command + ["--reference"])) is None
+        with pytest.raises(SystemExit):
+            parser.parse_args(command + ["--reference", "--winograd"])

@@ -1,13 +1,30 @@
 """upernet-vit: UperNet on plain ViT foundation-model backbones, in pure PyTorch."""
-from .backbones import create_backbone
-from .config import Config, ConfigError, load_config
-from .convert import from_hf_upernet, from_mmseg_upernet
-from .factory import create_segmentation_model
-from .fpn import FPNFusion
-from .head import FCNHead, UperNetHead
-from .model import UperNetViT
-from .ppm import PyramidPoolingModule
-from .vit_adapter import SimpleFeaturePyramid, default_feature_indices
+import re
+
+import torch
+
+TORCH_MIN = (2, 5)  # torch.serialization.safe_globals (weights-only loading of official checkpoints)
+
+
+def _check_torch_version(version: str) -> None:
+    """ImportError naming the fix if ``version`` (a torch version string) is below :data:`TORCH_MIN`."""
+    match = re.match(r"(\d+)\.(\d+)", version)
+    if match is None or tuple(int(p) for p in match.groups()) < TORCH_MIN:
+        need = ".".join(map(str, TORCH_MIN))
+        raise ImportError(f"upernet-vit needs torch >= {need}, found {version}; pip install 'torch>={need}'")
+
+
+_check_torch_version(torch.__version__)
+
+from .backbones import create_backbone  # noqa: E402
+from .config import Config, ConfigError, load_config  # noqa: E402
+from .convert import from_hf_upernet, from_mmseg_upernet  # noqa: E402
+from .factory import create_segmentation_model  # noqa: E402
+from .fpn import FPNFusion  # noqa: E402
+from .head import FCNHead, UperNetHead  # noqa: E402
+from .model import UperNetViT  # noqa: E402
+from .ppm import PyramidPoolingModule  # noqa: E402
+from .vit_adapter import SimpleFeaturePyramid, default_feature_indices  # noqa: E402
 
 __version__ = "0.1.0"
 

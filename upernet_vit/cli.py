@@ -6,7 +6,7 @@ import json
 import logging
 import os
 import sys
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import yaml
 
@@ -37,6 +37,20 @@ def _setup_logging(output_dir: Optional[str] = None) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _fast_paths(args: argparse.Namespace) -> Optional[Dict[str, bool]]:
+    """``upernet_vit.fast.optimize`` flags over the command's measured defaults, from ``--reference`` /
+    ``--winograd``; None: the reference model."""
+    return None if args.reference else {"winograd": args.winograd}
+
+
+def _add_fast_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--winograd", action="store_true",
+                       help="3x3 head convs by Winograd F(2x2,3x3) on CPU fp32: faster on some CPUs, slower on others")
+    group.add_argument("--reference", action="store_true",
+                       help="run the reference model as built, without the upernet_vit.fast paths")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
     from .training.trainer import Trainer
@@ -60,7 +74,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         _setup_logging(output)
     logging.getLogger(__name__).info("run folder: %s", os.path.abspath(output))
-    trainer = Trainer(config, output, resume=args.resume)
+    trainer = Trainer(config, output, resume=args.resume, fast=_fast_paths(args))
     history = trainer.run()
     if history and trainer.dist.is_main:
         last = history[-1]
@@ -76,7 +90,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     _setup_logging()
     written = predict(
-        args.model, args.input, args.output, args.device, args.step, args.mirror, args.probabilities, args.amp
+        args.model, args.input, args.output, args.device, args.step, args.mirror, args.probabilities, args.amp,
+        fast=_fast_paths(args),
     )
     print(f"wrote {len(written)} mask(s) to {args.output}")
     return 0
@@ -181,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--override", "-o", action="append", metavar="KEY=VALUE", help="e.g. train.num_epochs=5")
     train.add_argument("--output", help="run folder (default: runs/<config name>)")
     train.add_argument("--resume", action="store_true", help="continue the run in --output from checkpoint_latest")
+    _add_fast_flags(train)
     train.set_defaults(func=cmd_train)
 
     pred = sub.add_parser("predict", help="predict masks with a trained model")
@@ -193,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--probabilities", action="store_true", help="also write <case>_probs.npz")
     pred.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none",
                       help="autocast dtype (bf16: CPU or CUDA; fp16: CUDA only)")
+    _add_fast_flags(pred)
     pred.set_defaults(func=cmd_predict)
 
     ev = sub.add_parser("evaluate", help="Dice/IoU of predicted masks against ground truth")
