@@ -87,3 +87,18 @@ def test_defaults_and_round_trip(tmp_path):
 def test_from_config_needs_num_classes():
     with pytest.raises(ValueError, match="model.num_classes"):
         UperNetViT.from_config({"model": {"backbone_kwargs": dict(TINY)}})
+
+
+def test_retired_winograd_key_of_older_files_is_ignored_with_a_warning(tmp_path, caplog):
+    """config.yaml files written before the fast paths left the model still load (decoder.winograd)."""
+    from helpers import tiny_model
+
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "old")
+    path = tmp_path / "old" / "config.yaml"
+    path.write_text(path.read_text().replace("    aux_channels: 256\n", "    aux_channels: 256\n    winograd: true\n"))
+    assert "winograd: true" in path.read_text()
+    with caplog.at_level("WARNING"):
+        loaded = UperNetViT.from_pretrained(tmp_path / "old")
+    assert "model.decoder.winograd is no longer an option" in caplog.text and "--winograd" in caplog.text
+    assert loaded.config == model.config

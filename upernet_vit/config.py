@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import numbers
 import os
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Sequence, Tuple, Union
 
 import yaml
+
+logger = logging.getLogger(__name__)
 
 Norm = Literal["layernorm", "groupnorm", "batchnorm", "none"]
 Upsampler = Literal["bilinear", "progressive"]
@@ -241,9 +244,20 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
     raise ConfigError(f"{path}: expected {_describe(tp)}, got {value!r} ({type(value).__name__})")
 
 
+# keys that earlier versions wrote (config.yaml of saved models and runs) and that configure nothing now
+RETIRED_KEYS: Dict[Tuple[str, str], str] = {
+    ("DecoderConfig", "winograd"): "the model is the reference implementation now; Winograd is opt-in "
+    "(upernet-vit train/predict --winograd, or upernet_vit.fast.optimize(model, winograd=True))",
+}
+
+
 def _build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
+    retired = [key for key in data if (cls.__name__, key) in RETIRED_KEYS]
+    for key in retired:
+        logger.warning("%s%s is no longer an option and is ignored: %s", prefix, key, RETIRED_KEYS[(cls.__name__, key)])
+    data = {k: v for k, v in data.items() if k not in retired}
     for key in data:
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)

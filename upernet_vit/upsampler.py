@@ -1,4 +1,9 @@
-"""From the head's stride-4 logits to full resolution."""
+"""From the head's stride-4 logits ``[B, K, H/4, W/4]`` to full resolution ``[B, K, H, W]``.
+
+- ``bilinear`` (mmseg/HF): one bilinear resize by size. No parameters.
+- ``progressive``: two learned 2x stages (stride 4 -> 2 -> 1), each bilinear then a residual 3x3 conv
+  refinement whose last conv starts at zero, so training starts from exactly bilinear and adds detail.
+"""
 from __future__ import annotations
 
 from typing import Sequence

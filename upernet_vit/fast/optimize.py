@@ -29,8 +29,9 @@ def optimize(
     Each flag says the state the head ends in, so ``optimize(model, winograd=False)`` also undoes an
     earlier ``winograd=True``.
 
-    - ``channels_last``: head conv weights in NHWC memory, the faster layout for oneDNN (CPU) and cuDNN;
-      the convs then return NHWC maps too. Same values.
+    - ``channels_last``: head conv weights in NHWC memory, so the head's convs run in NHWC (other kernels,
+      same values up to rounding). Measured faster for eval on the CPUs tried, slower for training on
+      an AMD EPYC (README, Performance).
     - ``fuse_bn``: fold BatchNorm into the convs (``norm="batchnorm"`` models; eval mode only; not
       undoable, so save the unfused model for training or sharing).
     - ``recompute_upsampled``: the FPN's last step never builds the ``[B, L*C, H/4, W/4]`` concat and, in

@@ -296,7 +296,7 @@ class WinogradConv2d(nn.Conv2d):
         )
 
     def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        # nn.Conv2d.forward calls this; ConvNormAct calls it with weight slices for a split concat
+        # nn.Conv2d.forward calls this; fast.fpn.split_conv calls it with weight slices for a split concat
         if self.use_winograd(x):
             return winograd_conv3x3(x, weight, bias)
         return super()._conv_forward(x, weight, bias)
