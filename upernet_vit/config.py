@@ -115,7 +115,9 @@ class TrainConfig(_Checked):
     momentum: float = 0.99  # sgd only
     warmup_epochs: float = option(5.0, check=_non_negative, must=">= 0")  # linear warmup, then poly decay
     poly_exponent: float = 0.9
-    layer_decay: Optional[float] = option(None, check=lambda v: v is None or 0 < v <= 1, must="in (0, 1] or null")
+    layer_decay: Optional[float] = option(  # e.g. 0.75: backbone block i gets lr * decay^(depth - i)
+        None, check=lambda v: v is None or 0 < v <= 1, must="in (0, 1] or null"
+    )
     amp: Literal["none", "bf16", "fp16"] = "none"  # fp16 needs CUDA (uses a GradScaler)
     aux_weight: float = 0.4  # auxiliary-head loss weight (when model.decoder.aux_head)
     seed: int = 0
