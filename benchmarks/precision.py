@@ -30,7 +30,7 @@ from upernet_vit.training.inference import sliding_window_logits
 from upernet_vit.training.metrics import confusion_counts, summarize
 from upernet_vit.training.trainer import Trainer, prepare_data
 
-from timing import timed_pair  # benchmarks/timing.py
+from timing import timed  # benchmarks/timing.py
 
 DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "demo.yaml")
 
@@ -76,7 +76,7 @@ def speed(name: str, model: UperNetViT, x: torch.Tensor, repeats: int) -> None:
         loss.backward()
 
     for mode, step in (("eval", eval_step), ("train", train_step)):
-        t32, t16 = timed_pair(lambda: step(False), lambda: step(True), repeats)
+        t32, t16 = timed([lambda: step(False), lambda: step(True)], repeats)
         print(f"| {name} | {mode} | {t32:.3f} | {t16:.3f} | {t16 / t32:.2f} |", flush=True)
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, List, Sequence
 
 import torch
 
@@ -23,7 +23,3 @@ def timed(fns: Sequence[Callable[[], object]], repeats: int) -> List[float]:
             samples.append(time.perf_counter() - start)
     return [statistics.median(samples) for samples in times]
 
-
-def timed_pair(fn_a: Callable[[], object], fn_b: Callable[[], object], repeats: int) -> Tuple[float, float]:
-    a, b = timed([fn_a, fn_b], repeats)
-    return a, b  # (a tuple of exactly two, for unpacking)
