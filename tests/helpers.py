@@ -1,9 +1,31 @@
 """Shared test helpers (imported as a plain module: pytest puts tests/ on sys.path)."""
+import json
+
 import torch
 
 from upernet_vit import UperNetViT
 
 TINY = dict(depth=4, embed_dim=32, num_heads=2)
+
+# a 3-epoch training run on 10 demo cases of 32x32 px: seconds on a CPU
+TINY_CONFIG = {
+    "model": {"backbone": "vit_small_patch16_224", "backbone_size": None, "backbone_kwargs": TINY,
+              "decoder": {"hidden_size": 16, "aux_head": True, "aux_channels": 8}},
+    "train": {"num_epochs": 3, "num_iterations_per_epoch": 2, "num_val_iterations_per_epoch": 1,
+              "warmup_epochs": 1, "num_overlays": 2, "seed": 7},
+    "data": {"format": "demo", "demo_cases": 10, "demo_image_size": 32, "patch_size": [32, 32],
+             "batch_size": 2, "num_workers": 0},
+}
+
+
+def tiny_train_config(**sections):
+    """:data:`TINY_CONFIG` with ``section={key: value}`` updates, as a Config."""
+    from upernet_vit.config import load_config
+
+    data = json.loads(json.dumps(TINY_CONFIG))
+    for section, values in sections.items():
+        data[section].update(values)
+    return load_config(data)
 
 
 def tiny_model(**overrides) -> UperNetViT:

@@ -18,24 +18,7 @@ from upernet_vit.training.demo_data import write_demo_dataset
 from upernet_vit.training.image_io import read_label
 from upernet_vit.training.predict import evaluate
 from upernet_vit.training.trainer import Trainer
-from helpers import TINY
-
-TINY_CONFIG = {
-    "model": {"backbone": "vit_small_patch16_224", "backbone_size": None, "backbone_kwargs": TINY,
-              "decoder": {"hidden_size": 16, "aux_head": True, "aux_channels": 8}},
-    "train": {"num_epochs": 3, "num_iterations_per_epoch": 2, "num_val_iterations_per_epoch": 1,
-              "warmup_epochs": 1, "num_overlays": 2, "seed": 7},
-    "data": {"format": "demo", "demo_cases": 10, "demo_image_size": 32, "patch_size": [32, 32],
-             "batch_size": 2, "num_workers": 0},
-}
-
-
-def _config(**sections):
-    data = json.loads(json.dumps(TINY_CONFIG))
-    for section, values in sections.items():
-        data[section].update(values)
-    return load_config(data)
-
+from helpers import TINY, TINY_CONFIG, tiny_train_config as _config
 
 def test_train_writes_run_folder(tmp_path):
     run = str(tmp_path / "run")
@@ -45,7 +28,7 @@ def test_train_writes_run_folder(tmp_path):
         assert os.path.isfile(os.path.join(run, name)), name
     for ckpt in ("checkpoint_latest", "checkpoint_best"):
         assert sorted(os.listdir(os.path.join(run, ckpt))) == [
-            "config.yaml", "model.safetensors", "preprocessing.json", "training_state.pt"
+            "config.yaml", "model.safetensors", "model.safetensors.sha256", "preprocessing.json", "training_state.pt"
         ]
     assert len(os.listdir(os.path.join(run, "overlays"))) == 2
     with open(os.path.join(run, "metrics.csv")) as f:

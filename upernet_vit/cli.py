@@ -52,7 +52,7 @@ def _add_fast_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .config import load_config
+    from .config import load_config, read_yaml
     from .training.trainer import Trainer
 
     config_path = args.config_path or args.config
@@ -60,8 +60,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise SystemExit("train: give a config file (upernet-vit train CONFIG or --config CONFIG)")
     if not os.path.isfile(config_path):
         raise SystemExit(f"train: config file {config_path!r} does not exist")
-    with open(config_path, encoding="utf-8") as f:
-        data = yaml.safe_load(f) or {}
+    data = read_yaml(config_path) or {}
     overrides = list(args.override or [])
     if args.data:
         fmt = "nnunet" if os.path.isfile(os.path.join(args.data, "dataset.json")) else "folders"

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+import math
 import numbers
 import os
 import typing
@@ -43,6 +44,37 @@ def _fraction(v: Any) -> bool:
     return 0 <= v < 1
 
 
+def _positive_real(v: Any) -> bool:
+    return v > 0
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> Dict[Any, Any]:
+        seen: Dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (lines {seen[key]} and {line}); keep one",
+                    key_node.start_mark,
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: Union[str, os.PathLike]) -> Any:
+    """The YAML document in ``path``; a syntax error or a duplicate key is a :class:`ConfigError` naming the
+    file, the key and the line."""
+    with open(path, encoding="utf-8") as f:
+        try:
+            return yaml.load(f, Loader=_UniqueKeyLoader)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{os.fspath(path)}: not valid YAML: {err}") from err
+
+
 class _Checked:
     """Runs each field's ``option(check=...)`` at construction; a failure is a ConfigError naming the field."""
 
@@ -50,6 +82,9 @@ class _Checked:
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
             check, must = f.metadata.get("check", (None, ""))
             value = getattr(self, f.name)
+            numbers_in = value if isinstance(value, (list, tuple)) else [value]
+            if any(isinstance(v, numbers.Real) and not math.isfinite(v) for v in numbers_in):
+                raise ConfigError(f"{f.name}: must be a finite number, got {value!r}")
             try:
                 ok = check is None or check(value)
             except TypeError:
@@ -96,7 +131,7 @@ class ModelConfig(_Checked):
 class LoraConfig(_Checked):
     enabled: bool = False
     r: int = option(8, check=_positive, must=">= 1")
-    lora_alpha: float = 16.0
+    lora_alpha: float = option(16.0, check=_positive_real, must="> 0")
     target_modules: List[str] = option(factory=lambda: ["qkv"], check=lambda v: len(v) > 0, must="a non-empty list of module names")
     lora_dropout: float = option(0.05, check=_fraction, must="in [0, 1)")
 
@@ -112,14 +147,14 @@ class TrainConfig(_Checked):
     num_iterations_per_epoch: int = option(250, check=_positive, must=">= 1")
     num_val_iterations_per_epoch: int = option(50, check=_non_negative, must=">= 0")  # validation-loss batches
     optimizer: Literal["adamw", "sgd"] = "adamw"  # sgd = SGD with Nesterov momentum
-    momentum: float = 0.99  # sgd only
+    momentum: float = option(0.99, check=_fraction, must="in [0, 1)")  # sgd only
     warmup_epochs: float = option(5.0, check=_non_negative, must=">= 0")  # linear warmup, then poly decay
-    poly_exponent: float = 0.9
+    poly_exponent: float = option(0.9, check=_non_negative, must=">= 0")
     layer_decay: Optional[float] = option(  # e.g. 0.75: backbone block i gets lr * decay^(depth - i)
         None, check=lambda v: v is None or 0 < v <= 1, must="in (0, 1] or null"
     )
     amp: Literal["none", "bf16", "fp16"] = "none"  # fp16 needs CUDA (uses a GradScaler)
-    aux_weight: float = 0.4  # auxiliary-head loss weight (when model.decoder.aux_head)
+    aux_weight: float = option(0.4, check=_non_negative, must=">= 0")  # auxiliary-head loss weight (when model.decoder.aux_head)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     val_every: int = option(1, check=_positive, must=">= 1")  # whole-image validation every N epochs (and the last)
@@ -134,7 +169,7 @@ class AugmentationConfig(_Checked):
         factory=lambda: [0.7, 1.4], check=lambda v: len(v) == 2 and 0 < v[0] <= v[1],
         must="[low, high] with 0 < low <= high",
     )  # zoom factors
-    rotation_degrees: float = 180.0
+    rotation_degrees: float = option(180.0, check=_non_negative, must=">= 0")
     flip: bool = True
     intensity: bool = True
 
@@ -233,13 +268,18 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         if isinstance(value, numbers.Integral) and not isinstance(value, bool):
             return int(value)
     elif tp is float:
+        number: Optional[float] = None
         if isinstance(value, numbers.Real) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):  # .inf / .nan would train with lr inf or clip nothing, silently
+                raise ConfigError(f"{path}: must be a finite number, got {value!r}")
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -287,11 +327,7 @@ def load_config(source: Union[str, os.PathLike, Mapping[str, Any], Config]) -> C
         origin = os.fspath(source)
         if not os.path.isfile(origin):
             raise FileNotFoundError(f"config file {origin!r} does not exist")
-        with open(origin, encoding="utf-8") as f:
-            try:
-                data = yaml.safe_load(f) or {}
-            except yaml.YAMLError as err:
-                raise ConfigError(f"{origin}: not valid YAML: {err}") from err
+        data = read_yaml(origin) or {}
     else:
         data = source
     if not isinstance(data, Mapping):

@@ -91,6 +91,7 @@ class UperNetViT(nn.Module):
             ) from err
         self.config = cfg
         self.lora_config: Optional[LoraConfig] = None
+        self.check_finite = True  # check_input: refuse NaN/infinite input values
         self.backbone = create_backbone(
             cfg.backbone, cfg.backbone_size, cfg.in_chans, cfg.checkpoint_path, cfg.backbone_kwargs,
             checkpoint_format=cfg.checkpoint_format, trust_checkpoint=cfg.trust_checkpoint, norm_stats=cfg.norm_stats,
@@ -136,7 +137,12 @@ class UperNetViT(nn.Module):
         return self.lora_config is not None
 
     # ------------------------------------------------------------------ forward
-    def _check_input(self, x: torch.Tensor) -> None:
+    def check_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` checked and in the weights' dtype. Shape ``[B, in_chans, H, W]``, B, H, W >= 1; integer
+        images are refused (scale them to [0, 1] and normalize with ``model.mean/std`` first); floating
+        inputs of another dtype are cast. With ``check_finite`` (default True) a NaN or infinite value is a
+        ValueError: one such pixel would make every logit of its image NaN. The check is one pass over the
+        input (benchmarks/input_check.py) and is skipped under torch.compile and torch.export."""
         if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != self.in_chans:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(
@@ -145,6 +151,23 @@ class UperNetViT(nn.Module):
             )
         if x.shape[0] < 1 or x.shape[2] < 1 or x.shape[3] < 1:
             raise ValueError(f"UperNetViT got an empty input of shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(
+                f"UperNetViT expects a floating-point image, got dtype {x.dtype}: scale it to [0, 1] "
+                f"(e.g. x.float() / 255 for 8-bit) and normalize with model.mean and model.std"
+            )
+        weight_dtype = next(self.head.parameters()).dtype
+        if x.dtype != weight_dtype:
+            x = x.to(weight_dtype)
+        if self.check_finite and not torch.compiler.is_compiling() and not bool(torch.isfinite(x).all()):
+            bad = (~torch.isfinite(x)).flatten(1).sum(1)
+            where = ", ".join(f"image {i}: {int(n)}" for i, n in enumerate(bad.tolist()) if n)
+            raise ValueError(
+                f"UperNetViT got non-finite input values (NaN or infinity) ({where} of {x[0].numel()} values): "
+                f"every logit of such an image would be NaN. Replace them with finite values (or set "
+                f"model.check_finite = False to skip this check)"
+            )
+        return x
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """:func:`pad_to_multiple` of the patch size; the export formulation overrides it (upernet_vit.export)."""
@@ -152,8 +175,7 @@ class UperNetViT(nn.Module):
 
     def backbone_features(self, x: torch.Tensor) -> List[torch.Tensor]:
         """The 4 tapped ViT maps before the pyramid: ``[B, in_chans, H, W] -> 4 x [B, D, ceil(H/p), ceil(W/p)]``."""
-        self._check_input(x)
-        return extract_feature_maps(self.backbone.vit, self.pad(x), self.feature_indices)
+        return extract_feature_maps(self.backbone.vit, self.pad(self.check_input(x)), self.feature_indices)
 
     def forward(
         self, x: torch.Tensor, return_aux: bool = False

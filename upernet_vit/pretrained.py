@@ -1,7 +1,9 @@
-"""``save_pretrained`` / ``from_pretrained``: a model folder is ``model.safetensors`` (the weights) plus
+"""``save_pretrained`` / ``from_pretrained``: a model folder is ``model.safetensors`` (the weights),
+``model.safetensors.sha256`` (its checksum, ``sha256sum -c`` format: safetensors has none of its own) and
 ``config.yaml`` (the ``model`` and ``lora`` sections that rebuild the architecture)."""
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import TYPE_CHECKING, Type, TypeVar, Union
 
@@ -15,25 +17,64 @@ if TYPE_CHECKING:
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.yaml"
+CHECKSUM_NAME = WEIGHTS_NAME + ".sha256"
 
 M = TypeVar("M", bound="UperNetViT")
 
 
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def save_pretrained(model: "UperNetViT", directory: Union[str, os.PathLike]) -> None:
-    """Write ``model.safetensors`` and ``config.yaml`` (each atomically) into ``directory``."""
+    """Write ``model.safetensors``, its ``.sha256`` and ``config.yaml`` (each atomically) into ``directory``.
+    Non-finite weights are refused (a ValueError naming a tensor): such a model predicts nothing."""
     from safetensors.torch import save_file
 
     directory = os.fspath(directory)
-    os.makedirs(directory, exist_ok=True)
     text = config_to_yaml(model.to_config(), ("model", "lora"))  # before any file changes
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    atomic_write(os.path.join(directory, WEIGHTS_NAME), lambda p: save_file(state, p, metadata={"format": "pt"}))
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"save_pretrained: {len(bad)} weight tensor(s) hold NaN or infinity (e.g. {bad[0]}); not saved")
+    os.makedirs(directory, exist_ok=True)
+    weights = os.path.join(directory, WEIGHTS_NAME)
+
+    def write_weights(tmp: str) -> None:
+        save_file(state, tmp, metadata={"format": "pt"})
+        checksum[0] = file_sha256(tmp)  # of the bytes on disk, before the rename
+
+    checksum = [""]
+    atomic_write(weights, write_weights)
+    atomic_write(os.path.join(directory, CHECKSUM_NAME), lambda p: write_text(p, f"{checksum[0]}  {WEIGHTS_NAME}\n"))
     atomic_write(os.path.join(directory, CONFIG_NAME), lambda p: write_text(p, text))
 
 
+def verify_checksum(directory: str) -> None:
+    """Compare ``model.safetensors`` with its recorded sha256; folders saved before checksums existed pass."""
+    path = os.path.join(directory, CHECKSUM_NAME)
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        recorded = f.read().split()[:1]
+    actual = file_sha256(os.path.join(directory, WEIGHTS_NAME))
+    if recorded != [actual]:
+        raise ValueError(
+            f"{os.path.join(directory, WEIGHTS_NAME)} is damaged or was changed after it was saved: its sha256 is "
+            f"{actual} but {path} records {recorded[0] if recorded else 'nothing'}. Restore the folder from a "
+            f"copy (or, if you changed the weights on purpose, delete {CHECKSUM_NAME})"
+        )
+
+
 def from_pretrained(cls: Type[M], directory: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu") -> M:
-    """Rebuild a model written by :func:`save_pretrained`, on ``device``. The backbone's original
-    ``checkpoint_path`` is not read again (the weights come from ``model.safetensors``)."""
+    """Rebuild a model written by :func:`save_pretrained`, on ``device``, after checking the weights'
+    sha256. The backbone's original ``checkpoint_path`` is not read again (the weights come from
+    ``model.safetensors``). A damaged file or a ``config.yaml`` that does not describe the weights is a
+    ValueError naming the files."""
     from safetensors.torch import load_file
 
     directory = os.fspath(directory)
@@ -41,12 +82,24 @@ def from_pretrained(cls: Type[M], directory: Union[str, os.PathLike], device: Un
     for path in (weights, config_path):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} not found; from_pretrained needs a folder written by save_pretrained()")
+    verify_checksum(directory)
     cfg = load_config(config_path)
     original_checkpoint = cfg.model.checkpoint_path
     cfg.model.checkpoint_path = None
     model = cls.from_config(cfg)
     model.config.checkpoint_path = original_checkpoint
-    result = model.load_state_dict(load_file(weights), strict=False)
+    try:
+        state = load_file(weights)
+    except Exception as err:  # safetensors raises its own error type
+        raise ValueError(f"cannot read {weights}: {err}; the file is damaged or truncated") from err
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        shapes = [line.strip() for line in str(err).splitlines() if "size mismatch" in line]
+        raise ValueError(
+            f"{weights} does not match {config_path}: {'; '.join(shapes[:5]) or err}. The config.yaml was "
+            f"edited or comes from another model; restore the pair saved together"
+        ) from err
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(
             f"{weights} does not match {config_path}: missing {result.missing_keys[:10]}, "

@@ -23,28 +23,66 @@ from .pos_embed import resample_patch_pos_embed
 logger = logging.getLogger(__name__)
 
 
+def _file_kind(path: str) -> str:
+    """``torch`` (zip or legacy pickle), ``safetensors``, ``empty`` or ``unknown``, from the first bytes."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if not head:
+        return "empty"
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # torch.save's zip, or a legacy pickle
+        return "torch"
+    if len(head) == 9 and head[8:9] == b"{":  # 8-byte little-endian header size, then the JSON header
+        return "safetensors"
+    return "unknown"
+
+
 def read_checkpoint(path: str, trust_checkpoint: bool = False) -> Any:
     """The object stored in ``path``. Torch files load with ``weights_only=True`` (tensors, containers
-    and ``argparse.Namespace``, which MAE-style trainers save as ``args``); anything else needs
-    ``trust_checkpoint=True``, because full unpickling can run code from the file."""
+    and ``argparse.Namespace``, which MAE-style trainers save as ``args``); a file that stores other
+    Python objects needs ``trust_checkpoint=True``, because full unpickling can run code from the file.
+    A file that is no checkpoint at all (empty, text, truncated) is a ValueError saying so."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint_path {path!r} does not exist or is not a file")
-    if path.endswith(".safetensors"):
+    kind = _file_kind(path)
+    if kind == "empty":
+        raise ValueError(f"checkpoint_path {path!r} is an empty file, not a checkpoint (an interrupted download?)")
+    if kind == "unknown":
+        with open(path, "rb") as f:
+            head = f.read(16)
+        raise ValueError(
+            f"checkpoint_path {path!r} is not a PyTorch or safetensors checkpoint (it starts with {head!r}); "
+            f"give the .pth/.pt/.safetensors weights file itself"
+        )
+    if kind == "safetensors":
         from safetensors.torch import load_file
 
-        return load_file(path)
-    if trust_checkpoint:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            return load_file(path)
+        except Exception as err:  # safetensors raises its own error type
+            raise ValueError(f"checkpoint_path {path!r} is a damaged safetensors file: {_first_line(err)}") from err
     try:
+        if trust_checkpoint:
+            return torch.load(path, map_location="cpu", weights_only=False)
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle errors come in several types
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    except Exception as err:  # pickle and zip errors come in several types
+        if "Unsupported global" in str(err):  # torch's weights-only unpickler refused a Python object
+            raise ValueError(
+                f"could not read {path!r} as a weights-only torch checkpoint: it stores Python objects beyond "
+                f"tensors ({_first_line(err, 'Unsupported global')}). If you trust this file, pass "
+                f"trust_checkpoint=True (YAML: model.trust_checkpoint: true) to unpickle it fully; that can "
+                f"run code stored in the file"
+            ) from err
         raise ValueError(
-            f"could not read {path!r} as a weights-only torch checkpoint ({type(err).__name__}: {first_line}). "
-            f"If you trust this file, pass trust_checkpoint=True (YAML: model.trust_checkpoint: true) to "
-            f"unpickle it fully; that can run code stored in the file"
+            f"checkpoint_path {path!r} is a damaged or truncated torch checkpoint ({type(err).__name__}: "
+            f"{_first_line(err)}); download or copy it again"
         ) from err
+
+
+def _first_line(err: BaseException, containing: str = "") -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    picked = [line for line in lines if containing in line] if containing else lines
+    return (picked or lines or [type(err).__name__])[0]
 
 
 def adapt_patch_embed(weight: torch.Tensor, in_chans: int) -> torch.Tensor:

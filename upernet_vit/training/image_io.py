@@ -26,7 +26,8 @@ def _is_gray_palette(img: Image.Image) -> bool:
 def read_image(path: str) -> np.ndarray:
     """``[C, H, W]`` float32. Integer images are scaled to [0, 1]: 8-bit /255, 16-bit /65535, 32-bit
     integer (Pillow mode ``I``) /65535 when its values fit 16 bits, else /(2^31 - 1). Float images
-    (mode ``F``) are kept as stored: use ``normalization: zscore`` for them. RGB stays in one file
+    (mode ``F``) are kept as stored (use ``normalization: zscore`` for them) and must be finite: a NaN or
+    infinite pixel is a ValueError naming the file. RGB stays in one file
     (C = 3); an alpha channel is dropped; palette images give their colours (1 channel if all gray)."""
     img = _open(path)
     if img.mode == "P":
@@ -45,6 +46,12 @@ def read_image(path: str) -> np.ndarray:
         arr = arr.astype(np.float32) / scale
     else:
         arr = arr.astype(np.float32)
+        bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+        if bad:  # one NaN pixel makes every logit of the image NaN: refuse it here, naming the file
+            raise ValueError(
+                f"image file {path!r} has {bad} non-finite pixel value(s) (NaN or infinity) of {arr.size}; "
+                f"replace them with finite values (e.g. 0 or the image minimum) and try again"
+            )
     if arr.ndim == 2:
         arr = arr[None]
     else:

@@ -6,7 +6,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -20,9 +19,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ..config import Config, DataConfig, config_to_yaml, load_config, save_config
-from ..fileio import atomic_write, fsync_path
+from ..fileio import atomic_write
+from ..pretrained import WEIGHTS_NAME, verify_checksum
 from ..model import UperNetViT
 from .augment import AugmentConfig, Normalizer, PatchDataset
+from .checkpoints import (
+    BEST, LATEST, STATE_NAME, copy_checkpoint, latest_checkpoint, recover_run_folder, repair_best,
+    write_folder_atomically,
+)
 from .data import Case, DatasetInfo, fold_case_ids, load_folders, load_nnunet_raw
 from .demo_data import demo_cases, demo_info
 from .distributed import all_reduce_sum, barrier, cleanup, init_distributed
@@ -33,7 +37,6 @@ from .optim import build_optimizer, build_scheduler
 
 logger = logging.getLogger(__name__)
 
-STATE_NAME = "training_state.pt"
 PREPROCESSING_NAME = "preprocessing.json"
 # upernet_vit.fast.optimize flags for training, chosen by measurement (README, Performance): recomputing
 # the upsampled levels saves memory on any device at no measured cost; channels_last made the head's
@@ -73,24 +76,6 @@ def prepare_data(cfg: DataConfig) -> PreparedData:
     return PreparedData(info, [by_id[i] for i in train_ids], [by_id[i] for i in val_ids], splits)
 
 
-def _atomic_dir(final: str, write) -> None:
-    """Write a folder under a temporary name, flush it, then swap it in: after a crash or power loss
-    there is the old folder, its ``.old`` copy, or the complete new one."""
-    tmp, old = final + ".tmp", final + ".old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    write(tmp)
-    for name in os.listdir(tmp):
-        fsync_path(os.path.join(tmp, name))
-    fsync_path(tmp)
-    if os.path.isdir(final):
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    fsync_path(os.path.dirname(os.path.abspath(final)))
-    shutil.rmtree(old, ignore_errors=True)
-
-
 # keys that may differ between a run and its --resume (they do not change what is computed)
 _RESUME_FREE_KEYS = {"data.num_workers", "train.device", "train.output_dir", "train.num_overlays"}
 
@@ -105,13 +90,8 @@ def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     return out
 
 
-def latest_checkpoint(run_dir: str) -> Optional[str]:
-    """``checkpoint_latest`` (or its ``.old`` if a crash hit the swap), or None."""
-    for name in ("checkpoint_latest", "checkpoint_latest.old"):
-        path = os.path.join(run_dir, name)
-        if os.path.isfile(os.path.join(path, STATE_NAME)):
-            return path
-    return None
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient norm became NaN or infinite; the run stops and saves nothing more."""
 
 
 def resolve_device(name: str, local_rank: Optional[int] = None) -> torch.device:
@@ -202,9 +182,12 @@ class Trainer:
         self.start_epoch = 0
         self.history: List[Dict[str, float]] = []
         self.best_ema = -math.inf
+        self.best_epoch: Optional[int] = None  # the epoch checkpoint_best holds
         self.ema: Optional[float] = None
         if self.dist.is_main:
             os.makedirs(output_dir, exist_ok=True)
+            recover_run_folder(output_dir)
+        barrier(self.dist)
         if resume:
             self._resume()
         elif self.dist.is_main and latest_checkpoint(output_dir):
@@ -234,6 +217,12 @@ class Trainer:
         atomic_write(os.path.join(self.output_dir, "splits_final.json"), lambda p: _write_json(p, self.data.splits))
 
     def _save_checkpoint(self, name: str, next_epoch: int) -> None:
+        bad = [k for k, v in self.model.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:  # a NaN model is never written, never as best
+            raise TrainingDiverged(
+                f"the model has non-finite weights after epoch {next_epoch} ({len(bad)} tensors, e.g. {bad[0]}); "
+                f"{name} is not written. " + self._divergence_message(next_epoch - 1, 0, math.nan, math.nan)
+            )
         state = {
             "epoch": next_epoch,
             "optimizer": self.optimizer.state_dict(),
@@ -243,25 +232,25 @@ class Trainer:
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "history": self.history,
             "best_ema": self.best_ema,
+            "best_epoch": self.best_epoch,
             "ema": self.ema,
             "config": config_to_yaml(self.cfg),
         }
 
         def write(folder: str) -> None:
             self.model.save_pretrained(folder)
-            torch.save(state, os.path.join(folder, STATE_NAME))
+            with open(os.path.join(folder, STATE_NAME), "wb") as f:  # a full disk raises OSError, not a zip error
+                torch.save(state, f)
             _write_json(os.path.join(folder, PREPROCESSING_NAME), self._preprocessing())
 
-        _atomic_dir(os.path.join(self.output_dir, name), write)
+        write_folder_atomically(os.path.join(self.output_dir, name), write)
 
     def _resume(self) -> None:
         path = latest_checkpoint(self.output_dir)
         if path is None:
-            raise FileNotFoundError(f"--resume: no checkpoint_latest with {STATE_NAME} in {self.output_dir}")
-        from safetensors.torch import load_file
-
-        self.model.load_state_dict(load_file(os.path.join(path, "model.safetensors"), device=str(self.device)))
+            raise FileNotFoundError(f"--resume: no {LATEST} with {STATE_NAME} in {self.output_dir}")
         state = torch.load(os.path.join(path, STATE_NAME), map_location="cpu", weights_only=True)
+        # the config first: a changed architecture is reported as such, not as a load_state_dict traceback
         saved, now = _flatten(load_config(yaml.safe_load(state["config"])).to_dict()), _flatten(self.cfg.to_dict())
         changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and k not in _RESUME_FREE_KEYS)
         if changed:
@@ -270,6 +259,14 @@ class Trainer:
                 + ", ".join(f"{k} ({saved.get(k)!r} -> {now.get(k)!r})" for k in changed)
                 + "; resume with the run's own config.yaml, or start a new run with another --output"
             )
+        from safetensors.torch import load_file
+
+        verify_checksum(path)
+        weights = os.path.join(path, WEIGHTS_NAME)
+        try:
+            self.model.load_state_dict(load_file(weights, device=str(self.device)))
+        except Exception as err:
+            raise ValueError(f"--resume: cannot load {weights} into the model: {str(err).strip().splitlines()[0]}") from err
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -280,17 +277,25 @@ class Trainer:
         self.history = list(state["history"])
         self.best_ema = float(state["best_ema"])
         self.ema = state["ema"]
+        # runs saved before best_epoch was recorded: the last epoch whose EMA was the best
+        self.best_epoch = state.get("best_epoch", next(
+            (int(row["epoch"]) for row in reversed(self.history) if row["ema_dice"] == self.best_ema), None
+        ))
+        if self.dist.is_main:
+            repair_best(self.output_dir, self.best_epoch, self.start_epoch)
         logger.info("resumed %s at epoch %d", path, self.start_epoch)
 
     def _write_metrics(self) -> None:
         path = os.path.join(self.output_dir, "metrics.csv")
         columns = list(self.history[0])
-        tmp = path + ".tmp"
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(self.history)
-        os.replace(tmp, path)
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w", newline="", encoding="utf-8") as f:
+                writer = csv.DictWriter(f, fieldnames=columns)
+                writer.writeheader()
+                writer.writerows(self.history)
+
+        atomic_write(path, write)
         from .plots import plot_progress
 
         plot_progress(self.history, os.path.join(self.output_dir, "progress.png"))
@@ -337,23 +342,47 @@ class Trainer:
             leave=False,
             unit="it",
         )
-        for images, labels in bar:
+        fp16 = self.scaler.is_enabled()
+        skipped = 0
+        for step, (images, labels) in enumerate(bar):
             images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
             self.optimizer.zero_grad(set_to_none=True)
             loss = self._loss(images, labels)
             self.scaler.scale(loss).backward()
-            if clip:
-                self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(params, clip)
+            self.scaler.unscale_(self.optimizer)  # a no-op without fp16
+            # the norm is needed for the finiteness check even when clipping is off (max_norm inf clips nothing)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip or math.inf)
+            finite = bool(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))
+            if not finite and fp16:  # fp16 overflow: the GradScaler skips this step and lowers its scale
+                skipped += 1
+            elif not finite:
+                raise TrainingDiverged(self._divergence_message(epoch, step, float(loss.detach()), float(grad_norm)))
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.scheduler.step()
-            total += float(loss.detach())
-            count += 1
+            if finite:
+                total += float(loss.detach())
+                count += 1
             seen += images.shape[0] * self.dist.world_size
-            bar.set_postfix(loss=f"{total / count:.4f}", img_s=f"{seen / (time.perf_counter() - start):.1f}")
+            bar.set_postfix(loss=f"{total / max(count, 1):.4f}", img_s=f"{seen / (time.perf_counter() - start):.1f}")
+        if skipped:
+            logger.warning("epoch %d: the fp16 GradScaler skipped %d of %d steps with non-finite gradients",
+                           epoch + 1, skipped, skipped + count)
+            if not count:
+                raise TrainingDiverged(self._divergence_message(epoch, skipped - 1, math.nan, math.nan))
         stats = all_reduce_sum(torch.tensor([total, count], dtype=torch.float64), self.dist)
         return float(stats[0] / max(stats[1], 1))
+
+    def _divergence_message(self, epoch: int, step: int, loss: float, grad_norm: float) -> str:
+        last = latest_checkpoint(self.output_dir)
+        kept = f"{last} (epoch {self.start_epoch if not self.history else int(self.history[-1]['epoch'])})" if last else "no checkpoint yet"
+        return (
+            f"training stopped: non-finite loss {loss} / gradient norm {grad_norm} at epoch {epoch + 1}, "
+            f"iteration {step + 1}; nothing from this epoch is saved (kept: {kept}). Likely causes: a learning "
+            f"rate too high (train.initial_lr {self.cfg.train.initial_lr}), fp16 overflow (train.amp "
+            f"{self.cfg.train.amp!r}: try bf16), or no gradient clipping (train.gradient_clip "
+            f"{self.cfg.train.gradient_clip}); start a new run with a lower train.initial_lr"
+        )
 
     @torch.no_grad()
     def val_loss(self, epoch: int) -> float:
@@ -425,12 +454,14 @@ class Trainer:
                 self.history.append(row)
                 improved = self.ema is not None and self.ema > self.best_ema
                 if improved:
-                    self.best_ema = float(self.ema)
+                    self.best_ema, self.best_epoch = float(self.ema), epoch + 1
                 if self.dist.is_main:
                     self._write_metrics()
-                    self._save_checkpoint("checkpoint_latest", epoch + 1)
+                    # the state records best_epoch before checkpoint_best is written: a crash in between
+                    # is repaired at --resume (checkpoints.repair_best)
+                    self._save_checkpoint(LATEST, epoch + 1)
                     if improved:
-                        self._save_checkpoint("checkpoint_best", epoch + 1)
+                        copy_checkpoint(os.path.join(self.output_dir, LATEST), os.path.join(self.output_dir, BEST))
                     logger.info(
                         "epoch %d/%d  train_loss %.4f  val_loss %.4f  val_dice %.4f  ema_dice %.4f%s  lr %.2e  %.1f s",
                         epoch + 1, tcfg.num_epochs, train_loss, val_loss, dice, row["ema_dice"],

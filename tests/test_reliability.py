@@ -1,0 +1,301 @@
+"""No silent wrong results: non-finite data, damaged files, crashes between checkpoint writes (issue 11)."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from upernet_vit import UperNetViT
+from upernet_vit.backbones.checkpoint import read_checkpoint
+from upernet_vit.config import ConfigError, TrainConfig, load_config
+from upernet_vit.training.checkpoints import checkpoint_epoch, recover_run_folder
+from upernet_vit.training.data import load_folders
+from upernet_vit.training.image_io import read_image
+from upernet_vit.training.trainer import Trainer, TrainingDiverged
+from helpers import TINY_CONFIG, tiny_model, tiny_train_config
+
+
+def _float_tiff(path, nan_at=()):
+    image = np.random.default_rng(0).random((16, 16), dtype=np.float32)
+    for yx in nan_at:
+        image[yx] = np.nan
+    Image.fromarray(image, mode="F").save(path)
+
+
+# ---------------------------------------------------------------------------- non-finite data
+def test_a_nan_pixel_in_an_image_file_is_an_error_naming_the_file_and_count(tmp_path):
+    _float_tiff(tmp_path / "ok.tif")
+    assert read_image(str(tmp_path / "ok.tif")).shape == (1, 16, 16)
+    _float_tiff(tmp_path / "bad.tif", nan_at=[(3, 4), (5, 5)])
+    with pytest.raises(ValueError, match=r"bad.tif.* 2 non-finite pixel value\(s\)"):
+        read_image(str(tmp_path / "bad.tif"))
+
+
+def test_training_data_with_a_nan_pixel_fails_before_training(tmp_path):
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i in range(3):
+        _float_tiff(root / "images" / f"c{i}.tif", nan_at=[(0, 0)] if i == 2 else [])
+        Image.fromarray(np.eye(16, dtype=np.uint8)).save(root / "masks" / f"c{i}.png")
+    with pytest.raises(ValueError, match=r"c2.tif.* 1 non-finite"):
+        load_folders(str(root))
+    cfg = tiny_train_config(data={"format": "folders", "root": str(root), "fold": "all", "patch_size": [16, 16]})
+    with pytest.raises(ValueError, match=r"c2.tif"):
+        Trainer(cfg, str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run" / "checkpoint_latest")
+
+
+def test_the_model_refuses_non_finite_input_unless_told_not_to_check():
+    model = tiny_model().eval()
+    x = torch.rand(3, 3, 32, 32)
+    x[1, 0, 5, 5] = float("nan")
+    x[1, 2, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"non-finite input.*image 1: 2 of 3072"):
+        model(x)
+    model.check_finite = False
+    with torch.no_grad():
+        out = model(x)
+    assert torch.isnan(out[1]).all() and torch.isfinite(out[0]).all()  # what the check prevents
+
+
+def test_input_dtypes_integers_are_refused_other_floats_are_cast():
+    model = tiny_model().eval()
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+        assert torch.allclose(model(x.double()), ref, atol=1e-6)
+        assert model(x.double()).dtype == torch.float32
+        assert torch.allclose(model(x.bfloat16()), ref, atol=0.1)
+    for dtype in (torch.uint8, torch.int64, torch.bool):
+        with pytest.raises(ValueError, match=rf"floating-point image, got dtype {dtype}.*\[0, 1\].*model.mean"):
+            model((x * 255).to(dtype))
+
+
+class _NaNLossAtEpoch2(Trainer):
+    def _loss(self, images, labels):
+        loss = super()._loss(images, labels)
+        return loss * float("nan") if self.history and len(self.history) == 1 else loss
+
+
+def test_a_non_finite_loss_stops_training_and_nothing_nan_is_saved(tmp_path):
+    run = str(tmp_path / "run")
+    with pytest.raises(TrainingDiverged, match=r"non-finite loss nan.*epoch 2, iteration 1.*checkpoint_latest \(epoch 1\)"):
+        _NaNLossAtEpoch2(tiny_train_config(), run).run()
+    assert checkpoint_epoch(os.path.join(run, "checkpoint_latest")) == 1
+    for name in ("checkpoint_latest", "checkpoint_best"):
+        weights = load_file(os.path.join(run, name, "model.safetensors"))
+        assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+class _NaNGradient(Trainer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        next(self.model.head.parameters()).register_hook(lambda g: g * float("nan"))  # the loss stays finite
+
+
+def test_a_non_finite_gradient_stops_training(tmp_path):
+    run = str(tmp_path / "run")
+    with pytest.raises(TrainingDiverged, match=r"loss \d\.\d+ / gradient norm nan.*epoch 1, iteration 1.*no checkpoint yet"):
+        _NaNGradient(tiny_train_config(), run).run()
+    assert not os.path.exists(os.path.join(run, "checkpoint_latest"))
+
+
+def test_save_pretrained_refuses_non_finite_weights(tmp_path):
+    model = tiny_model()
+    with torch.no_grad():
+        model.head.classifier.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN or infinity.*head.classifier.weight"):
+        model.save_pretrained(tmp_path / "m")
+    assert not os.path.exists(tmp_path / "m" / "model.safetensors")
+
+
+# ---------------------------------------------------------------------------- config
+@pytest.mark.parametrize("section,key,value", [
+    ("train", "initial_lr", float("inf")), ("train", "gradient_clip", float("nan")),
+    ("train", "weight_decay", float("-inf")), ("train", "warmup_epochs", float("inf")),
+    ("model", "decoder", {"dropout": float("nan")}), ("lora", "lora_alpha", float("inf")),
+])
+def test_every_float_in_the_config_must_be_finite(section, key, value):
+    with pytest.raises(ConfigError, match=r"must be a finite number"):
+        load_config({section: {key: value}})
+
+
+@pytest.mark.parametrize("section,key,value,must", [
+    ("train", "momentum", 1.0, r"in \[0, 1\)"), ("train", "aux_weight", -1.0, ">= 0"),
+    ("train", "poly_exponent", -0.5, ">= 0"), ("lora", "lora_alpha", 0.0, "> 0"),
+])
+def test_float_ranges(section, key, value, must):
+    with pytest.raises(ConfigError, match=rf"{section}.{key}: must be {must}"):
+        load_config({section: {key: value}})
+    with pytest.raises(ConfigError, match="finite"):
+        TrainConfig(initial_lr=float("nan"))  # the dataclasses check themselves too
+
+
+def test_a_key_given_twice_in_the_yaml_is_an_error_naming_key_and_lines(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  num_epochs: 3\n  seed: 1\n  num_epochs: 30\n")
+    with pytest.raises(ConfigError, match=r"c.yaml.*'num_epochs' is given twice \(lines 2 and 4\)"):
+        load_config(str(path))
+    path.write_text("train:\n  num_epochs: 3\ntrain:\n  seed: 1\n")
+    with pytest.raises(ConfigError, match=r"'train' is given twice \(lines 1 and 3\)"):
+        load_config(str(path))
+
+
+# ---------------------------------------------------------------------------- model files
+def test_the_weights_checksum_is_recorded_and_verified(tmp_path):
+    model = tiny_model()
+    folder = tmp_path / "m"
+    model.save_pretrained(folder)
+    digest, name = (folder / "model.safetensors.sha256").read_text().split()
+    assert name == "model.safetensors" and len(digest) == 64
+    UperNetViT.from_pretrained(folder)
+
+    data = bytearray((folder / "model.safetensors").read_bytes())
+    data[-100] ^= 0x01  # one flipped bit in a weight: safetensors itself loads it without complaint
+    (folder / "model.safetensors").write_bytes(bytes(data))
+    assert load_file(folder / "model.safetensors").keys() == model.state_dict().keys()
+    with pytest.raises(ValueError, match=r"model.safetensors is damaged or was changed.*sha256"):
+        UperNetViT.from_pretrained(folder)
+    (folder / "model.safetensors.sha256").unlink()  # as written before checksums existed: loads
+    UperNetViT.from_pretrained(folder)
+
+
+def test_a_truncated_weights_file_or_a_mismatched_config_names_the_files(tmp_path):
+    folder = tmp_path / "m"
+    tiny_model().save_pretrained(folder)
+    (folder / "model.safetensors.sha256").unlink()
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"cannot read .*model.safetensors.*damaged or truncated"):
+        UperNetViT.from_pretrained(folder)
+
+    tiny_model().save_pretrained(folder)
+    config = (folder / "config.yaml").read_text()
+    (folder / "config.yaml").write_text(config.replace("hidden_size: 32", "hidden_size: 48"))
+    with pytest.raises(ValueError, match=r"model.safetensors does not match .*config.yaml: size mismatch"):
+        UperNetViT.from_pretrained(folder)
+
+
+def test_checkpoint_files_that_are_not_checkpoints_are_named_as_such(tmp_path):
+    torch.save({"w": torch.ones(3)}, tmp_path / "ok.pt")
+    data = (tmp_path / "ok.pt").read_bytes()
+    (tmp_path / "half.pt").write_bytes(data[: len(data) // 2])
+    (tmp_path / "text.pth").write_text("<html>403 Forbidden</html>")
+    (tmp_path / "empty.pth").write_bytes(b"")
+    torch.save({"model": {"w": torch.ones(3)}, "args": _Custom()}, tmp_path / "pickled.pth")
+    assert torch.equal(read_checkpoint(str(tmp_path / "ok.pt"))["w"], torch.ones(3))
+    cases = {
+        "half.pt": r"half.pt' is a damaged or truncated torch checkpoint",
+        "text.pth": r"text.pth' is not a PyTorch or safetensors checkpoint \(it starts with b'<html>",
+        "empty.pth": r"empty.pth' is an empty file",
+    }
+    for name, message in cases.items():
+        with pytest.raises(ValueError, match=message) as info:
+            read_checkpoint(str(tmp_path / name))
+        assert "trust_checkpoint" not in str(info.value)  # that advice cannot help here
+    with pytest.raises(ValueError, match=r"stores Python objects.*_Custom.*trust_checkpoint=True"):
+        read_checkpoint(str(tmp_path / "pickled.pth"))
+    assert torch.equal(read_checkpoint(str(tmp_path / "pickled.pth"), trust_checkpoint=True)["model"]["w"], torch.ones(3))
+
+
+class _Custom:
+    pass
+
+
+def test_resume_after_an_architecture_change_names_the_key(tmp_path):
+    run = str(tmp_path / "run")
+    Trainer(tiny_train_config(train={"num_epochs": 1}), run).run()
+    changed = tiny_train_config(train={"num_epochs": 1}, model={"decoder": {"hidden_size": 24}})
+    with pytest.raises(ValueError, match=r"config differs .*model.decoder.hidden_size \(16 -> 24\)"):
+        Trainer(changed, run, resume=True)
+
+
+# ---------------------------------------------------------------------------- crashes
+def test_leftovers_of_an_interrupted_swap_are_cleaned_or_restored(tmp_path):
+    run = tmp_path / "run"
+    for folder in ("checkpoint_latest.tmp", "checkpoint_best.old", "checkpoint_latest", "checkpoint_latest.old"):
+        (run / folder).mkdir(parents=True)
+        (run / folder / "training_state.pt").write_text(folder)
+    (run / ".metrics.csv.tmp-1234abcd").write_text("partial")
+    recover_run_folder(str(run))
+    assert sorted(os.listdir(run)) == ["checkpoint_best", "checkpoint_latest"]
+    assert (run / "checkpoint_best" / "training_state.pt").read_text() == "checkpoint_best.old"  # restored
+    assert (run / "checkpoint_latest" / "training_state.pt").read_text() == "checkpoint_latest"  # kept
+
+
+_KILL_SCRIPT = textwrap.dedent("""
+    import os, signal, sys
+    import yaml
+    from upernet_vit.cli import main
+    from upernet_vit.training import checkpoints, trainer
+
+    kill_at = int(os.environ.get("KILL_AT_BEST_SAVE", "0"))  # kill during the N-th checkpoint_best write
+    saves = []
+    original = checkpoints.write_folder_atomically
+
+    def write_folder_atomically(final, write):
+        if final.endswith("checkpoint_best"):
+            saves.append(final)
+            if len(saves) == kill_at:
+                def half_then_die(tmp):
+                    open(os.path.join(tmp, "model.safetensors"), "wb").write(b"partial")
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return original(final, half_then_die)
+        return original(final, write)
+
+    checkpoints.write_folder_atomically = write_folder_atomically
+    # validation Dice by epoch, so epochs 1-3 are each the best so far and epoch 4 is not (a tiny model
+    # on a few iterations learns nothing to rank epochs by)
+    trainer.Trainer.validate = lambda self, write_overlays=False: {"dice_mean": [0.1, 0.2, 0.3, 0.0][len(self.history)]}
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def test_kill_during_the_best_save_then_resume_gives_the_uninterrupted_best(tmp_path):
+    """kill -9 while checkpoint_best is written (after checkpoint_latest of the same epoch): --resume
+    redoes the best save, so checkpoint_best equals an uninterrupted run's, and no .tmp stays."""
+    import yaml
+
+    cfg = dict(TINY_CONFIG, train=dict(TINY_CONFIG["train"], num_epochs=4))
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    script = tmp_path / "run_with_kill.py"
+    script.write_text(_KILL_SCRIPT)
+
+    def train(run, kill_at=0, resume=False):
+        env = dict(os.environ, KILL_AT_BEST_SAVE=str(kill_at))
+        args = [sys.executable, str(script), "train", str(config), "--output", str(tmp_path / run)]
+        return subprocess.run(args + (["--resume"] if resume else []), env=env, capture_output=True, text=True)
+
+    assert train("straight").returncode == 0
+    best_epochs = []
+    import csv
+
+    with open(tmp_path / "straight" / "metrics.csv") as f:
+        best = -1.0
+        for row in csv.DictReader(f):
+            if float(row["ema_dice"]) > best:
+                best = float(row["ema_dice"])
+                best_epochs.append(int(row["epoch"]))
+    assert best_epochs == [1, 2, 3]  # the kill hits the last best save, which replaces an older best
+
+    killed = train("killed", kill_at=len(best_epochs))
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    run = tmp_path / "killed"
+    assert checkpoint_epoch(str(run / "checkpoint_best")) == best_epochs[-2]  # the stale best
+    assert (run / "checkpoint_best.tmp").is_dir()
+
+    resumed = train("killed", resume=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "redoing the" in resumed.stderr
+    assert not any(name.endswith((".tmp", ".old")) for name in os.listdir(run))
+    assert checkpoint_epoch(str(run / "checkpoint_best")) == best_epochs[-1]
+    a = load_file(tmp_path / "straight" / "checkpoint_best" / "model.safetensors")
+    b = load_file(run / "checkpoint_best" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
