@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 
 import torch
 from transformers import UperNetConfig
@@ -26,7 +25,7 @@ from transformers.models.upernet.modeling_upernet import UperNetHead as HFUperNe
 from upernet_vit import UperNetHead, from_hf_upernet
 from upernet_vit.fast import optimize
 
-from timing import timed  # benchmarks/timing.py
+from timing import device_name, timed  # benchmarks/timing.py
 
 SETTINGS = [  # (name, in_channels, channels, map sizes (stride 4..32), batch)
     ("ViT-S-like 256px", [384] * 4, 256, [64, 32, 16, 8], 2),
@@ -46,17 +45,6 @@ ABLATION = {
 }
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=5)
@@ -68,7 +56,7 @@ def main() -> None:
     variants = ABLATION if args.ablation else VARIANTS
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"# {cpu_name()} | torch {torch.__version__} | {torch.get_num_threads()} threads | fp32")
+    print(f"# {device_name(torch.device('cpu'))} | torch {torch.__version__} | {torch.get_num_threads()} threads | fp32")
     print("| setting | mode | HF (s) | " + " | ".join(f"{v} (s) | {v}/HF" for v in variants) + " | max abs diff |")
     print("|---|---|---|" + "---|---|" * len(variants) + "---|")
     for name, in_channels, channels, sizes, batch in SETTINGS:

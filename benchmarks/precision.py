@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import tempfile
 from contextlib import nullcontext
 from typing import Dict, Optional
@@ -30,7 +29,7 @@ from upernet_vit.training.inference import sliding_window_logits
 from upernet_vit.training.metrics import confusion_counts, summarize
 from upernet_vit.training.trainer import Trainer, prepare_data
 
-from timing import timed  # benchmarks/timing.py
+from timing import device_name, timed  # benchmarks/timing.py
 
 DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "demo.yaml")
 
@@ -88,7 +87,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     device = torch.device(args.device)
-    cpu = platform.processor() or platform.machine()
+    cpu = device_name(torch.device("cpu"))
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     amx = "amx_bf16" in open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else None
     print(f"# torch {torch.__version__} | {device} {gpu} | {cpu} | CPU AMX-BF16: {amx} | {torch.get_num_threads()} threads")

@@ -1,6 +1,7 @@
 """Timing shared by the benchmark scripts (run them as ``python benchmarks/<name>.py``)."""
 from __future__ import annotations
 
+import platform
 import statistics
 import time
 from typing import Callable, List, Sequence
@@ -23,3 +24,17 @@ def timed(fns: Sequence[Callable[[], object]], repeats: int) -> List[float]:
             samples.append(time.perf_counter() - start)
     return [statistics.median(samples) for samples in times]
 
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model name from /proc/cpuinfo (figures differ between CPU kinds)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 
 import torch
@@ -25,6 +24,8 @@ from upernet_vit.training.optim import build_optimizer
 from upernet_vit import UperNetViT
 from upernet_vit.fast import optimize
 from upernet_vit.training.trainer import TRAIN_FAST_PATHS
+
+from timing import device_name  # benchmarks/timing.py
 
 
 def run(config_path: str, iterations: int, amp: str, reference: bool = False) -> float:
@@ -65,7 +66,7 @@ def main() -> None:
     parser.add_argument("--amp", default="none,bf16")
     parser.add_argument("--reference", action="store_true", help="the model as built, without fast paths")
     args = parser.parse_args()
-    print(f"# {args.config} | torch {torch.__version__} | {platform.processor() or platform.machine()} | "
+    print(f"# {args.config} | torch {torch.__version__} | {device_name(torch.device('cpu'))} | "
           f"{torch.get_num_threads()} threads | {os.cpu_count()} cpus")
     print("| amp | images/s | vs fp32 |\n|---|---|---|")
     fp32 = None

@@ -299,3 +299,173 @@ def test_kill_during_the_best_save_then_resume_gives_the_uninterrupted_best(tmp_
     a = load_file(tmp_path / "straight" / "checkpoint_best" / "model.safetensors")
     b = load_file(run / "checkpoint_best" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------------------- command line
+@pytest.fixture(scope="module")
+def bare_model(tmp_path_factory):
+    """A 1-channel model folder (no preprocessing.json: whole-image inference)."""
+    folder = tmp_path_factory.mktemp("model") / "m"
+    tiny_model(in_chans=1, num_classes=2).save_pretrained(folder)
+    return str(folder)
+
+
+def _gray(path, value=100):
+    Image.fromarray(np.full((20, 24), value, dtype=np.uint8)).save(path)
+
+
+def _one_error_line(err: str, command: str) -> str:
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err and lines[-1].startswith(f"upernet-vit {command}: error: "), err
+    return lines[-1]
+
+
+def test_predict_checks_every_input_before_writing_anything(tmp_path, bare_model, capsys):
+    from upernet_vit.cli import main
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name in ("a", "b", "c"):
+        _gray(inputs / f"{name}.png")
+    _float_tiff(inputs / "z_bad.tif", nan_at=[(1, 1)])  # sorted last: read after the others
+    out = tmp_path / "out"
+    assert main(["predict", "--model", bare_model, "--input", str(inputs), "--output", str(out), "--device", "cpu"]) == 2
+    line = _one_error_line(capsys.readouterr().err, "predict")
+    assert "z_bad.tif" in line and "1 non-finite" in line
+    assert not out.exists()
+
+
+def test_predict_output_names_depend_only_on_each_input_name(tmp_path, bare_model):
+    from upernet_vit.training.predict import group_input_files, predict
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name in ("case1_0000", "case2_0000", "photo_0007"):
+        _gray(inputs / f"{name}.png")
+    names = sorted(group_input_files(str(inputs), 1))
+    assert names == ["case1", "case2", "photo_0007"]
+    _gray(inputs / "stray name.png")  # used to turn every output name back into the full stem
+    assert sorted(group_input_files(str(inputs), 1)) == sorted(names + ["stray name"])
+    written = predict(bare_model, str(inputs), str(tmp_path / "out"), device="cpu")
+    assert sorted(os.path.basename(p) for p in written) == ["case1.png", "case2.png", "photo_0007.png", "stray name.png"]
+
+    _gray(inputs / "case1.png")  # case1_0000.png and case1.png would both be case1.png
+    with pytest.raises(ValueError, match=r"\['case1.png', 'case1_0000.png'\] would all be written as case1.png"):
+        group_input_files(str(inputs), 1)
+
+
+def test_predict_groups_channel_files_and_checks_their_numbering(tmp_path):
+    from upernet_vit.training.predict import group_input_files
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name in ("x_0000", "x_0001", "y_0000", "y_0002"):
+        _gray(inputs / f"{name}.png")
+    with pytest.raises(ValueError, match=r"'y_0000.png', 'y_0002.png'\] of case 'y' must be numbered"):
+        group_input_files(str(inputs), 2)
+    (inputs / "y_0002.png").rename(inputs / "y_0001.png")
+    Image.fromarray(np.zeros((20, 24, 3), dtype=np.uint8)).save(inputs / "rgb.png")  # 3 channels: too many
+    with pytest.raises(ValueError, match=r"case 'rgb' \(rgb.png\) has 3 channel\(s\) but the model takes 2"):
+        group_input_files(str(inputs), 2)
+    (inputs / "rgb.png").unlink()
+    assert group_input_files(str(inputs), 2) == {
+        "x": [str(inputs / "x_0000.png"), str(inputs / "x_0001.png")],
+        "y": [str(inputs / "y_0000.png"), str(inputs / "y_0001.png")],
+    }
+
+
+def _config_file(tmp_path, **train):
+    import yaml
+
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(dict(TINY_CONFIG, train=dict(TINY_CONFIG["train"], **train))))
+    return str(path)
+
+
+def test_train_into_a_path_under_a_file_is_one_line(tmp_path, capsys):
+    from upernet_vit.cli import main
+
+    (tmp_path / "file").write_text("x")
+    assert main(["train", _config_file(tmp_path), "--output", str(tmp_path / "file" / "run")]) == 2
+    line = _one_error_line(capsys.readouterr().err, "train")
+    assert "file/run" in line and "is a file, not a folder" in line
+
+
+def test_a_full_disk_while_saving_is_one_line_removes_the_partial_checkpoint_and_is_logged(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from upernet_vit.cli import main
+    from upernet_vit.training import trainer
+
+    def full_disk(obj, f):
+        f.write(b"x" * 1000)  # part of the file is written, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(trainer.torch, "save", full_disk)
+    run = tmp_path / "run"
+    assert main(["train", _config_file(tmp_path, num_epochs=1), "--output", str(run)]) == 1
+    line = _one_error_line(capsys.readouterr().err, "train")
+    assert f"'{run / 'checkpoint_latest'}': no space left on the device" in line
+    assert sorted(n for n in os.listdir(run) if n.startswith("checkpoint")) == []  # no partial .tmp folder
+    log = (run / "train.log").read_text()
+    assert line in log and "Traceback" in log  # the log keeps the traceback
+
+
+def test_debug_prints_the_traceback_and_data_errors_reach_train_log(tmp_path, capsys):
+    from upernet_vit.cli import main
+
+    config = _config_file(tmp_path)
+    run = tmp_path / "run"
+    missing = ["-o", "data.format=folders", "-o", f"data.root={tmp_path / 'nowhere'}"]
+    assert main(["train", config, "--output", str(run), *missing]) == 2
+    line = _one_error_line(capsys.readouterr().err, "train")
+    assert "nowhere" in line and line in (run / "train.log").read_text()
+    assert main(["train", config, "--output", str(tmp_path / "run2"), "--debug", *missing]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.strip().splitlines()[-1].startswith("upernet-vit train: error:")
+
+
+def test_disk_errors_are_described_by_path_and_cause():
+    import errno
+
+    from upernet_vit.cli import describe_error
+
+    for code, cause in [(errno.ENOSPC, "no space left"), (errno.EROFS, "read-only"), (errno.EACCES, "permission denied"),
+                        (errno.ENOTDIR, "is a file, not a folder")]:
+        text = describe_error(OSError(code, os.strerror(code), "/data/run/x"))
+        assert text.startswith("'/data/run/x': ") and cause in text
+    assert describe_error(RuntimeError("CUDA out of\nmemory")) == "RuntimeError: CUDA out of memory"  # one line
+
+
+# ---------------------------------------------------------------------------- labels
+def test_label_values_found_without_data_labels_are_logged(tmp_path, caplog):
+    import logging
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    for i in range(2):
+        _gray(tmp_path / "images" / f"c{i}.png")
+        mask = np.zeros((20, 24), dtype=np.uint8)
+        mask[:5] = 255
+        Image.fromarray(mask).save(tmp_path / "masks" / f"c{i}.png")
+    with caplog.at_level(logging.INFO):
+        info, _ = load_folders(str(tmp_path))
+    assert info.label_values == [0, 255]
+    assert "data.labels is not set" in caplog.text and "0: 720, 255: 240" in caplog.text
+
+
+def test_a_mask_without_an_image_is_an_error(tmp_path):
+    from upernet_vit.training.data import load_nnunet_raw
+    from upernet_vit.training.demo_data import write_demo_dataset
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    _gray(tmp_path / "images" / "a.png")
+    _gray(tmp_path / "masks" / "a.png", 0)
+    _gray(tmp_path / "masks" / "b.png", 0)
+    with pytest.raises(FileNotFoundError, match=r"mask .*masks/b.png' has no image in .*images"):
+        load_folders(str(tmp_path))
+    root = write_demo_dataset(str(tmp_path / "Dataset001_Demo"), num_train=4, num_test=1, size=32)
+    os.remove(os.path.join(root, "imagesTr", "demo_001_0000.png"))
+    with pytest.raises(FileNotFoundError, match=r"labelsTr/demo_001.png' has no image .*imagesTr/demo_001_0000.png"):
+        load_nnunet_raw(root)

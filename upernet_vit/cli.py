@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
 import sys
+import traceback
 from typing import Dict, List, Optional
 
 import yaml
@@ -15,14 +17,14 @@ def _apply_overrides(data: dict, overrides: List[str]) -> dict:
     """``key.sub=value`` pairs (values parsed as YAML) onto a nested dict."""
     for item in overrides:
         if "=" not in item:
-            raise SystemExit(f"--override {item!r}: expected key.path=value")
+            raise ValueError(f"--override {item!r}: expected key.path=value")
         key, raw = item.split("=", 1)
         node = data
         parts = key.split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise SystemExit(f"--override {item!r}: {part!r} is not a section")
+                raise ValueError(f"--override {item!r}: {part!r} is not a section")
         node[parts[-1]] = yaml.safe_load(raw)
     return data
 
@@ -57,9 +59,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config_path = args.config_path or args.config
     if not config_path:
-        raise SystemExit("train: give a config file (upernet-vit train CONFIG or --config CONFIG)")
+        raise ValueError("give a config file (upernet-vit train CONFIG or --config CONFIG)")
     if not os.path.isfile(config_path):
-        raise SystemExit(f"train: config file {config_path!r} does not exist")
+        raise FileNotFoundError(f"config file {config_path!r} does not exist")
     data = read_yaml(config_path) or {}
     overrides = list(args.override or [])
     if args.data:
@@ -97,6 +99,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .fileio import atomic_write, write_text
     from .training.predict import evaluate
 
     labels = None
@@ -108,8 +111,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         ignore = labels.pop("ignore", None)
     summary = evaluate(args.pred, args.gt, labels, ignore)
     out = args.output or os.path.join(args.pred, "summary.json")
-    with open(out, "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=1)
+    atomic_write(out, lambda p: write_text(p, json.dumps(summary, indent=1)))
     def fmt(value):
         return "   n/a" if value is None else f"{value:.4f}"
 
@@ -135,11 +137,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     # default size: the training patch, else 8 ViT patches; at least 3 patches (what a dynamic export needs)
     default = [max(s, 3 * model.patch_size) for s in prep.get("patch_size") or [8 * model.patch_size] * 2]
     height, width = args.height or default[0], args.width or default[1]
-    try:
-        diffs = export_onnx(model, args.output, height, width, dynamic=not args.static, opset=args.opset,
-                            check=not args.no_check, metadata=metadata)
-    except (ImportError, RuntimeError) as err:
-        raise SystemExit(f"upernet-vit export: error: {err}")
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    diffs = export_onnx(model, args.output, height, width, dynamic=not args.static, opset=args.opset,
+                        check=not args.no_check, metadata=metadata)
     axes = f"fixed [1, {model.in_chans}, {height}, {width}]" if args.static else "dynamic batch, height, width"
     worst = f", max |onnxruntime - pytorch| {max(diffs.values()):.1e}" if diffs else ""
     print(f"wrote {args.output} (input 'image': {axes}{worst})")
@@ -186,8 +186,10 @@ def cmd_nnunet_train(args: argparse.Namespace, extra: List[str]) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="upernet-vit", description="UperNet on plain ViT backbones")
     sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="on failure, print the traceback too")
 
-    train = sub.add_parser("train", help="train from a YAML config")
+    train = sub.add_parser("train", parents=[common], help="train from a YAML config")
     train.add_argument("config_path", nargs="?", help="YAML config (e.g. configs/demo.yaml)")
     train.add_argument("--config", help="YAML config (seed-style spelling)")
     train.add_argument("--data", help="dataset folder: nnU-Net raw (with dataset.json) or images/ + masks/")
@@ -198,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fast_flags(train)
     train.set_defaults(func=cmd_train)
 
-    pred = sub.add_parser("predict", help="predict masks with a trained model")
+    pred = sub.add_parser("predict", parents=[common], help="predict masks with a trained model")
     pred.add_argument("--model", required=True, help="run folder or a save_pretrained folder")
     pred.add_argument("--input", required=True, help="image file or folder (nnU-Net imagesTs naming works)")
     pred.add_argument("--output", required=True, help="folder for <case>.png masks")
@@ -211,14 +213,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fast_flags(pred)
     pred.set_defaults(func=cmd_predict)
 
-    ev = sub.add_parser("evaluate", help="Dice/IoU of predicted masks against ground truth")
+    ev = sub.add_parser("evaluate", parents=[common], help="Dice/IoU of predicted masks against ground truth")
     ev.add_argument("--pred", required=True)
     ev.add_argument("--gt", required=True)
     ev.add_argument("--labels", help="dataset.json (or a JSON name->value mapping); default: values in --gt")
     ev.add_argument("--output", help="summary JSON (default: <pred>/summary.json)")
     ev.set_defaults(func=cmd_evaluate)
 
-    exp = sub.add_parser("export", help="export a trained model to ONNX, checked against PyTorch with onnxruntime")
+    exp = sub.add_parser("export", parents=[common], help="export a trained model to ONNX, checked against PyTorch with onnxruntime")
     exp.add_argument("model", metavar="CHECKPOINT_DIR_OR_RUN", help="run folder or a save_pretrained folder")
     exp.add_argument("--format", choices=["onnx"], default="onnx")
     exp.add_argument("--output", required=True, help="the model file, e.g. model.onnx")
@@ -230,18 +232,18 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison with PyTorch")
     exp.set_defaults(func=cmd_export)
 
-    demo = sub.add_parser("make-demo", help="write the built-in demo data as an nnU-Net raw dataset")
+    demo = sub.add_parser("make-demo", parents=[common], help="write the built-in demo data as an nnU-Net raw dataset")
     demo.add_argument("output")
     demo.add_argument("--num-train", type=int, default=48)
     demo.add_argument("--num-test", type=int, default=8)
     demo.add_argument("--size", type=int, default=96)
     demo.set_defaults(func=cmd_make_demo)
 
-    path = sub.add_parser("nnunet-path", help="print the folder to export as nnUNet_extTrainer")
+    path = sub.add_parser("nnunet-path", parents=[common], help="print the folder to export as nnUNet_extTrainer")
     path.set_defaults(func=cmd_nnunet_path)
 
     nn_train = sub.add_parser(
-        "nnunet-train", help="nnUNetv2_train with an UperNetViT trainer; extra arguments go to nnUNetv2_train"
+        "nnunet-train", parents=[common], help="nnUNetv2_train with an UperNetViT trainer; extra arguments go to nnUNetv2_train"
     )
     nn_train.add_argument("dataset", help="nnU-Net dataset id or name")
     nn_train.add_argument("configuration", help="nnU-Net configuration (2d)")
@@ -252,7 +254,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# what an OSError means for the user, by errno (the message names the path)
+_OS_ERROR_HINTS = {
+    errno.ENOSPC: "no space left on the device; free some space or write somewhere else",
+    errno.EDQUOT: "the disk quota is exceeded; free some space or write somewhere else",
+    errno.EROFS: "the file system is read-only; choose a writable folder",
+    errno.EACCES: "permission denied; choose a folder you can write to (or fix its permissions)",
+    errno.EPERM: "operation not permitted; choose a folder you can write to",
+    errno.ENOTDIR: "a part of this path is a file, not a folder",
+    errno.EEXIST: "this path exists and is a file, not a folder",
+    errno.EISDIR: "this path is a folder, not a file",
+    errno.ENOENT: "no such file or folder",
+}
+
+# input and usage errors exit with 2 (argparse's code); anything else, e.g. a full disk, with 1
+_USAGE_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
+
+
+def describe_error(err: BaseException) -> str:
+    """One line for the user: the path and the cause for disk errors, the message for ours, the type too
+    for anything unexpected."""
+    if isinstance(err, OSError) and err.errno in _OS_ERROR_HINTS and err.filename is not None:
+        text = f"{os.fsdecode(err.filename)!r}: {_OS_ERROR_HINTS[err.errno]} ({err.strerror})"
+    elif isinstance(err, (ValueError, OSError)):
+        text = str(err) or type(err).__name__
+    else:
+        text = f"{type(err).__name__}: {err}"
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _log_to_run_files(line: str, trace: str) -> None:
+    """The error, with its traceback, into the log files (``train.log``) the command opened."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            record = logging.makeLogRecord({"msg": f"{line}\n{trace}", "levelno": logging.ERROR, "levelname": "ERROR"})
+            handler.handle(record)
+            handler.flush()
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run a command; a failure ends with one line ``upernet-vit CMD: error: ...`` on stderr (the traceback
+    too with ``--debug``, and always in the run's ``train.log``) and exit code 2 (bad input) or 1."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and args.func is not cmd_nnunet_train:
@@ -261,6 +303,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.func is cmd_nnunet_train:
             return cmd_nnunet_train(args, extra)
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"upernet-vit {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"upernet-vit {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        line = f"upernet-vit {args.command}: error: {describe_error(err)}"
+        _log_to_run_files(line, traceback.format_exc())
+        if args.debug:
+            traceback.print_exc()
+        print(line, file=sys.stderr)
+        return 2 if isinstance(err, _USAGE_ERRORS) else 1

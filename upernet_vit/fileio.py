@@ -2,9 +2,11 @@
 new one, never half of one. Used by ``save_pretrained``, the trainer's run files and the ONNX export."""
 from __future__ import annotations
 
+import errno
 import os
+import re
 import uuid
-from typing import Callable
+from typing import Callable, Optional
 
 
 def current_umask() -> int:
@@ -30,15 +32,36 @@ def fsync_path(path: str) -> None:
         os.close(fd)
 
 
+def as_os_error(err: BaseException, path: str) -> Optional[OSError]:
+    """``err`` as an OSError that names ``path``, when it is a disk error: an OSError without a file name
+    (a write through a file object), or a library's own error type carrying ``os error N`` (safetensors).
+    None for other errors."""
+    if isinstance(err, OSError):
+        return err if err.filename else OSError(err.errno, err.strerror or str(err), path)
+    match = re.search(r"os error (\d+)", str(err))
+    if match:
+        code = int(match.group(1))
+        return OSError(code, os.strerror(code), path)
+    return None
+
+
 def atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)``, flush it to disk, then rename it over ``path``."""
+    """Call ``write(tmp_path)``, flush it to disk, then rename it over ``path``. On failure the temporary
+    file is removed and a disk error (no space, read-only, ...) is an OSError naming ``path``."""
     folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise OSError(errno.ENOENT, "the folder does not exist", folder)
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~current_umask())  # some writers (safetensors) create files 0600
         fsync_path(tmp)
         os.replace(tmp, path)
+    except Exception as err:
+        disk_error = as_os_error(err, path)
+        if disk_error is not None and disk_error is not err:
+            raise disk_error from err
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -16,7 +16,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..fileio import fsync_path
+from ..fileio import as_os_error, fsync_path
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +35,11 @@ def write_folder_atomically(final: str, write: Callable[[str], None]) -> None:
         for name in os.listdir(tmp):
             fsync_path(os.path.join(tmp, name))
         fsync_path(tmp)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)  # a partial checkpoint would keep a full disk full
+        disk_error = as_os_error(err, final)
+        if disk_error is not None and disk_error is not err:
+            raise disk_error from err
         raise
     if os.path.isdir(final):
         shutil.rmtree(old, ignore_errors=True)

@@ -140,9 +140,21 @@ def load_nnunet_raw(root: str) -> Tuple[DatasetInfo, List[Case]]:
     images = nnunet_image_files(os.path.join(root, "imagesTr"), info.file_ending)
     if not images:
         raise ValueError(f"no images named <case>_0000{info.file_ending} in {os.path.join(root, 'imagesTr')}")
+    labels_dir = os.path.join(root, "labelsTr")
+    if os.path.isdir(labels_dir):
+        orphans = sorted(
+            n for n in os.listdir(labels_dir)
+            if n.endswith(info.file_ending) and n[: -len(info.file_ending)] not in images
+        )
+        if orphans:
+            raise FileNotFoundError(
+                f"label {os.path.join(labels_dir, orphans[0])!r} has no image "
+                f"{os.path.join(root, 'imagesTr', orphans[0][: -len(info.file_ending)] + '_0000' + info.file_ending)!r} "
+                f"({len(orphans)} without); add the image or remove the label"
+            )
     cases = []
     for case_id, files in images.items():
-        label_path = os.path.join(root, "labelsTr", case_id + info.file_ending)
+        label_path = os.path.join(labels_dir, case_id + info.file_ending)
         if not os.path.isfile(label_path):
             raise FileNotFoundError(f"image {files[0]!r} has no label: {label_path!r} is missing")
         image = read_case_image(files)
@@ -189,6 +201,12 @@ def load_folders(root: str, labels: Optional[Dict[str, int]] = None) -> Tuple[Da
     missing = [images[s] for s in images if s not in masks]
     if missing:
         raise FileNotFoundError(f"image {missing[0]!r} has no mask in {os.path.join(root, 'masks')} ({len(missing)} without)")
+    orphans = [masks[s] for s in masks if s not in images]
+    if orphans:
+        raise FileNotFoundError(
+            f"mask {orphans[0]!r} has no image in {os.path.join(root, 'images')} ({len(orphans)} without); "
+            f"add the image or remove the mask"
+        )
     raw = []
     for stem, path in images.items():
         image, label = read_image(path), read_label(masks[stem])
@@ -197,8 +215,17 @@ def load_folders(root: str, labels: Optional[Dict[str, int]] = None) -> Tuple[Da
     if labels:
         items = sorted(labels.items(), key=lambda kv: kv[1])
     else:
-        values = sorted(set().union(*(np.unique(l).tolist() for _, _, l, _ in raw)))
-        items = [("background" if v == 0 else f"class_{v}", v) for v in values]
+        counts: Dict[int, int] = {}
+        for _, _, label, _ in raw:
+            found, n = np.unique(label, return_counts=True)
+            for value, count in zip(found.tolist(), n.tolist()):
+                counts[value] = counts.get(value, 0) + count
+        items = [("background" if v == 0 else f"class_{v}", v) for v in sorted(counts)]
+        logger.info(
+            "data.labels is not set: the masks in %s hold the values %s (pixels), which become the classes %s; "
+            "set data.labels (name: value) to fix the classes and refuse stray values",
+            os.path.join(root, "masks"), ", ".join(f"{v}: {counts[v]}" for v in sorted(counts)), [k for k, _ in items],
+        )
     info = DatasetInfo(
         name=os.path.basename(os.path.normpath(root)),
         label_names=[k for k, _ in items],

@@ -1,10 +1,10 @@
 """Reading images and label maps (PNG, TIFF 8/16-bit, BMP, JPEG) and writing label PNGs."""
 from __future__ import annotations
 
-import os
-
 import numpy as np
 from PIL import Image
+
+from ..fileio import atomic_write
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".bmp", ".jpg", ".jpeg")
 
@@ -84,6 +84,4 @@ def write_label_png(path: str, label: np.ndarray) -> None:
     if label.min() < 0 or label.max() > 65535:
         raise ValueError(f"label values must be in 0..65535 to write a PNG, got {label.min()}..{label.max()}")
     img = Image.fromarray(label.astype(np.uint8 if label.max() < 256 else np.uint16))
-    tmp = f"{path}.tmp.png"
-    img.save(tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))

@@ -11,10 +11,11 @@ from typing import Dict, List, Mapping, Optional
 import numpy as np
 import torch
 
+from ..fileio import atomic_write
 from ..model import UperNetViT
 from .augment import Normalizer
 from .data import IGNORE_INDEX
-from .image_io import IMAGE_SUFFIXES, read_label, write_label_png
+from .image_io import IMAGE_SUFFIXES, read_image, read_label, write_label_png
 from .data import read_case_image
 from .inference import amp_dtype, sliding_window_logits
 from .metrics import confusion_counts, dice_iou
@@ -44,31 +45,52 @@ def resolve_model_dir(path: str) -> str:
     )
 
 
-def group_input_files(path: str, max_files_per_case: Optional[int] = None) -> Dict[str, List[str]]:
-    """``{case_id: channel files}``. nnU-Net names ``<case>_0000.ext``, ``<case>_0001.ext``, ... are one case
-    when every group numbers its files 0000.. consecutively (with at most ``max_files_per_case`` files,
-    the model's input channels); otherwise every image is its own case (``img_0001.png``, ``img_0002.png``
-    are two images)."""
+def _input_files(path: str) -> List[str]:
     if os.path.isfile(path):
-        files = [path]
-    elif os.path.isdir(path):
-        files = [os.path.join(path, n) for n in sorted(os.listdir(path)) if n.lower().endswith(IMAGE_SUFFIXES)]
-    else:
+        return [path]
+    if not os.path.isdir(path):
         raise FileNotFoundError(f"--input {path!r} does not exist")
+    files = [os.path.join(path, n) for n in sorted(os.listdir(path)) if n.lower().endswith(IMAGE_SUFFIXES)]
     if not files:
         raise ValueError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {path!r}")
-    groups: Dict[str, List[tuple]] = {}
+    return files
+
+
+def group_input_files(path: str, in_chans: int) -> Dict[str, List[str]]:
+    """``{case_id: channel files}`` for a model with ``in_chans`` input channels, after reading every file
+    once, so that an unreadable, non-finite or wrong-channel input fails before anything is written.
+
+    A case's id comes from its own file name only: a file with fewer channels than ``in_chans`` named
+    ``<case>_XXXX`` is channel XXXX of ``<case>`` (nnU-Net's imagesTs naming, numbered from 0000); a file
+    with all the channels is a case of its own, named by its stem without a trailing ``_0000``
+    (``img_0000.png`` -> ``img``, ``img_0001.png`` -> ``img_0001``). Two inputs with one case id are an error.
+    """
+    files = _input_files(path)
+    channels = {f: read_image(f).shape[0] for f in files}
+    cases: Dict[str, List[tuple]] = {}
     for f in files:
-        match = re.match(r"^(.+)_(\d{4})$", os.path.splitext(os.path.basename(f))[0])
-        if match is None:
-            break
-        groups.setdefault(match.group(1), []).append((int(match.group(2)), f))
-    else:
-        consecutive = all(sorted(i for i, _ in g) == list(range(len(g))) for g in groups.values())
-        sizes_ok = max_files_per_case is None or all(len(g) <= max_files_per_case for g in groups.values())
-        if consecutive and sizes_ok:
-            return {k: [f for _, f in sorted(g)] for k, g in sorted(groups.items())}
-    return {os.path.splitext(os.path.basename(f))[0]: [f] for f in files}
+        stem = os.path.splitext(os.path.basename(f))[0]
+        match = re.match(r"^(.+)_(\d{4})$", stem)
+        if match and channels[f] < in_chans:
+            case, index = match.group(1), int(match.group(2))
+        else:
+            case, index = (match.group(1) if match and match.group(2) == "0000" else stem), -1
+        cases.setdefault(case, []).append((index, f))
+    for case, entries in cases.items():
+        names = [os.path.basename(f) for _, f in sorted(entries)]
+        total = sum(channels[f] for _, f in entries)
+        if len(entries) > 1 and any(index < 0 for index, _ in entries):
+            raise ValueError(f"--input files {names} would all be written as {case}.png; rename all but one")
+        if sorted(i for i, _ in entries) not in ([-1], list(range(len(entries)))):
+            raise ValueError(
+                f"--input channel files {names} of case {case!r} must be numbered {case}_0000, {case}_0001, ... "
+                f"without gaps (nnU-Net naming)"
+            )
+        if total != in_chans:
+            raise ValueError(
+                f"--input case {case!r} ({', '.join(names)}) has {total} channel(s) but the model takes {in_chans}"
+            )
+    return {case: [f for _, f in sorted(entries)] for case, entries in sorted(cases.items())}
 
 
 def read_preprocessing(model_dir: str) -> Optional[Dict]:
@@ -114,14 +136,11 @@ def predict(
                 "label_values": list(range(model.num_classes)), "patch_size": None}
     normalizer = Normalizer(prep["mean"], prep["std"], prep["normalization"])
     values = np.asarray(prep["label_values"], dtype=np.int64)
+    cases = group_input_files(input_path, model.in_chans)  # reads every input: all input errors come here
     os.makedirs(output_dir, exist_ok=True)
     written = []
-    for case_id, files in tqdm(group_input_files(input_path, model.in_chans).items(), desc="predict", unit="case", disable=None):
+    for case_id, files in tqdm(cases.items(), desc="predict", unit="case", disable=None):
         image = read_case_image(files)
-        if image.shape[0] != model.in_chans:
-            raise ValueError(
-                f"{files[0]!r} has {image.shape[0]} channel(s) but the model was trained on {model.in_chans}"
-            )
         x = normalizer(torch.from_numpy(image)).to(dev)
         patch = prep["patch_size"] or list(x.shape[-2:])
         logits = sliding_window_logits(model, x, patch, step=step, mirror=mirror, amp_dtype=autocast_dtype)
@@ -129,10 +148,17 @@ def predict(
         out = os.path.join(output_dir, f"{case_id}.png")
         write_label_png(out, values[probs.argmax(0).cpu().numpy()])
         if save_probabilities:
-            np.savez_compressed(os.path.join(output_dir, f"{case_id}_probs.npz"), probabilities=probs.cpu().numpy().astype(np.float16))
+            array = probs.cpu().numpy().astype(np.float16)
+            atomic_write(os.path.join(output_dir, f"{case_id}_probs.npz"),
+                         lambda p: _save_npz(p, probabilities=array))
         written.append(out)
     logger.info("wrote %d masks to %s", len(written), output_dir)
     return written
+
+
+def _save_npz(path: str, **arrays: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a file object: numpy would add ".npz" to a path without it
+        np.savez_compressed(f, **arrays)
 
 
 def evaluate(
