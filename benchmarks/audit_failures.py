@@ -23,7 +23,7 @@ from PIL import Image
 
 TINY = {
     "model": {"backbone": "vit_small_patch16_224", "backbone_size": None,
-              "backbone_kwargs": {"depth": 2, "embed_dim": 32, "num_heads": 2}, "decoder": {"hidden_size": 16}},
+              "backbone_kwargs": {"depth": 4, "embed_dim": 32, "num_heads": 2}, "decoder": {"hidden_size": 16}},
     "train": {"num_epochs": 1, "num_iterations_per_epoch": 2, "num_val_iterations_per_epoch": 1, "warmup_epochs": 0},
     "data": {"format": "demo", "demo_cases": 10, "demo_image_size": 32, "patch_size": [32, 32], "batch_size": 2,
              "num_workers": 0},
@@ -38,7 +38,7 @@ def run(args, cwd, stdin=None):
 
 
 def cli(*args):
-    return [sys.executable, "-m", "upernet_vit.cli", *args]
+    return [sys.executable, "-c", "import sys; from upernet_vit.cli import main; sys.exit(main())", *args]
 
 
 def python(code):
@@ -164,7 +164,10 @@ def main() -> None:
     mismatch = os.path.join(work, "mismatch")
     shutil.copytree(model_dir, mismatch)
     cfg_path = os.path.join(mismatch, "config.yaml")
-    open(cfg_path, "w").write(open(cfg_path).read().replace("hidden_size: 16", "hidden_size: 24"))
+    with open(cfg_path, encoding="utf-8") as f:
+        text = f.read().replace("hidden_size: 16", "hidden_size: 24")
+    with open(cfg_path, "w", encoding="utf-8") as f:
+        f.write(text)
     case("predict: config.yaml edited (hidden_size)",
          run(cli("predict", "--model", mismatch, "--input", os.path.join(images, "a0.tif"), "--output",
                  os.path.join(work, "pred_mis")), work))

@@ -38,8 +38,8 @@ def write_folder_atomically(final: str, write: Callable[[str], None]) -> None:
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)  # a partial checkpoint would keep a full disk full
         disk_error = as_os_error(err, final)
-        if disk_error is not None and disk_error is not err:
-            raise disk_error from err
+        if disk_error is not None:  # named by the checkpoint, not by the temporary file inside it
+            raise OSError(disk_error.errno, disk_error.strerror, final) from err
         raise
     if os.path.isdir(final):
         shutil.rmtree(old, ignore_errors=True)
