@@ -106,6 +106,48 @@ def test_a_non_finite_gradient_stops_training(tmp_path):
     assert not os.path.exists(os.path.join(run, "checkpoint_latest"))
 
 
+class _InfWeightInEpoch2(Trainer):
+    def train_epoch(self, epoch):
+        loss = super().train_epoch(epoch)
+        if epoch == 1:  # e.g. an optimizer step that overflowed with a finite loss and gradient
+            with torch.no_grad():
+                self.model.head.classifier.bias[0] = float("inf")
+        return loss
+
+
+class _ScaledWithNaNSteps(Trainer):
+    """fp16-style loss scaling on CPU (a GradScaler does the bookkeeping), with non-finite gradients at the
+    first ``bad_steps`` iterations."""
+
+    def __init__(self, *args, bad_steps, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.scaler = torch.amp.GradScaler("cpu", enabled=True)
+        self.calls = 0
+
+        def poison(grad):
+            self.calls += 1
+            return grad * float("nan") if self.calls <= bad_steps else grad
+
+        next(self.model.head.parameters()).register_hook(poison)
+
+
+def test_under_loss_scaling_non_finite_steps_are_skipped_and_counted(tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        history = _ScaledWithNaNSteps(tiny_train_config(train={"num_epochs": 1}), str(tmp_path / "a"), bad_steps=1).run()
+    assert "skipped 1 of 2 steps" in caplog.text and np.isfinite(history[0]["train_loss"])
+    with pytest.raises(TrainingDiverged, match=r"epoch 1, iteration 2"):  # no finite step in the epoch
+        _ScaledWithNaNSteps(tiny_train_config(train={"num_epochs": 1}), str(tmp_path / "b"), bad_steps=2).run()
+
+
+def test_a_model_with_non_finite_weights_is_never_saved(tmp_path):
+    run = str(tmp_path / "run")
+    with pytest.raises(TrainingDiverged, match=r"after epoch 2 1 weight tensor\(s\) hold NaN.*head.classifier.bias"):
+        _InfWeightInEpoch2(tiny_train_config(), run).run()
+    assert checkpoint_epoch(os.path.join(run, "checkpoint_latest")) == 1
+
+
 def test_save_pretrained_refuses_non_finite_weights(tmp_path):
     model = tiny_model()
     with torch.no_grad():
@@ -290,6 +332,10 @@ def test_kill_during_the_best_save_then_resume_gives_the_uninterrupted_best(tmp_
     run = tmp_path / "killed"
     assert checkpoint_epoch(str(run / "checkpoint_best")) == best_epochs[-2]  # the stale best
     assert (run / "checkpoint_best.tmp").is_dir()
+    from upernet_vit.training.predict import resolve_model_dir
+
+    # predict before any resume takes the checkpoint that holds the best epoch, not the stale best
+    assert resolve_model_dir(str(run)) == str(run / "checkpoint_latest")
 
     resumed = train("killed", resume=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]

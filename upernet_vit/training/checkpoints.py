@@ -101,6 +101,36 @@ def checkpoint_epoch(folder: str) -> Optional[int]:
         return None
 
 
+def best_epoch_of_run(run_dir: str) -> Optional[int]:
+    """The best epoch recorded in ``checkpoint_latest``'s state (None: no state, or an older run)."""
+    path = os.path.join(run_dir, LATEST, STATE_NAME)
+    if not os.path.isfile(path):
+        return None
+    try:
+        value = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("best_epoch")
+    except Exception:
+        return None
+    return None if value is None else int(value)
+
+
+def best_checkpoint(run_dir: str) -> Optional[str]:
+    """The folder that holds the run's best epoch: ``checkpoint_best``, or ``checkpoint_latest`` when a
+    crash between the two writes left ``checkpoint_best`` older than the recorded best (or missing) and the
+    latest is that epoch. None if neither exists."""
+    best, latest = os.path.join(run_dir, BEST), os.path.join(run_dir, LATEST)
+    recorded = best_epoch_of_run(run_dir)
+    if recorded is not None and checkpoint_epoch(best) != recorded and checkpoint_epoch(latest) == recorded:
+        logger.warning(
+            "%s holds epoch %s, not the best epoch %d (an interrupted save; --resume repairs it): using %s",
+            best, checkpoint_epoch(best), recorded, latest,
+        )
+        return latest
+    for folder in (best, latest):
+        if os.path.isdir(folder):
+            return folder
+    return None
+
+
 def repair_best(run_dir: str, best_epoch: Optional[int], latest_epoch: int) -> None:
     """Make ``checkpoint_best`` hold ``best_epoch`` again after a crash between the two checkpoint writes.
 

@@ -13,7 +13,9 @@ import torch
 
 from ..fileio import atomic_write
 from ..model import UperNetViT
+from ..pretrained import WEIGHTS_NAME
 from .augment import Normalizer
+from .checkpoints import best_checkpoint
 from .data import IGNORE_INDEX
 from .image_io import IMAGE_SUFFIXES, read_image, read_label, write_label_png
 from .data import read_case_image
@@ -33,13 +35,14 @@ def predict_fast_paths(device: torch.device) -> Dict[str, bool]:
 
 
 def resolve_model_dir(path: str) -> str:
-    """A ``save_pretrained`` folder, or a run folder (its ``checkpoint_best``, else ``checkpoint_latest``)."""
-    if os.path.isfile(os.path.join(path, "model.safetensors")):
+    """A ``save_pretrained`` folder, or a run folder: the checkpoint that holds its best epoch
+    (``checkpoint_best``, or ``checkpoint_latest`` if a crash left the best save unfinished), else
+    ``checkpoint_latest``."""
+    if os.path.isfile(os.path.join(path, WEIGHTS_NAME)):
         return path
-    for name in ("checkpoint_best", "checkpoint_latest"):
-        candidate = os.path.join(path, name)
-        if os.path.isfile(os.path.join(candidate, "model.safetensors")):
-            return candidate
+    candidate = best_checkpoint(path)
+    if candidate is not None and os.path.isfile(os.path.join(candidate, WEIGHTS_NAME)):
+        return candidate
     raise FileNotFoundError(
         f"{path!r} is neither a model folder (model.safetensors + config.yaml) nor a run folder with checkpoint_best/"
     )
@@ -65,8 +68,10 @@ def group_input_files(path: str, in_chans: int) -> Dict[str, List[str]]:
     with all the channels is a case of its own, named by its stem without a trailing ``_0000``
     (``img_0000.png`` -> ``img``, ``img_0001.png`` -> ``img_0001``). Two inputs with one case id are an error.
     """
+    from tqdm.auto import tqdm
+
     files = _input_files(path)
-    channels = {f: read_image(f).shape[0] for f in files}
+    channels = {f: read_image(f).shape[0] for f in tqdm(files, desc="check inputs", unit="file", disable=None, leave=False)}
     cases: Dict[str, List[tuple]] = {}
     for f in files:
         stem = os.path.splitext(os.path.basename(f))[0]

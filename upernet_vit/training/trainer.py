@@ -220,8 +220,8 @@ class Trainer:
         bad = [k for k, v in self.model.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
         if bad:  # a NaN model is never written, never as best
             raise TrainingDiverged(
-                f"the model has non-finite weights after epoch {next_epoch} ({len(bad)} tensors, e.g. {bad[0]}); "
-                f"{name} is not written. " + self._divergence_message(next_epoch - 1, 0, math.nan, math.nan)
+                f"training stopped: after epoch {next_epoch} {len(bad)} weight tensor(s) hold NaN or infinity "
+                f"(e.g. {bad[0]}); {name} is not written and keeps its previous epoch"
             )
         state = {
             "epoch": next_epoch,
@@ -374,8 +374,8 @@ class Trainer:
         return float(stats[0] / max(stats[1], 1))
 
     def _divergence_message(self, epoch: int, step: int, loss: float, grad_norm: float) -> str:
-        last = latest_checkpoint(self.output_dir)
-        kept = f"{last} (epoch {self.start_epoch if not self.history else int(self.history[-1]['epoch'])})" if last else "no checkpoint yet"
+        last = latest_checkpoint(self.output_dir)  # written after each epoch: it holds `epoch` epochs
+        kept = f"{last} (epoch {epoch})" if last else "no checkpoint yet"
         return (
             f"training stopped: non-finite loss {loss} / gradient norm {grad_norm} at epoch {epoch + 1}, "
             f"iteration {step + 1}; nothing from this epoch is saved (kept: {kept}). Likely causes: a learning "
