@@ -515,3 +515,107 @@ def test_a_mask_without_an_image_is_an_error(tmp_path):
     os.remove(os.path.join(root, "imagesTr", "demo_001_0000.png"))
     with pytest.raises(FileNotFoundError, match=r"labelsTr/demo_001.png' has no image .*imagesTr/demo_001_0000.png"):
         load_nnunet_raw(root)
+
+
+# ---------------------------------------------------------------------------- review follow-ups
+def test_yaml_merge_keys_may_override_and_non_utf8_files_are_named(tmp_path):
+    from upernet_vit.config import read_yaml
+
+    path = tmp_path / "m.yaml"
+    path.write_text("base: &b\n  num_epochs: 3\n  seed: 1\ntrain:\n  <<: *b\n  num_epochs: 4\n")
+    assert read_yaml(str(path))["train"] == {"num_epochs": 4, "seed": 1}  # an override, not a duplicate
+    path.write_bytes(b"train:\n  seed: \xff\n")
+    with pytest.raises(ConfigError, match=r"m.yaml: not a UTF-8 text file"):
+        read_yaml(str(path))
+
+
+def test_a_second_trainer_cannot_take_a_run_folder_in_use(tmp_path):
+    run = str(tmp_path / "run")
+    first = Trainer(tiny_train_config(train={"num_epochs": 1}), run)
+    (tmp_path / "run" / "checkpoint_latest.tmp").mkdir()  # what the first run may be writing right now
+    with pytest.raises(FileExistsError, match=r"in use by another training process \(pid \d+\)"):
+        Trainer(tiny_train_config(train={"num_epochs": 1}), run)
+    assert (tmp_path / "run" / "checkpoint_latest.tmp").is_dir()  # the second one touched nothing
+    first.run()  # releases the folder
+    Trainer(tiny_train_config(train={"num_epochs": 1}), run, resume=True).release()
+
+
+def test_a_failed_swap_puts_the_previous_checkpoint_back(tmp_path, monkeypatch):
+    from upernet_vit.training import checkpoints
+
+    final = tmp_path / "checkpoint_latest"
+    final.mkdir()
+    (final / "training_state.pt").write_text("previous")
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        if str(src).endswith(".tmp"):
+            raise OSError(5, "Input/output error", str(dst))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoints.os, "replace", failing_replace)
+    with pytest.raises(OSError):
+        checkpoints.write_folder_atomically(str(final), lambda tmp: open(os.path.join(tmp, "x"), "w").close())
+    assert (final / "training_state.pt").read_text() == "previous"
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint_latest", "checkpoint_latest.tmp"]  # recover removes .tmp
+
+
+def test_a_crash_between_weights_and_checksum_leaves_no_stale_checksum(tmp_path, monkeypatch):
+    from upernet_vit import pretrained
+
+    folder = tmp_path / "m"
+    tiny_model().save_pretrained(folder)
+    real_write = pretrained.atomic_write
+
+    def crash_at_checksum(path, write):
+        if path.endswith(".sha256"):
+            raise KeyboardInterrupt  # the process dies here
+        real_write(path, write)
+
+    monkeypatch.setattr(pretrained, "atomic_write", crash_at_checksum)
+    with pytest.raises(KeyboardInterrupt):
+        tiny_model(decoder_channels=32).save_pretrained(folder)  # new weights, same architecture
+    assert not (folder / "model.safetensors.sha256").exists()
+    UperNetViT.from_pretrained(folder)  # the new weights load; no false "damaged" report
+
+
+def test_predict_falls_back_to_latest_and_checks_sizes_and_channels_first(tmp_path):
+    from upernet_vit.training.predict import group_input_files, resolve_model_dir
+
+    run = tmp_path / "run"
+    tiny_model().save_pretrained(run / "checkpoint_latest")
+    (run / "checkpoint_best").mkdir()  # no weights in it
+    assert resolve_model_dir(str(run)) == str(run / "checkpoint_latest")
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    _gray(inputs / "scan_0001.png")
+    with pytest.raises(ValueError, match=r"case 'scan' \(scan_0001.png\) has 1 channel\(s\) but the model takes 3"):
+        group_input_files(str(inputs), 3)
+    (inputs / "scan_0001.png").unlink()
+    _gray(inputs / "c_0000.png")
+    Image.fromarray(np.zeros((10, 10), dtype=np.uint8)).save(inputs / "c_0001.png")
+    with pytest.raises(ValueError, match=r"\['c_0000.png', 'c_0001.png'\] of case 'c' differ in size"):
+        group_input_files(str(inputs), 2)
+
+
+def test_a_zip_that_is_not_a_checkpoint_and_fp16_overflow(tmp_path):
+    np.savez(tmp_path / "arrays.npz", a=np.ones(3))
+    with pytest.raises(ValueError, match=r"arrays.npz' is a zip archive but not a PyTorch checkpoint"):
+        read_checkpoint(str(tmp_path / "arrays.npz"))
+    model = tiny_model().half()
+    with pytest.raises(ValueError, match=r"overflow the model's dtype torch.float16"):
+        model(torch.full((1, 3, 32, 32), 1e6))
+
+
+def test_only_disk_errors_of_the_scratch_file_are_renamed():
+    import errno
+
+    from upernet_vit.fileio import as_os_error
+
+    assert as_os_error(OSError("cannot write mode RGBA as JPEG"), "/out/a.png", "/out/.a.tmp") is None  # no errno
+    other = OSError(errno.ENOENT, "No such file or directory", "/src/model.safetensors")
+    assert as_os_error(other, "/run/checkpoint_best", "/run/checkpoint_best.tmp") is None  # another file
+    inside = OSError(errno.ENOSPC, "No space left on device", "/run/checkpoint_best.tmp/model.safetensors")
+    assert as_os_error(inside, "/run/checkpoint_best", "/run/checkpoint_best.tmp").filename == "/run/checkpoint_best"
+    assert as_os_error(RuntimeError("os error 28"), "/x", "/x.tmp") is None  # only safetensors' own errors

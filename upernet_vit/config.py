@@ -49,16 +49,18 @@ def _positive_real(v: Any) -> bool:
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, except that a key given twice in one mapping is an error (PyYAML keeps the last)."""
+    """PyYAML's safe loader, except that a key written twice in one mapping is an error (PyYAML keeps the
+    last). Keys that a merge (``<<: *anchor``) brings in may be overridden, as YAML intends."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> Dict[Any, Any]:
-        seen: Dict[Any, int] = {}
+        seen: Dict[Tuple[str, str], int] = {}
         for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            line = key_node.start_mark.line + 1
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key, line = (key_node.tag, key_node.value), key_node.start_mark.line + 1
             if key in seen:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} is given twice (lines {seen[key]} and {line}); keep one",
+                    None, None, f"key {key_node.value!r} is given twice (lines {seen[key]} and {line}); keep one",
                     key_node.start_mark,
                 )
             seen[key] = line
@@ -68,11 +70,13 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def read_yaml(path: Union[str, os.PathLike]) -> Any:
     """The YAML document in ``path``; a syntax error or a duplicate key is a :class:`ConfigError` naming the
     file, the key and the line."""
-    with open(path, encoding="utf-8") as f:
-        try:
+    try:
+        with open(path, encoding="utf-8") as f:
             return yaml.load(f, Loader=_UniqueKeyLoader)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{os.fspath(path)}: not valid YAML: {err}") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{os.fspath(path)}: not valid YAML: {err}") from err
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{os.fspath(path)}: not a UTF-8 text file ({err.reason} at byte {err.start})") from err
 
 
 class _Checked:

@@ -32,13 +32,18 @@ def fsync_path(path: str) -> None:
         os.close(fd)
 
 
-def as_os_error(err: BaseException, path: str) -> Optional[OSError]:
-    """``err`` as an OSError that names ``path``, when it is a disk error: an OSError without a file name
-    (a write through a file object), or a library's own error type carrying ``os error N`` (safetensors).
-    None for other errors."""
+def as_os_error(err: BaseException, path: str, scratch: str) -> Optional[OSError]:
+    """``err`` as an OSError that names ``path``, when it is a disk error while writing ``scratch`` (the
+    temporary file or folder that becomes ``path``): an OSError without a file name (a write through a file
+    object) or naming something inside ``scratch``, or a safetensors error carrying ``os error N``. None
+    for anything else, which keeps its own message."""
     if isinstance(err, OSError):
-        return err if err.filename else OSError(err.errno, err.strerror or str(err), path)
-    match = re.search(r"os error (\d+)", str(err))
+        if err.errno is None:
+            return None
+        inside = err.filename is None or os.fspath(err.filename) == scratch or \
+            os.fspath(err.filename).startswith(scratch + os.sep)
+        return OSError(err.errno, err.strerror, path) if inside else None
+    match = re.search(r"os error (\d+)", str(err)) if "Safetensor" in type(err).__name__ else None
     if match:
         code = int(match.group(1))
         return OSError(code, os.strerror(code), path)
@@ -58,8 +63,8 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
         fsync_path(tmp)
         os.replace(tmp, path)
     except Exception as err:
-        disk_error = as_os_error(err, path)
-        if disk_error is not None and disk_error is not err:
+        disk_error = as_os_error(err, path, tmp)
+        if disk_error is not None:
             raise disk_error from err
         raise
     finally:

@@ -156,10 +156,8 @@ class UperNetViT(nn.Module):
                 f"UperNetViT expects a floating-point image, got dtype {x.dtype}: scale it to [0, 1] "
                 f"(e.g. x.float() / 255 for 8-bit) and normalize with model.mean and model.std"
             )
-        weight_dtype = next(self.head.parameters()).dtype
-        if x.dtype != weight_dtype:
-            x = x.to(weight_dtype)
-        if self.check_finite and not torch.compiler.is_compiling() and not bool(torch.isfinite(x).all()):
+        check = self.check_finite and not torch.compiler.is_compiling()
+        if check and not bool(torch.isfinite(x).all()):
             bad = (~torch.isfinite(x)).flatten(1).sum(1)
             where = ", ".join(f"image {i}: {int(n)}" for i, n in enumerate(bad.tolist()) if n)
             raise ValueError(
@@ -167,6 +165,14 @@ class UperNetViT(nn.Module):
                 f"every logit of such an image would be NaN. Replace them with finite values (or set "
                 f"model.check_finite = False to skip this check)"
             )
+        weight_dtype = next(self.head.parameters()).dtype
+        if x.dtype != weight_dtype:
+            x = x.to(weight_dtype)
+            if check and torch.finfo(weight_dtype).max < 1e38 and not bool(torch.isfinite(x).all()):
+                raise ValueError(
+                    f"UperNetViT input values overflow the model's dtype {weight_dtype} (largest "
+                    f"{torch.finfo(weight_dtype).max:g}); normalize the image first (model.mean, model.std)"
+                )
         return x
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:

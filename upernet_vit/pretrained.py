@@ -49,8 +49,11 @@ def save_pretrained(model: "UperNetViT", directory: Union[str, os.PathLike]) -> 
         checksum[0] = file_sha256(tmp)  # of the bytes on disk, before the rename
 
     checksum = [""]
+    sidecar = os.path.join(directory, CHECKSUM_NAME)
+    if os.path.exists(sidecar):  # a crash before the new one is written must not leave the old one behind
+        os.remove(sidecar)
     atomic_write(weights, write_weights)
-    atomic_write(os.path.join(directory, CHECKSUM_NAME), lambda p: write_text(p, f"{checksum[0]}  {WEIGHTS_NAME}\n"))
+    atomic_write(sidecar, lambda p: write_text(p, f"{checksum[0]}  {WEIGHTS_NAME}\n"))
     atomic_write(os.path.join(directory, CONFIG_NAME), lambda p: write_text(p, text))
 
 

@@ -10,6 +10,7 @@ import argparse
 import logging
 import math
 import os
+import pickle
 import re
 from collections import OrderedDict
 from typing import Any, Iterable, List, Optional
@@ -60,6 +61,11 @@ def read_checkpoint(path: str, trust_checkpoint: bool = False) -> Any:
             return load_file(path)
         except Exception as err:  # safetensors raises its own error type
             raise ValueError(f"checkpoint_path {path!r} is a damaged safetensors file: {_first_line(err)}") from err
+    if _is_zip_without_pickle(path):
+        raise ValueError(
+            f"checkpoint_path {path!r} is a zip archive but not a PyTorch checkpoint (no data.pkl inside; an .npz "
+            f"or a zipped folder?); give the .pth/.pt/.safetensors weights file itself"
+        )
     try:
         if trust_checkpoint:
             return torch.load(path, map_location="cpu", weights_only=False)
@@ -73,10 +79,26 @@ def read_checkpoint(path: str, trust_checkpoint: bool = False) -> Any:
                 f"trust_checkpoint=True (YAML: model.trust_checkpoint: true) to unpickle it fully; that can "
                 f"run code stored in the file"
             ) from err
-        raise ValueError(
-            f"checkpoint_path {path!r} is a damaged or truncated torch checkpoint ({type(err).__name__}: "
-            f"{_first_line(err)}); download or copy it again"
+        if isinstance(err, (EOFError, pickle.UnpicklingError)) or (
+            isinstance(err, RuntimeError) and any(s in str(err) for s in ("zip archive", "unexpected EOF", "corrupted"))
+        ):
+            raise ValueError(
+                f"checkpoint_path {path!r} is a damaged or truncated torch checkpoint ({type(err).__name__}: "
+                f"{_first_line(err)}); download or copy it again"
+            ) from err
+        raise ValueError(  # e.g. a class that full unpickling needs but cannot import
+            f"could not read checkpoint_path {path!r}: {type(err).__name__}: {_first_line(err)}"
         ) from err
+
+
+def _is_zip_without_pickle(path: str) -> bool:
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return not any(name.endswith("data.pkl") for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):  # not a zip (legacy torch pickle) or a damaged one: torch.load tells
+        return False
 
 
 def _first_line(err: BaseException, containing: str = "") -> str:

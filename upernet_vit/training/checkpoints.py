@@ -17,6 +17,7 @@ from typing import Callable, Optional
 import torch
 
 from ..fileio import as_os_error, fsync_path
+from ..pretrained import WEIGHTS_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -26,25 +27,31 @@ STATE_NAME = "training_state.pt"
 
 def write_folder_atomically(final: str, write: Callable[[str], None]) -> None:
     """``write(tmp_folder)``, flush it, then swap it in for ``final``: after a crash or power loss there is
-    the old folder, its ``.old`` copy, or the complete new one. A failed write removes its partial folder."""
+    the old folder, its ``.old`` copy, or the complete new one. A failed write removes its partial folder
+    (a partial checkpoint would keep a full disk full) and a disk error names ``final``."""
     tmp, old = final + ".tmp", final + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
     try:
-        os.makedirs(tmp)
         write(tmp)
         for name in os.listdir(tmp):
             fsync_path(os.path.join(tmp, name))
         fsync_path(tmp)
     except BaseException as err:
-        shutil.rmtree(tmp, ignore_errors=True)  # a partial checkpoint would keep a full disk full
-        disk_error = as_os_error(err, final)
-        if disk_error is not None:  # named by the checkpoint, not by the temporary file inside it
-            raise OSError(disk_error.errno, disk_error.strerror, final) from err
+        shutil.rmtree(tmp, ignore_errors=True)
+        disk_error = as_os_error(err, final, tmp)
+        if disk_error is not None:
+            raise disk_error from err
         raise
     if os.path.isdir(final):
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
-    os.replace(tmp, final)
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        if os.path.isdir(old) and not os.path.exists(final):
+            os.replace(old, final)  # put the previous checkpoint back
+        raise
     fsync_path(os.path.dirname(os.path.abspath(final)))
     shutil.rmtree(old, ignore_errors=True)
 
@@ -76,8 +83,40 @@ def recover_run_folder(run_dir: str) -> None:
             else:
                 logger.warning("restoring %s from %s (a run was interrupted while replacing it)", final, old)
                 os.replace(old, final)
-    for leftover in glob.glob(os.path.join(run_dir, ".*.tmp-*")) + glob.glob(os.path.join(run_dir, "*", ".*.tmp-*")):
-        os.remove(leftover)
+    for pattern in (".*.tmp-*", os.path.join(LATEST, ".*.tmp-*"), os.path.join(BEST, ".*.tmp-*")):
+        for leftover in glob.glob(os.path.join(run_dir, pattern)):  # atomic_write's, of the files a run writes
+            os.remove(leftover)
+
+
+class RunLock:
+    """An exclusive lock on a run folder (``.lock``, ``flock``) for the life of a training process, so that
+    a second ``train`` into the same folder fails at once instead of racing for its files. Released when
+    the process ends, however it ends. A no-op where ``fcntl`` does not exist (Windows)."""
+
+    def __init__(self, run_dir: str) -> None:
+        self.path = os.path.join(run_dir, ".lock")
+        self._file = open(self.path, "a+", encoding="utf-8")
+        try:
+            import fcntl
+        except ImportError:
+            return
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "another process"
+            self._file.close()
+            raise FileExistsError(
+                f"{run_dir} is in use by another training process ({holder}); wait for it to end, or choose "
+                f"another --output"
+            ) from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"pid {os.getpid()}\n")
+        self._file.flush()
+
+    def release(self) -> None:
+        self._file.close()
 
 
 def latest_checkpoint(run_dir: str) -> Optional[str]:
@@ -114,9 +153,10 @@ def best_epoch_of_run(run_dir: str) -> Optional[int]:
 
 
 def best_checkpoint(run_dir: str) -> Optional[str]:
-    """The folder that holds the run's best epoch: ``checkpoint_best``, or ``checkpoint_latest`` when a
-    crash between the two writes left ``checkpoint_best`` older than the recorded best (or missing) and the
-    latest is that epoch. None if neither exists."""
+    """The checkpoint folder that holds the run's best epoch: ``checkpoint_best``, or ``checkpoint_latest``
+    when a crash between the two writes left ``checkpoint_best`` older than the recorded best (or missing)
+    and the latest is that epoch; else the first of best, latest (or their ``.old``) with weights. None if
+    there is none."""
     best, latest = os.path.join(run_dir, BEST), os.path.join(run_dir, LATEST)
     recorded = best_epoch_of_run(run_dir)
     if recorded is not None and checkpoint_epoch(best) != recorded and checkpoint_epoch(latest) == recorded:
@@ -125,8 +165,8 @@ def best_checkpoint(run_dir: str) -> Optional[str]:
             best, checkpoint_epoch(best), recorded, latest,
         )
         return latest
-    for folder in (best, latest):
-        if os.path.isdir(folder):
+    for folder in (best, best + ".old", latest, latest + ".old"):  # .old: a crash inside a swap
+        if os.path.isfile(os.path.join(folder, WEIGHTS_NAME)):
             return folder
     return None
 

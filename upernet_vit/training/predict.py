@@ -41,7 +41,7 @@ def resolve_model_dir(path: str) -> str:
     if os.path.isfile(os.path.join(path, WEIGHTS_NAME)):
         return path
     candidate = best_checkpoint(path)
-    if candidate is not None and os.path.isfile(os.path.join(candidate, WEIGHTS_NAME)):
+    if candidate is not None:
         return candidate
     raise FileNotFoundError(
         f"{path!r} is neither a model folder (model.safetensors + config.yaml) nor a run folder with checkpoint_best/"
@@ -71,7 +71,8 @@ def group_input_files(path: str, in_chans: int) -> Dict[str, List[str]]:
     from tqdm.auto import tqdm
 
     files = _input_files(path)
-    channels = {f: read_image(f).shape[0] for f in tqdm(files, desc="check inputs", unit="file", disable=None, leave=False)}
+    shapes = {f: read_image(f).shape for f in tqdm(files, desc="check inputs", unit="file", disable=None, leave=False)}
+    channels = {f: shape[0] for f, shape in shapes.items()}
     cases: Dict[str, List[tuple]] = {}
     for f in files:
         stem = os.path.splitext(os.path.basename(f))[0]
@@ -86,15 +87,17 @@ def group_input_files(path: str, in_chans: int) -> Dict[str, List[str]]:
         total = sum(channels[f] for _, f in entries)
         if len(entries) > 1 and any(index < 0 for index, _ in entries):
             raise ValueError(f"--input files {names} would all be written as {case}.png; rename all but one")
+        if total != in_chans:
+            raise ValueError(
+                f"--input case {case!r} ({', '.join(names)}) has {total} channel(s) but the model takes {in_chans}"
+            )
         if sorted(i for i, _ in entries) not in ([-1], list(range(len(entries)))):
             raise ValueError(
                 f"--input channel files {names} of case {case!r} must be numbered {case}_0000, {case}_0001, ... "
                 f"without gaps (nnU-Net naming)"
             )
-        if total != in_chans:
-            raise ValueError(
-                f"--input case {case!r} ({', '.join(names)}) has {total} channel(s) but the model takes {in_chans}"
-            )
+        if len({shapes[f][1:] for _, f in entries}) > 1:
+            raise ValueError(f"--input channel files {names} of case {case!r} differ in size")
     return {case: [f for _, f in sorted(entries)] for case, entries in sorted(cases.items())}
 
 

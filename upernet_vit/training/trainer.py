@@ -24,7 +24,7 @@ from ..pretrained import WEIGHTS_NAME, verify_checksum
 from ..model import UperNetViT
 from .augment import AugmentConfig, Normalizer, PatchDataset
 from .checkpoints import (
-    BEST, LATEST, STATE_NAME, copy_checkpoint, latest_checkpoint, recover_run_folder, repair_best,
+    BEST, LATEST, STATE_NAME, RunLock, copy_checkpoint, latest_checkpoint, recover_run_folder, repair_best,
     write_folder_atomically,
 )
 from .data import Case, DatasetInfo, fold_case_ids, load_folders, load_nnunet_raw
@@ -184,19 +184,35 @@ class Trainer:
         self.best_ema = -math.inf
         self.best_epoch: Optional[int] = None  # the epoch checkpoint_best holds
         self.ema: Optional[float] = None
+        self.lock: Optional[RunLock] = None
         if self.dist.is_main:
             os.makedirs(output_dir, exist_ok=True)
-            recover_run_folder(output_dir)
+            self.lock = RunLock(output_dir)  # before touching any file of the run
+        try:
+            self._open_run(resume)
+        except BaseException:
+            self.release()
+            raise
+
+    def _open_run(self, resume: bool) -> None:
+        if self.dist.is_main:
+            if not resume and latest_checkpoint(self.output_dir):
+                raise FileExistsError(
+                    f"{self.output_dir} already holds a run (checkpoint_latest); pass --resume to continue it "
+                    f"or choose another --output"
+                )
+            recover_run_folder(self.output_dir)
         barrier(self.dist)
         if resume:
             self._resume()
-        elif self.dist.is_main and latest_checkpoint(output_dir):
-            raise FileExistsError(
-                f"{output_dir} already holds a run (checkpoint_latest); pass --resume to continue it "
-                f"or choose another --output"
-            )
         if self.dist.is_main:
             self._write_run_files()
+
+    def release(self) -> None:
+        """Give up the run folder's lock (``run`` does at its end; a Trainer that is not run can call it)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     # ------------------------------------------------------------------ files
     def _preprocessing(self) -> Dict[str, Any]:
@@ -216,13 +232,16 @@ class Trainer:
         atomic_write(os.path.join(self.output_dir, "config.yaml"), lambda p: save_config(self.cfg, p))
         atomic_write(os.path.join(self.output_dir, "splits_final.json"), lambda p: _write_json(p, self.data.splits))
 
-    def _save_checkpoint(self, name: str, next_epoch: int) -> None:
+    def _check_weights_finite(self, next_epoch: int) -> None:
+        """A NaN model is never written, never as best (on every DDP process: the weights are the same)."""
         bad = [k for k, v in self.model.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-        if bad:  # a NaN model is never written, never as best
+        if bad:
             raise TrainingDiverged(
                 f"training stopped: after epoch {next_epoch} {len(bad)} weight tensor(s) hold NaN or infinity "
-                f"(e.g. {bad[0]}); {name} is not written and keeps its previous epoch"
+                f"(e.g. {bad[0]}); {LATEST} is not written and keeps its previous epoch"
             )
+
+    def _save_checkpoint(self, name: str, next_epoch: int) -> None:
         state = {
             "epoch": next_epoch,
             "optimizer": self.optimizer.state_dict(),
@@ -455,6 +474,7 @@ class Trainer:
                 improved = self.ema is not None and self.ema > self.best_ema
                 if improved:
                     self.best_ema, self.best_epoch = float(self.ema), epoch + 1
+                self._check_weights_finite(epoch + 1)
                 if self.dist.is_main:
                     self._write_metrics()
                     # the state records best_epoch before checkpoint_best is written: a crash in between
@@ -470,4 +490,5 @@ class Trainer:
                 barrier(self.dist)
         finally:
             cleanup(self.dist)
+            self.release()
         return self.history
