@@ -76,7 +76,7 @@ def test_cli_export_of_a_run_folder(tmp_path, capsys):
     prep = {"mean": [0.5], "std": [0.25], "normalization": "preset", "label_values": [0, 1, 2], "patch_size": [42, 56]}
     (run / "checkpoint_best" / "preprocessing.json").write_text(json.dumps(prep))
     out = str(tmp_path / "new" / "folder" / "model.onnx")  # the folder is created
-    assert main(["export", str(run), "--format", "onnx", "--output", out, "--static"]) == 0
+    assert main(["export", str(run), "--checkpoint", "best", "--format", "onnx", "--output", out, "--static"]) == 0
     assert "wrote" in capsys.readouterr().out
     import onnx
 

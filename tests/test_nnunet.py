@@ -56,6 +56,16 @@ def test_recipe_trainers_have_valid_configs(name):
     assert config.train.optimizer == "adamw" and config.train.warmup_epochs > 0
 
 
+def test_class_weights_are_refused_not_dropped_inside_nnunet(tmp_path, monkeypatch):
+    from upernet_vit.integrations.nnunet import CONFIG_ENV
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"train": {"class_weights": "auto"}}))
+    monkeypatch.setenv(CONFIG_ENV, str(path))
+    with pytest.raises(ValueError, match="train.class_weights applies to `upernet-vit train`"):
+        trainers.nnUNetTrainerUperNetViT.recipe()
+
+
 def test_pretrained_backbone_only_when_training(tmp_path):
     import timm
 

@@ -335,7 +335,7 @@ def test_kill_during_the_best_save_then_resume_gives_the_uninterrupted_best(tmp_
     from upernet_vit.training.predict import resolve_model_dir
 
     # predict before any resume takes the checkpoint that holds the best epoch, not the stale best
-    assert resolve_model_dir(str(run)) == str(run / "checkpoint_latest")
+    assert resolve_model_dir(str(run), "best") == str(run / "checkpoint_latest")
 
     resumed = train("killed", resume=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -585,7 +585,7 @@ def test_predict_falls_back_to_latest_and_checks_sizes_and_channels_first(tmp_pa
     run = tmp_path / "run"
     tiny_model().save_pretrained(run / "checkpoint_latest")
     (run / "checkpoint_best").mkdir()  # no weights in it
-    assert resolve_model_dir(str(run)) == str(run / "checkpoint_latest")
+    assert resolve_model_dir(str(run), "best") == str(run / "checkpoint_latest")
 
     inputs = tmp_path / "in"
     inputs.mkdir()

@@ -152,6 +152,42 @@ def test_dice_ce_loss_properties():
     assert torch.isfinite(loss(logits, torch.full_like(target, IGNORE_INDEX)))
 
 
+def test_class_weights_weight_the_ce_term_by_the_formula():
+    from upernet_vit.training.losses import SoftDiceLoss, inverse_frequency_weights
+
+    torch.manual_seed(3)
+    logits, target = torch.randn(2, 3, 8, 8), torch.randint(0, 3, (2, 8, 8))
+    target[0, 0] = IGNORE_INDEX
+    w = torch.tensor([0.2, 1.0, 5.0])
+    weighted = DiceCELoss(class_weights=w.tolist())(logits, target)
+    # by hand: sum_i w[y_i] * (-log p_i[y_i]) / sum_i w[y_i] over labelled pixels, plus the unweighted Dice
+    valid = target != IGNORE_INDEX
+    logp = logits.log_softmax(1).permute(0, 2, 3, 1)[valid]
+    y = target[valid]
+    ce = -(w[y] * logp[torch.arange(len(y)), y]).sum() / w[y].sum()
+    assert torch.allclose(weighted, ce + SoftDiceLoss()(logits, target), atol=1e-6)
+    assert not torch.allclose(weighted, DiceCELoss()(logits, target))
+    # auto: N / (K * n_c) over labelled pixels; an absent class gets 1
+    labels = [torch.tensor([[0, 0, 0, 1], [0, 0, 1, IGNORE_INDEX]])]
+    assert inverse_frequency_weights(labels, 3) == pytest.approx([7 / (3 * 5), 7 / (3 * 2), 1.0])
+
+
+def test_class_weights_in_training_are_checked_and_auto_is_logged(tmp_path, caplog):
+    import logging
+
+    from helpers import tiny_train_config
+
+    with pytest.raises(ValueError, match=r"class_weights has 2 values but the dataset has 4 classes \['background'"):
+        Trainer(tiny_train_config(train={"class_weights": [1.0, 2.0]}), str(tmp_path / "a"))
+    given = Trainer(tiny_train_config(train={"class_weights": [0.5, 1, 2, 3]}), str(tmp_path / "b"))
+    assert given.criterion.class_weights.tolist() == [0.5, 1, 2, 3]
+    with caplog.at_level(logging.INFO):
+        auto = Trainer(tiny_train_config(train={"class_weights": "auto"}), str(tmp_path / "c"))
+    assert "class_weights auto" in caplog.text and "background" in caplog.text
+    weights = auto.criterion.class_weights
+    assert weights[0] < 1 < weights[1]  # background is the most frequent class of the demo data
+
+
 def test_dice_by_hand():
     truth = torch.tensor([[0, 1, 1, 2], [0, 1, 2, 2]])
     pred = torch.tensor([[0, 1, 0, 2], [1, 1, 2, 0]])

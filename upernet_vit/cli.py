@@ -92,7 +92,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     _setup_logging()
     written = predict(
         args.model, args.input, args.output, args.device, args.step, args.mirror, args.probabilities, args.amp,
-        fast=_fast_paths(args),
+        fast=_fast_paths(args), checkpoint=args.checkpoint, scales=args.scales,
     )
     print(f"wrote {len(written)} mask(s) to {args.output}")
     return 0
@@ -129,7 +129,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .training.predict import read_preprocessing, resolve_model_dir
 
     _setup_logging()
-    model_dir = resolve_model_dir(args.model)
+    model_dir = resolve_model_dir(args.model, args.checkpoint)
     model = UperNetViT.from_pretrained(model_dir)
     prep = read_preprocessing(model_dir) or {}
     # normalization and label values travel in the file's metadata
@@ -201,12 +201,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     pred = sub.add_parser("predict", parents=[common], help="predict masks with a trained model")
-    pred.add_argument("--model", required=True, help="run folder or a save_pretrained folder")
+    pred.add_argument("--model", required=True, nargs="+", metavar="RUN",
+                      help="run folder or save_pretrained folder; several: an ensemble (probabilities averaged)")
+    pred.add_argument("--checkpoint", choices=["final", "best", "latest"], default="final",
+                      help="which checkpoint of a run folder: final (the last epoch, as nnU-Net; default), best "
+                           "(the EMA-Dice pick) or latest (an unfinished run)")
+    pred.add_argument("--scales", type=float, nargs="+", default=[1.0], metavar="S",
+                      help="multi-scale test-time augmentation, e.g. --scales 0.75 1.0 1.25 (default: 1.0)")
     pred.add_argument("--input", required=True, help="image file or folder (nnU-Net imagesTs naming works)")
     pred.add_argument("--output", required=True, help="folder for <case>.png masks")
     pred.add_argument("--device", default="auto")
     pred.add_argument("--step", type=float, default=0.5, help="sliding-window step as a fraction of the patch")
-    pred.add_argument("--mirror", action="store_true", help="mirror test-time augmentation")
+    pred.add_argument("--mirror", action="store_true", help="flip test-time augmentation (3 flips, averaged)")
     pred.add_argument("--probabilities", action="store_true", help="also write <case>_probs.npz")
     pred.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none",
                       help="autocast dtype (bf16: CPU or CUDA; fp16: CUDA only)")
@@ -222,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     exp = sub.add_parser("export", parents=[common], help="export a trained model to ONNX, checked against PyTorch with onnxruntime")
     exp.add_argument("model", metavar="CHECKPOINT_DIR_OR_RUN", help="run folder or a save_pretrained folder")
+    exp.add_argument("--checkpoint", choices=["final", "best", "latest"], default="final",
+                     help="which checkpoint of a run folder (default: final, the last epoch)")
     exp.add_argument("--format", choices=["onnx"], default="onnx")
     exp.add_argument("--output", required=True, help="the model file, e.g. model.onnx")
     exp.add_argument("--height", type=int, help="example (with --static: the) input height; default: the "

@@ -158,11 +158,18 @@ class TrainConfig(_Checked):
         None, check=lambda v: v is None or 0 < v <= 1, must="in (0, 1] or null"
     )
     amp: Literal["none", "bf16", "fp16"] = "none"  # fp16 needs CUDA (uses a GradScaler)
+    class_weights: Union[None, Literal["auto"], List[float]] = option(  # CE weight per class (Dice unchanged)
+        None, check=lambda v: v is None or v == "auto" or (min(v) >= 0 and max(v) > 0),
+        must="null, 'auto' (inverse pixel frequency) or a list of weights >= 0, one per class, not all 0",
+    )
     aux_weight: float = option(0.4, check=_non_negative, must=">= 0")  # auxiliary-head loss weight (when model.decoder.aux_head)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     val_every: int = option(1, check=_positive, must=">= 1")  # whole-image validation every N epochs (and the last)
     val_mirror: bool = False  # mirror TTA in validation
+    val_scales: List[float] = option(  # multi-scale TTA in validation (as predict --scales)
+        factory=lambda: [1.0], check=lambda v: len(v) > 0 and min(v) > 0, must="a non-empty list of factors > 0"
+    )
     num_overlays: int = option(4, check=_non_negative, must=">= 0")  # validation overlays written to the run folder
     output_dir: Optional[str] = None  # default: runs/<config file name>
 

@@ -171,6 +171,34 @@ def best_checkpoint(run_dir: str) -> Optional[str]:
     return None
 
 
+CHECKPOINT_CHOICES = ("final", "best", "latest")
+
+
+def run_checkpoint(run_dir: str, which: str = "final") -> Optional[str]:
+    """The checkpoint folder of a run folder that ``predict --checkpoint`` names, or None if it has none.
+
+    ``final``: the last epoch (``checkpoint_latest`` of a finished run; nnU-Net reports cross-validation
+    with it); a run that stopped early is a ValueError naming its epoch. ``best``: :func:`best_checkpoint`
+    (the EMA-Dice pick). ``latest``: ``checkpoint_latest`` whatever its epoch."""
+    if which not in CHECKPOINT_CHOICES:
+        raise ValueError(f"--checkpoint {which!r}: use one of {', '.join(CHECKPOINT_CHOICES)}")
+    if which == "best":
+        return best_checkpoint(run_dir)
+    latest = latest_checkpoint(run_dir)
+    if latest is None or which == "latest":
+        return latest
+    state = torch.load(os.path.join(latest, STATE_NAME), map_location="cpu", weights_only=True, mmap=True)
+    import yaml
+
+    epochs = int((yaml.safe_load(state["config"]).get("train") or {}).get("num_epochs", state["epoch"]))
+    if int(state["epoch"]) < epochs:
+        raise ValueError(
+            f"{run_dir} stopped at epoch {state['epoch']} of {epochs}: it has no final checkpoint; finish it "
+            f"(upernet-vit train ... --resume) or pass --checkpoint latest (epoch {state['epoch']}) or best"
+        )
+    return latest
+
+
 def repair_best(run_dir: str, best_epoch: Optional[int], latest_epoch: int) -> None:
     """Make ``checkpoint_best`` hold ``best_epoch`` again after a crash between the two checkpoint writes.
 

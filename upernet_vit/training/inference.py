@@ -6,6 +6,7 @@ from contextlib import nullcontext
 from typing import List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -85,3 +86,42 @@ def sliding_window_logits(
             norm[t : t + wh, l : l + ww] += weights
     assert out is not None
     return out / norm
+
+
+def check_scales(scales: Sequence[float]) -> None:
+    """TTA scale factors: one or more, each finite and > 0."""
+    if not scales or any(not math.isfinite(s) or s <= 0 for s in scales):
+        raise ValueError(f"scales {list(scales)}: give one or more positive factors, e.g. 0.75 1.0 1.25")
+
+
+@torch.no_grad()
+def tta_probabilities(
+    model: nn.Module,
+    image: torch.Tensor,
+    patch_size: Optional[Sequence[int]],
+    scales: Sequence[float] = (1.0,),
+    step: float = 0.5,
+    mirror: bool = False,
+    amp_dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """``image [C, H, W]`` -> class probabilities ``[K, H, W]``, averaged over ``scales`` (multi-scale TTA,
+    the "+ms" protocol of DINOv2's and mmsegmentation's results).
+
+    Per scale: resize the image (bilinear, antialiased when shrinking), :func:`sliding_window_logits` with
+    ``patch_size`` (None: the whole image), softmax, resize the probabilities back to ``H, W``. Scale 1.0
+    alone is the plain prediction."""
+    check_scales(scales)
+    height, width = image.shape[-2:]
+    total: Optional[torch.Tensor] = None
+    for scale in scales:
+        size = (max(1, round(height * scale)), max(1, round(width * scale)))
+        scaled = image if size == (height, width) else F.interpolate(
+            image[None], size=size, mode="bilinear", align_corners=False, antialias=scale < 1
+        )[0]
+        logits = sliding_window_logits(model, scaled, patch_size or size, step=step, mirror=mirror, amp_dtype=amp_dtype)
+        probs = logits.softmax(0)
+        if size != (height, width):
+            probs = F.interpolate(probs[None], size=(height, width), mode="bilinear", align_corners=False)[0]
+        total = probs if total is None else total + probs
+    assert total is not None
+    return total / len(scales)

@@ -1,7 +1,7 @@
 """Cross-entropy + soft Dice (nnU-Net's ``DC_and_CE_loss``), with an ignore label."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -40,17 +40,25 @@ class SoftDiceLoss(nn.Module):
 
 
 class DiceCELoss(nn.Module):
-    """``ce_weight * CE + dice_weight * (1 - soft Dice)``; ``IGNORE_INDEX`` pixels are excluded from both."""
+    """``ce_weight * CE + dice_weight * (1 - soft Dice)``; ``IGNORE_INDEX`` pixels are excluded from both.
 
-    def __init__(self, ce_weight: float = 1.0, dice_weight: float = 1.0, batch_dice: bool = True) -> None:
+    ``class_weights`` ``[K]`` weight the CE term per target class (PyTorch's weighted mean: the sum of
+    ``w[y_i] * ce_i`` over the sum of ``w[y_i]``); the Dice term is unweighted."""
+
+    def __init__(
+        self, ce_weight: float = 1.0, dice_weight: float = 1.0, batch_dice: bool = True,
+        class_weights: Optional[Sequence[float]] = None,
+    ) -> None:
         super().__init__()
         self.ce_weight = ce_weight
         self.dice_weight = dice_weight
         self.dice = SoftDiceLoss(batch_dice=batch_dice)
+        weights = None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32)
+        self.register_buffer("class_weights", weights, persistent=False)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if (target != IGNORE_INDEX).any():
-            ce = F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX)
+            ce = F.cross_entropy(logits.float(), target, weight=self.class_weights, ignore_index=IGNORE_INDEX)
         else:  # all ignored: CE would be NaN; keep the graph, contribute nothing
             ce = logits.sum() * 0.0
         return self.ce_weight * ce + self.dice_weight * self.dice(logits, target)
@@ -68,3 +76,15 @@ def segmentation_loss(
     if aux_logits is not None:
         loss = loss + aux_weight * criterion(aux_logits, target)
     return loss
+
+
+def inverse_frequency_weights(labels: Sequence[torch.Tensor], num_classes: int) -> List[float]:
+    """``train.class_weights: auto``: ``w_c = N / (K * n_c)`` over the labelled pixels of ``labels``
+    (scikit-learn's "balanced": a class with the average share gets 1). A class with no pixel gets 1.0:
+    it is never a CE target, so its weight has no effect."""
+    counts = torch.zeros(num_classes, dtype=torch.float64)
+    for label in labels:
+        valid = label[label != IGNORE_INDEX]
+        counts += torch.bincount(valid.flatten(), minlength=num_classes)[:num_classes].double()
+    total = counts.sum()
+    return [float(total / (num_classes * n)) if n > 0 else 1.0 for n in counts.tolist()]

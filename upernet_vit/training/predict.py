@@ -5,8 +5,9 @@ import json
 import logging
 import os
 import re
+from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Dict, List, Mapping, Optional
+from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -15,11 +16,11 @@ from ..fileio import atomic_write
 from ..model import UperNetViT
 from ..pretrained import WEIGHTS_NAME
 from .augment import Normalizer
-from .checkpoints import best_checkpoint
+from .checkpoints import run_checkpoint
 from .data import IGNORE_INDEX
 from .image_io import IMAGE_SUFFIXES, read_image, read_label, write_label_png
 from .data import read_case_image
-from .inference import amp_dtype, sliding_window_logits
+from .inference import amp_dtype, check_scales, tta_probabilities
 from .metrics import confusion_counts, dice_iou
 from .trainer import PREPROCESSING_NAME
 
@@ -34,17 +35,17 @@ def predict_fast_paths(device: torch.device) -> Dict[str, bool]:
     return {"channels_last": device.type == "cpu", "recompute_upsampled": True}
 
 
-def resolve_model_dir(path: str) -> str:
-    """A ``save_pretrained`` folder, or a run folder: the checkpoint that holds its best epoch
-    (``checkpoint_best``, or ``checkpoint_latest`` if a crash left the best save unfinished), else
-    ``checkpoint_latest``."""
+def resolve_model_dir(path: str, checkpoint: str = "final") -> str:
+    """A ``save_pretrained`` folder as it is, or a run folder's checkpoint by ``checkpoint``: ``final`` (the
+    last epoch of a finished run, the default, as nnU-Net), ``best`` (the EMA-Dice pick; a crash-stale
+    ``checkpoint_best`` is skipped) or ``latest`` (see :func:`~upernet_vit.training.checkpoints.run_checkpoint`)."""
     if os.path.isfile(os.path.join(path, WEIGHTS_NAME)):
         return path
-    candidate = best_checkpoint(path)
-    if candidate is not None:
+    candidate = run_checkpoint(path, checkpoint) if os.path.isdir(path) else None
+    if candidate is not None and os.path.isfile(os.path.join(candidate, WEIGHTS_NAME)):
         return candidate
     raise FileNotFoundError(
-        f"{path!r} is neither a model folder (model.safetensors + config.yaml) nor a run folder with checkpoint_best/"
+        f"{path!r} is neither a model folder (model.safetensors + config.yaml) nor a run folder with checkpoints"
     )
 
 
@@ -111,8 +112,37 @@ def read_preprocessing(model_dir: str) -> Optional[Dict]:
         return json.load(f)
 
 
+@dataclass
+class _Member:
+    """One model of an ensemble, with its own preprocessing."""
+
+    folder: str
+    model: UperNetViT
+    normalizer: Normalizer
+    label_values: List[int]
+    patch_size: Optional[List[int]]
+
+
+def _load_member(model_path: str, checkpoint: str, device: torch.device,
+                 fast: Optional[Mapping[str, bool]]) -> _Member:
+    folder = resolve_model_dir(model_path, checkpoint)
+    model = UperNetViT.from_pretrained(folder).to(device).eval()
+    if fast is not None:
+        from ..fast import optimize
+
+        optimize(model, **{**predict_fast_paths(device), **fast})
+    prep = read_preprocessing(folder)
+    if prep is None:  # a bare save_pretrained folder: the backbone's stats, labels 0..K-1, whole images
+        logger.warning("%s not found: using the backbone's mean/std, labels 0..K-1 and whole-image inference",
+                       os.path.join(folder, PREPROCESSING_NAME))
+        prep = {"mean": list(model.mean), "std": list(model.std), "normalization": "preset",
+                "label_values": list(range(model.num_classes)), "patch_size": None}
+    normalizer = Normalizer(prep["mean"], prep["std"], prep["normalization"])
+    return _Member(folder, model, normalizer, list(prep["label_values"]), prep["patch_size"])
+
+
 def predict(
-    model_path: str,
+    model_path: Union[str, Sequence[str]],
     input_path: str,
     output_dir: str,
     device: str = "auto",
@@ -121,38 +151,46 @@ def predict(
     save_probabilities: bool = False,
     amp: str = "none",
     fast: Optional[Mapping[str, bool]] = MappingProxyType({}),
+    checkpoint: str = "final",
+    scales: Sequence[float] = (1.0,),
 ) -> List[str]:
     """Write ``<case>.png`` label maps (dataset label values) and, if asked, ``<case>_probs.npz``
-    (``probabilities [K, H, W]`` float16). ``amp``: ``"none"``, ``"bf16"`` or ``"fp16"`` (CUDA only)
-    autocast for the forward passes. ``fast``: flags for :func:`upernet_vit.fast.optimize` over
-    :func:`predict_fast_paths` (``None``: the reference model as loaded). Returns the written mask paths."""
+    (``probabilities [K, H, W]`` float16).
+
+    ``model_path``: a run or model folder, or several (an ensemble, e.g. the 5 cross-validation folds: their
+    probabilities are averaged; they must share label values and input channels). ``checkpoint``: which
+    checkpoint of a run folder (``final``, ``best``, ``latest``; :func:`resolve_model_dir`). ``scales`` and
+    ``mirror``: test-time augmentation (:func:`~upernet_vit.training.inference.tta_probabilities`).
+    ``amp``: ``"none"``, ``"bf16"`` or ``"fp16"`` (CUDA only) autocast. ``fast``: flags for
+    :func:`upernet_vit.fast.optimize` over :func:`predict_fast_paths` (``None``: the reference model as
+    loaded). Every input is read and checked before anything is written. Returns the written mask paths."""
     from tqdm.auto import tqdm
 
-    model_dir = resolve_model_dir(model_path)
+    paths = [model_path] if isinstance(model_path, (str, os.PathLike)) else list(model_path)
+    if not paths:
+        raise ValueError("predict: give at least one --model")
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
     autocast_dtype = amp_dtype(amp, dev)
-    model = UperNetViT.from_pretrained(model_dir).to(dev).eval()
-    if fast is not None:
-        from ..fast import optimize
-
-        optimize(model, **{**predict_fast_paths(dev), **fast})
-    prep = read_preprocessing(model_dir)
-    if prep is None:  # a bare save_pretrained folder: the backbone's stats, labels 0..K-1, whole images
-        logger.warning("%s not found: using the backbone's mean/std, labels 0..K-1 and whole-image inference",
-                       os.path.join(model_dir, PREPROCESSING_NAME))
-        prep = {"mean": list(model.mean), "std": list(model.std), "normalization": "preset",
-                "label_values": list(range(model.num_classes)), "patch_size": None}
-    normalizer = Normalizer(prep["mean"], prep["std"], prep["normalization"])
-    values = np.asarray(prep["label_values"], dtype=np.int64)
-    cases = group_input_files(input_path, model.in_chans)  # reads every input: all input errors come here
+    check_scales(scales)
+    members = [_load_member(os.fspath(p), checkpoint, dev, fast) for p in paths]
+    first = members[0]
+    for other in members[1:]:
+        if other.label_values != first.label_values or other.model.in_chans != first.model.in_chans:
+            raise ValueError(
+                f"an ensemble needs models with the same labels and input channels: {first.folder} has label "
+                f"values {first.label_values} and {first.model.in_chans} channel(s), {other.folder} has "
+                f"{other.label_values} and {other.model.in_chans}"
+            )
+    values = np.asarray(first.label_values, dtype=np.int64)
+    cases = group_input_files(input_path, first.model.in_chans)  # reads every input: all input errors come here
     os.makedirs(output_dir, exist_ok=True)
     written = []
     for case_id, files in tqdm(cases.items(), desc="predict", unit="case", disable=None):
-        image = read_case_image(files)
-        x = normalizer(torch.from_numpy(image)).to(dev)
-        patch = prep["patch_size"] or list(x.shape[-2:])
-        logits = sliding_window_logits(model, x, patch, step=step, mirror=mirror, amp_dtype=autocast_dtype)
-        probs = logits.softmax(0)
+        image = torch.from_numpy(read_case_image(files))
+        probs = sum(
+            tta_probabilities(m.model, m.normalizer(image).to(dev), m.patch_size, scales, step, mirror, autocast_dtype)
+            for m in members
+        ) / len(members)
         out = os.path.join(output_dir, f"{case_id}.png")
         write_label_png(out, values[probs.argmax(0).cpu().numpy()])
         if save_probabilities:

@@ -30,8 +30,8 @@ from .checkpoints import (
 from .data import Case, DatasetInfo, fold_case_ids, load_folders, load_nnunet_raw
 from .demo_data import demo_cases, demo_info
 from .distributed import all_reduce_sum, barrier, cleanup, init_distributed
-from .inference import amp_dtype, sliding_window_logits
-from .losses import DiceCELoss, segmentation_loss
+from .inference import amp_dtype, tta_probabilities
+from .losses import DiceCELoss, inverse_frequency_weights, segmentation_loss
 from .metrics import confusion_counts, summarize
 from .optim import build_optimizer, build_scheduler
 
@@ -162,7 +162,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, tcfg, self.model.backbone.depth)
         self.scheduler = build_scheduler(self.optimizer, tcfg)
         self.scaler = torch.amp.GradScaler("cuda", enabled=tcfg.amp == "fp16")
-        self.criterion = DiceCELoss()
+        self.criterion = DiceCELoss(class_weights=self._class_weights()).to(self.device)
         self.net: nn.Module = (
             DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
             if self.dist.enabled
@@ -213,6 +213,24 @@ class Trainer:
         if self.lock is not None:
             self.lock.release()
             self.lock = None
+
+    def _class_weights(self) -> Optional[List[float]]:
+        """``train.class_weights`` checked against the dataset's classes, or computed (``auto``)."""
+        wanted, info = self.cfg.train.class_weights, self.data.info
+        if wanted is None:
+            return None
+        if wanted == "auto":
+            labels = [torch.from_numpy(c.label) for c in self.data.train_cases]
+            weights = inverse_frequency_weights(labels, info.num_classes)
+            logger.info("train.class_weights auto (inverse pixel frequency of the training cases): %s",
+                        ", ".join(f"{n} {w:.3g}" for n, w in zip(info.label_names, weights)))
+            return weights
+        if len(wanted) != info.num_classes:
+            raise ValueError(
+                f"train.class_weights has {len(wanted)} values but the dataset has {info.num_classes} classes "
+                f"{info.label_names} (background included): give one weight per class"
+            )
+        return list(wanted)
 
     # ------------------------------------------------------------------ files
     def _preprocessing(self) -> Dict[str, Any]:
@@ -424,10 +442,11 @@ class Trainer:
         mine = self.data.val_cases[self.dist.rank :: self.dist.world_size]
         for i, case in enumerate(mine):
             image = self.normalizer(torch.from_numpy(case.image)).to(self.device)
-            logits = sliding_window_logits(
-                self.model, image, self.patch_size, mirror=self.cfg.train.val_mirror, amp_dtype=self.amp_dtype
+            probs = tta_probabilities(
+                self.model, image, self.patch_size, self.cfg.train.val_scales, mirror=self.cfg.train.val_mirror,
+                amp_dtype=self.amp_dtype,
             )
-            pred = logits.argmax(0).cpu()
+            pred = probs.argmax(0).cpu()
             counts += confusion_counts(pred, torch.from_numpy(case.label), info.num_classes)
             if write_overlays and self.dist.is_main and i < self.cfg.train.num_overlays:
                 from .plots import save_overlay

@@ -144,7 +144,13 @@ class nnUNetTrainerUperNetViT(nnUNetTrainer):
                 f"{cls.__name__} needs a YAML config: run `upernet-vit nnunet-train DATASET 2d FOLD --config C` "
                 f"or export {CONFIG_ENV}=/path/to/config.yaml (predictions need neither: the config is in plans.json)"
             )
-        return load_config(path)
+        config = load_config(path)
+        if config.train.class_weights is not None:  # not silently dropped
+            raise ValueError(
+                f"{path}: train.class_weights applies to `upernet-vit train`; inside nnU-Net the loss is nnU-Net's "
+                f"(subclass the trainer and set self.loss to weight it). Remove the key for nnunet-train"
+            )
+        return config
 
     @classmethod
     def build_network_architecture(
