@@ -171,6 +171,7 @@ class TrainConfig(_Checked):
         factory=lambda: [1.0], check=lambda v: len(v) > 0 and min(v) > 0, must="a non-empty list of factors > 0"
     )
     num_overlays: int = option(4, check=_non_negative, must=">= 0")  # validation overlays written to the run folder
+    logger: Literal["none", "tensorboard", "wandb"] = "none"  # also log to TensorBoard / W&B (optional extras)
     output_dir: Optional[str] = None  # default: runs/<config file name>
 
 

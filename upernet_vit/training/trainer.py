@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Dict, List, Mapping, Optional
 
+import numpy as np
 import torch
 import yaml
 from torch import nn
@@ -31,6 +32,7 @@ from .data import Case, DatasetInfo, fold_case_ids, load_folders, load_nnunet_ra
 from .demo_data import demo_cases, demo_info
 from .distributed import all_reduce_sum, barrier, cleanup, init_distributed
 from .inference import amp_dtype, tta_probabilities
+from .loggers import RunLogger, create_logger
 from .losses import DiceCELoss, inverse_frequency_weights, segmentation_loss
 from .metrics import confusion_counts, summarize
 from .optim import build_optimizer, build_scheduler
@@ -77,7 +79,7 @@ def prepare_data(cfg: DataConfig) -> PreparedData:
 
 
 # keys that may differ between a run and its --resume (they do not change what is computed)
-_RESUME_FREE_KEYS = {"data.num_workers", "train.device", "train.output_dir", "train.num_overlays"}
+_RESUME_FREE_KEYS = {"data.num_workers", "train.device", "train.output_dir", "train.num_overlays", "train.logger"}
 
 
 def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
@@ -185,6 +187,8 @@ class Trainer:
         self.best_epoch: Optional[int] = None  # the epoch checkpoint_best holds
         self.ema: Optional[float] = None
         self.lock: Optional[RunLock] = None
+        self.run_logger = RunLogger()  # the main process's replaces it (train.logger)
+        self.overlay_paths: List[str] = []  # written by the last validate(write_overlays=True)
         if self.dist.is_main:
             os.makedirs(output_dir, exist_ok=True)
             self.lock = RunLock(output_dir)  # before touching any file of the run
@@ -207,9 +211,13 @@ class Trainer:
             self._resume()
         if self.dist.is_main:
             self._write_run_files()
+            self.run_logger = create_logger(self.cfg.train.logger, self.output_dir, self.cfg.to_dict())
 
     def release(self) -> None:
-        """Give up the run folder's lock (``run`` does at its end; a Trainer that is not run can call it)."""
+        """Close the logger and give up the run folder's lock (``run`` does at its end; a Trainer that is not
+        run can call it)."""
+        self.run_logger.close()
+        self.run_logger = RunLogger()
         if self.lock is not None:
             self.lock.release()
             self.lock = None
@@ -410,6 +418,18 @@ class Trainer:
         stats = all_reduce_sum(torch.tensor([total, count], dtype=torch.float64), self.dist)
         return float(stats[0] / max(stats[1], 1))
 
+    def _log_to_run_logger(self, epoch: int, row: Dict[str, float]) -> None:
+        self.run_logger.log_epoch(epoch, row)
+        if self.overlay_paths:
+            from PIL import Image
+
+            images = {}
+            for path in self.overlay_paths:
+                with Image.open(path) as image:
+                    images[os.path.splitext(os.path.basename(path))[0]] = np.asarray(image.convert("RGB"))
+            self.run_logger.log_images(epoch, images)
+            self.overlay_paths = []
+
     def _divergence_message(self, epoch: int, step: int, loss: float, grad_norm: float) -> str:
         last = latest_checkpoint(self.output_dir)  # written after each epoch: it holds `epoch` epochs
         kept = f"{last} (epoch {epoch})" if last else "no checkpoint yet"
@@ -439,6 +459,7 @@ class Trainer:
         self.model.eval()
         info = self.data.info
         counts = torch.zeros(info.num_classes, 3, dtype=torch.int64)
+        self.overlay_paths = []
         mine = self.data.val_cases[self.dist.rank :: self.dist.world_size]
         for i, case in enumerate(mine):
             image = self.normalizer(torch.from_numpy(case.image)).to(self.device)
@@ -453,10 +474,9 @@ class Trainer:
 
                 folder = os.path.join(self.output_dir, "overlays")
                 os.makedirs(folder, exist_ok=True)
-                save_overlay(
-                    case.image, case.label, pred.numpy(), info.num_classes,
-                    os.path.join(folder, f"{case.case_id}.png"), title=case.case_id,
-                )
+                path = os.path.join(folder, f"{case.case_id}.png")
+                save_overlay(case.image, case.label, pred.numpy(), info.num_classes, path, title=case.case_id)
+                self.overlay_paths.append(path)
         counts = all_reduce_sum(counts, self.dist)
         return summarize(counts, info.label_names)
 
@@ -501,6 +521,7 @@ class Trainer:
                     self._save_checkpoint(LATEST, epoch + 1)
                     if improved:
                         copy_checkpoint(os.path.join(self.output_dir, LATEST), os.path.join(self.output_dir, BEST))
+                    self._log_to_run_logger(epoch + 1, row)
                     logger.info(
                         "epoch %d/%d  train_loss %.4f  val_loss %.4f  val_dice %.4f  ema_dice %.4f%s  lr %.2e  %.1f s",
                         epoch + 1, tcfg.num_epochs, train_loss, val_loss, dice, row["ema_dice"],
