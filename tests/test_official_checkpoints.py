@@ -2,6 +2,7 @@
 the official forward (reference re-implementations in official_reference.py) at the native size and
 at other sizes, non-square included."""
 import argparse
+import os
 
 import pytest
 import torch
@@ -225,3 +226,83 @@ def test_named_normalization_stats():
     assert sat.std == (0.213, 0.156, 0.143)
     with pytest.raises(ValueError, match="unknown norm_stats 'visionfm_octt'.*did you mean 'visionfm_oct'"):
         UperNetViT("visionfm", "base", 2, norm_stats="visionfm_octt", backbone_kwargs=dict(depth=4, embed_dim=32, num_heads=2))
+
+
+# ---------------------------------------------------------------------------- pretrained=True (timm tags)
+def _timm_file(model, path):
+    """The backbone's weights as timm's hub file holds them: timm layout, safetensors, no RoPE periods."""
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in model.backbone.vit.state_dict().items() if not k.endswith("rope.periods")}
+    save_file(state, str(path))
+    return dict(file=str(path))  # timm's pretrained_cfg_overlay: load from this file, not the hub
+
+
+@pytest.mark.parametrize("preset, size, tag", [("dinov2", "small", "vit_small_patch14_dinov2.lvd142m"),
+                                               ("dinov3", "base", "vit_base_patch16_dinov3.lvd1689m")])
+def test_a_preset_loaded_by_tag_equals_the_official_file(tmp_path, preset, size, tag):
+    """The same weights by timm tag and by official file give the same features: the preset's pos-embed
+    rule and normalization apply to both, and DINOv3's periods are the files' bf16-rounded ones."""
+    from upernet_vit.backbones.factory import pretrained_timm_name
+    from upernet_vit.backbones.presets import PRESETS
+
+    tiny = dict(depth=4, embed_dim=32, num_heads=2)
+    if preset == "dinov2":
+        torch.manual_seed(0)
+        ref = ReferenceViT("dinov2", depth=4, heads=2, dim=32, patch=14, img_size=518).eval()
+    else:
+        ref = _dinov3_ref(zero_qv_bias=True)
+    torch.save(ref.state_dict(), tmp_path / "official.pth")
+    official = UperNetViT(preset, size, 2, checkpoint_path=str(tmp_path / "official.pth"), decoder_channels=8,
+                          feature_indices=TAPS, backbone_kwargs=tiny).eval()
+    overlay = _timm_file(official, tmp_path / "model.safetensors")
+    assert pretrained_timm_name(preset, PRESETS[preset].sizes[size], PRESETS[preset]) == tag
+    by_tag = UperNetViT(preset, size, 2, pretrained=True, decoder_channels=8, feature_indices=TAPS,
+                        backbone_kwargs=dict(tiny, pretrained_cfg_overlay=overlay)).eval()
+    assert by_tag.mean == official.mean and by_tag.config.pretrained
+    patch = by_tag.patch_size
+    for h, w in [(patch * 9, patch * 13), (patch * 20, patch * 20)]:
+        x = torch.randn(1, 3, h, w)
+        with torch.no_grad():
+            diffs = [(a - b).abs().max().item() for a, b in zip(by_tag.backbone_features(x), official.backbone_features(x))]
+        assert max(diffs) == 0.0, (h, w, diffs)
+    by_tag.save_pretrained(tmp_path / "saved")
+    os.remove(overlay["file"])  # from_pretrained takes the weights from the folder, fetching nothing
+    loaded = UperNetViT.from_pretrained(tmp_path / "saved")
+    assert loaded.config.pretrained and torch.equal(loaded.head.classifier.weight, by_tag.head.classifier.weight)
+
+
+def test_a_timm_name_with_its_own_tag_and_the_errors(tmp_path):
+    torch.manual_seed(0)
+    tiny = dict(depth=4, embed_dim=32, num_heads=2)
+    name = "vit_small_patch16_224.augreg_in21k_ft_in1k"
+    donor = UperNetViT(name, None, 2, decoder_channels=8, backbone_kwargs=tiny)
+    overlay = _timm_file(donor, tmp_path / "w.safetensors")
+    model = UperNetViT(name, None, 2, pretrained=True, decoder_channels=8, backbone_kwargs=dict(tiny, pretrained_cfg_overlay=overlay))
+    for key, value in donor.backbone.vit.state_dict().items():
+        assert torch.equal(model.backbone.vit.state_dict()[key], value), key  # the file's weights arrived
+    assert model.mean == (0.5, 0.5, 0.5)  # the tag's own normalization (augreg: 0.5)
+    with pytest.raises(ValueError, match=r"both name backbone weights"):
+        UperNetViT("dinov2", "small", 2, pretrained=True, checkpoint_path=str(tmp_path / "w.safetensors"))
+    with pytest.raises(ValueError, match=r"'retfound' has no weights on timm's hub.*checkpoint_path"):
+        UperNetViT("retfound", None, 2, pretrained=True)
+    with pytest.raises(ValueError, match=r"no pretrained weights 'vit_small_patch14_dinov2.nope'.*lvd142m"):
+        UperNetViT("vit_small_patch14_dinov2.nope", None, 2, pretrained=True)
+
+
+def test_offline_without_a_cached_copy_names_the_tag_the_cache_and_the_alternative(tmp_path):
+    """In a subprocess with HF_HUB_OFFLINE=1 and an empty cache: nothing touches the network."""
+    import subprocess
+    import sys
+
+    code = ("from upernet_vit.cli import main; import sys; sys.exit(main(sys.argv[1:]))")
+    config = tmp_path / "c.yaml"
+    config.write_text("model: {backbone: dinov2, backbone_size: small, pretrained: true}\n"
+                      "train: {num_epochs: 1}\ndata: {demo_cases: 4, demo_image_size: 32, patch_size: [28, 28], fold: all}\n")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    result = subprocess.run([sys.executable, "-c", code, "train", str(config), "--output", str(tmp_path / "run")],
+                            env=env, capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr[-2000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert "'vit_small_patch14_dinov2.lvd142m' (HF_HUB_OFFLINE is set)" in line
+    assert str(tmp_path / "hf" / "hub") in line and "checkpoint_path" in line

@@ -121,6 +121,7 @@ class ModelConfig(_Checked):
     num_classes: Optional[int] = option(None, check=lambda v: v is None or v >= 1, must=">= 1 (background included) or null")
     in_chans: int = option(3, check=_positive, must=">= 1")  # training takes it from the dataset
     checkpoint_path: Optional[str] = None  # "" or null: random init
+    pretrained: bool = False  # timm's pretrained weights (preset tag or the timm name's tag); needs the hub or its cache
     checkpoint_format: Literal["auto", "timm", "dinov2", "dinov3", "retfound_mae", "visionfm"] = "auto"
     trust_checkpoint: bool = False  # allow full unpickling of checkpoint_path (runs code in the file)
     norm_stats: Optional[str] = None  # named input stats (e.g. visionfm_oct); null: the preset's

@@ -52,7 +52,8 @@ class UperNetViT(nn.Module):
       timm ViT name. ``backbone_size``: the preset's size; ``None`` for a timm name or a one-size preset.
     - ``num_classes`` (K, background included), ``in_chans`` (1 = grayscale, 3 = RGB, any positive int).
     - ``checkpoint_path`` (local official DINOv2/DINOv3/RETFound/VisionFM or timm file; ``None``: random
-      init), ``checkpoint_format``, ``trust_checkpoint``, ``norm_stats``, ``backbone_kwargs`` (to timm).
+      init), or ``pretrained=True`` (timm's weights: the preset's tag, e.g. ``vit_base_patch14_dinov2.lvd142m``,
+      or a timm name's own tag; downloaded into the Hugging Face cache when online), ``checkpoint_format``, ``trust_checkpoint``, ``norm_stats``, ``backbone_kwargs`` (to timm).
     - ``feature_indices`` (default ``[d/4-1, d/2-1, 3d/4-1, d-1]``), ``freeze_backbone``,
       ``gradient_checkpointing`` (timm's, same results, less memory).
     - decoder: ``decoder_channels`` (= ``hidden_size``, mmseg ``channels``), ``pool_scales``, ``norm``
@@ -95,6 +96,7 @@ class UperNetViT(nn.Module):
         self.backbone = create_backbone(
             cfg.backbone, cfg.backbone_size, cfg.in_chans, cfg.checkpoint_path, cfg.backbone_kwargs,
             checkpoint_format=cfg.checkpoint_format, trust_checkpoint=cfg.trust_checkpoint, norm_stats=cfg.norm_stats,
+            pretrained=cfg.pretrained,
         )
         self.feature_indices = resolve_feature_indices(self.backbone.depth, cfg.feature_indices)
         prepare_vit_for_taps(self.backbone.vit, self.feature_indices)

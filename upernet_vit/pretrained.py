@@ -75,7 +75,7 @@ def verify_checksum(directory: str) -> None:
 
 def from_pretrained(cls: Type[M], directory: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu") -> M:
     """Rebuild a model written by :func:`save_pretrained`, on ``device``, after checking the weights'
-    sha256. The backbone's original ``checkpoint_path`` is not read again (the weights come from
+    sha256. The backbone's original ``checkpoint_path`` (or ``pretrained`` weights) is not read again (the weights come from
     ``model.safetensors``). A damaged file or a ``config.yaml`` that does not describe the weights is a
     ValueError naming the files."""
     from safetensors.torch import load_file
@@ -87,10 +87,10 @@ def from_pretrained(cls: Type[M], directory: Union[str, os.PathLike], device: Un
             raise FileNotFoundError(f"{path} not found; from_pretrained needs a folder written by save_pretrained()")
     verify_checksum(directory)
     cfg = load_config(config_path)
-    original_checkpoint = cfg.model.checkpoint_path
-    cfg.model.checkpoint_path = None
+    original = cfg.model.checkpoint_path, cfg.model.pretrained
+    cfg.model.checkpoint_path, cfg.model.pretrained = None, False  # the weights come from model.safetensors
     model = cls.from_config(cfg)
-    model.config.checkpoint_path = original_checkpoint
+    model.config.checkpoint_path, model.config.pretrained = original
     try:
         state = load_file(weights)
     except Exception as err:  # safetensors raises its own error type

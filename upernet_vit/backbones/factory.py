@@ -9,7 +9,7 @@ from torch import nn
 
 from .checkpoint import load_backbone_checkpoint
 from .pos_embed import use_pos_embed_interpolation
-from .presets import IMAGENET_MEAN, IMAGENET_STD, resolve_norm_stats, resolve_preset
+from .presets import IMAGENET_MEAN, IMAGENET_STD, BackbonePreset, resolve_norm_stats, resolve_preset
 
 
 class ViTBackbone(nn.Module):
@@ -44,6 +44,41 @@ def channel_stats(rgb: Tuple[float, ...], in_chans: int) -> Tuple[float, ...]:
     return tuple(rgb[i % len(rgb)] for i in range(in_chans))
 
 
+def pretrained_timm_name(backbone: str, timm_name: str, preset: Optional[BackbonePreset]) -> str:
+    """``architecture.tag`` of timm's pretrained weights: the preset's tag (dinov2 -> ``.lvd142m``, dinov3 ->
+    ``.lvd1689m``), or a timm name as given (with its tag, or timm's default one). A ValueError when timm
+    has no such weights."""
+    if preset is not None:
+        if preset.pretrained_tag is None:
+            raise ValueError(
+                f"backbone {backbone!r} has no weights on timm's hub; download the official file and set "
+                f"checkpoint_path (see README, Official checkpoints)"
+            )
+        name = f"{timm_name}.{preset.pretrained_tag}"
+    else:
+        name = timm_name
+    if not timm.is_model_pretrained(name):
+        tags = timm.list_pretrained(name.split(".")[0] + ".*")
+        raise ValueError(
+            f"timm has no pretrained weights {name!r}"
+            + (f"; the tags it has: {', '.join(tags[:10])}" if tags else "; set checkpoint_path to a local file")
+        )
+    return name
+
+
+def _unavailable(name: str, err: BaseException) -> str:
+    from huggingface_hub import constants
+
+    offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
+    first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__).rstrip(".")
+    return (
+        f"cannot get timm's pretrained weights {name!r}{offline}: {first}. Online, timm downloads them into the "
+        f"Hugging Face cache {constants.HF_HUB_CACHE}; offline, they must be there already (copy that cache "
+        f"folder from a machine that has them, or set HF_HOME). Or download the official file and set "
+        f"checkpoint_path instead of pretrained"
+    )
+
+
 def create_backbone(
     backbone: str,
     backbone_size: Optional[str] = None,
@@ -53,6 +88,7 @@ def create_backbone(
     checkpoint_format: str = "auto",
     trust_checkpoint: bool = False,
     norm_stats: Optional[str] = None,
+    pretrained: bool = False,
 ) -> ViTBackbone:
     """A timm ViT for a preset (``"dinov2"``, ``"dinov2_reg4"``, ``"dinov3"``, ``"retfound"``,
     ``"visionfm"`` with a ``backbone_size``) or any timm ViT name (``backbone_size=None``).
@@ -61,17 +97,23 @@ def create_backbone(
     for tests, ``img_size``, ``drop_path_rate``). The model is built with ``dynamic_img_size=True``
     (any input size that is a multiple of the patch), no classifier, random weights, and the family's
     official position-embedding interpolation. A local ``checkpoint_path`` (official layouts or timm;
-    ``checkpoint_format="auto"`` detects which) is then loaded strictly. Nothing is downloaded.
-    ``norm_stats`` picks named input statistics (e.g. ``"visionfm_oct"``); default: the preset's.
+    ``checkpoint_format="auto"`` detects which) is then loaded strictly. ``pretrained=True`` instead loads
+    timm's weights (:func:`pretrained_timm_name`): timm takes them from the Hugging Face cache, downloading
+    them when online. ``norm_stats`` picks named input statistics (e.g. ``"visionfm_oct"``); default: the
+    preset's.
     """
     if not isinstance(in_chans, int) or in_chans < 1:
         raise ValueError(f"in_chans must be a positive int, got {in_chans!r}")
     timm_name, preset = resolve_preset(backbone, backbone_size)
+    if pretrained and checkpoint_path:
+        raise ValueError(
+            f"checkpoint_path {checkpoint_path!r} and pretrained=True both name backbone weights; keep one"
+        )
     kwargs: Dict[str, Any] = dict(preset.timm_kwargs) if preset else {}
     kwargs.update(backbone_kwargs or {})
     for reserved in ("pretrained", "in_chans", "num_classes", "dynamic_img_size"):
         if reserved in kwargs:
-            hint = "use checkpoint_path for weights" if reserved == "pretrained" else "it is set by upernet-vit"
+            hint = "use pretrained=True or checkpoint_path" if reserved == "pretrained" else "it is set by upernet-vit"
             raise ValueError(f"backbone_kwargs may not contain {reserved!r}: {hint}")
     if not timm.is_model(timm_name):
         matches = timm.list_models(f"*{timm_name}*")[:8]
@@ -79,10 +121,13 @@ def create_backbone(
             f"backbone {backbone!r} is neither a preset nor a timm model name"
             + (f"; similar timm names: {', '.join(matches)}" if matches else "")
         )
+    source = pretrained_timm_name(backbone, timm_name, preset) if pretrained else timm_name
     try:
         vit = timm.create_model(
-            timm_name, pretrained=False, in_chans=in_chans, num_classes=0, dynamic_img_size=True, **kwargs
+            source, pretrained=pretrained, in_chans=in_chans, num_classes=0, dynamic_img_size=True, **kwargs
         )
+    except OSError as err:  # huggingface_hub: offline without a cached copy, no connection, 401/403/404
+        raise FileNotFoundError(_unavailable(source, err)) from err
     except TypeError as err:
         if "dynamic_img_size" in str(err):
             raise ValueError(f"timm model {timm_name!r} is not a plain ViT (no dynamic_img_size support)") from err
@@ -96,6 +141,10 @@ def create_backbone(
     if isinstance(getattr(rope, "periods", None), torch.Tensor):
         # persistent, so save_pretrained keeps the (official, bf16-rounded) periods a checkpoint brings
         rope.register_buffer("periods", rope.periods, persistent=True)
+    if pretrained and preset is not None and preset.checkpoint_format == "dinov3" and isinstance(getattr(rope, "periods", None), torch.Tensor):
+        # timm's DINOv3 files leave out the periods and timm recomputes them in fp32; the official files
+        # store them rounded to bf16, and the RoPE angles (so the features) follow the stored values
+        rope.periods = rope.periods.to(torch.bfloat16).float()
     use_pos_embed_interpolation(vit, preset.pos_embed_interpolation if preset else "timm")
     if checkpoint_path:
         load_backbone_checkpoint(

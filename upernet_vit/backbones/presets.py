@@ -38,6 +38,7 @@ class BackbonePreset:
     norm_stats: str = "imagenet"
     timm_kwargs: Dict[str, object] = field(default_factory=dict)
     note: str = ""
+    pretrained_tag: Optional[str] = None  # timm's pretrained tag of these weights (``pretrained=True``); None: none
 
 
 _DINOV3_SIZES = ("small", "small_plus", "base", "large", "huge_plus", "7b")
@@ -51,6 +52,7 @@ PRESETS: Dict[str, BackbonePreset] = {
             "dinov2",
             pos_embed_interpolation="dino",
             note="Meta DINOv2 (LVD-142M), patch 14, native 518 px; dinov2_vit{s,b,l,g}14_pretrain.pth",
+            pretrained_tag="lvd142m",
         ),
         BackbonePreset(
             "dinov2_reg4",
@@ -58,18 +60,21 @@ PRESETS: Dict[str, BackbonePreset] = {
             "dinov2",
             pos_embed_interpolation="timm",  # official reg4 models resample by size with antialias
             note="DINOv2 with 4 registers, patch 14, native 518 px; dinov2_vit{s,b,l,g}14_reg4_pretrain.pth",
+            pretrained_tag="lvd142m",
         ),
         BackbonePreset(
             "dinov3",
             {s: f"vit_{s}_patch16_dinov3" for s in _DINOV3_SIZES},
             "dinov3",
             note="Meta DINOv3 (LVD-1689M), patch 16, RoPE, 4 storage tokens, no qkv bias",
+            pretrained_tag="lvd1689m",
         ),
         BackbonePreset(
             "dinov3_qkvb",
             {s: f"vit_{s}_patch16_dinov3_qkvb" for s in _DINOV3_SIZES if s != "7b"},
             "dinov3",
             note="DINOv3 with q/v biases, for files whose qkv.bias * bias_mask is not zero",
+            pretrained_tag="lvd1689m",
         ),
         BackbonePreset(
             "dinov3_sat",
@@ -77,6 +82,7 @@ PRESETS: Dict[str, BackbonePreset] = {
             "dinov3",
             norm_stats="dinov3_sat493m",
             note="DINOv3 satellite models (SAT-493M stats)",
+            pretrained_tag="sat493m",
         ),
         BackbonePreset(
             "retfound",

@@ -70,6 +70,7 @@ def build_network(
     overrides: Dict[str, Any] = dict(num_classes=num_output_channels, in_chans=num_input_channels)
     if not load_pretrained:
         overrides["checkpoint_path"] = None
+        overrides["pretrained"] = False
     model = UperNetViT.from_config(config, **overrides)
     standardize = bool(normalization_schemes) and all("RGBTo01" in s for s in normalization_schemes)
     return NnUNetUperNetViT(model, standardize)
