@@ -275,13 +275,13 @@ def test_a_preset_loaded_by_tag_equals_the_official_file(tmp_path, preset, size,
 def test_a_timm_name_with_its_own_tag_and_the_errors(tmp_path):
     torch.manual_seed(0)
     tiny = dict(depth=4, embed_dim=32, num_heads=2)
-    name = "vit_small_patch16_224.augreg_in21k_ft_in1k"
+    name = "vit_base_patch16_clip_224.openai"  # hub safetensors in every timm version CI installs
     donor = UperNetViT(name, None, 2, decoder_channels=8, backbone_kwargs=tiny)
     overlay = _timm_file(donor, tmp_path / "w.safetensors")
     model = UperNetViT(name, None, 2, pretrained=True, decoder_channels=8, backbone_kwargs=dict(tiny, pretrained_cfg_overlay=overlay))
     for key, value in donor.backbone.vit.state_dict().items():
         assert torch.equal(model.backbone.vit.state_dict()[key], value), key  # the file's weights arrived
-    assert model.mean == (0.5, 0.5, 0.5)  # the tag's own normalization (augreg: 0.5)
+    assert model.mean == pytest.approx((0.48145466, 0.4578275, 0.40821073))  # the tag's own (CLIP) normalization
     with pytest.raises(ValueError, match=r"both name backbone weights"):
         UperNetViT("dinov2", "small", 2, pretrained=True, checkpoint_path=str(tmp_path / "w.safetensors"))
     with pytest.raises(ValueError, match=r"'retfound' has no weights on timm's hub.*checkpoint_path"):
