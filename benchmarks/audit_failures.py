@@ -142,35 +142,36 @@ def main() -> None:
         f.write(text.replace("train:\n", "train:\n  num_epochs: 5\n", 1))
     case("train: num_epochs given twice in the YAML", run(cli("train", dup, "--output", os.path.join(work, "run_dup")), work))
 
-    # 5. damaged model files
-    damaged = os.path.join(work, "flipped")
-    shutil.copytree(model_dir, damaged)
-    weights = os.path.join(damaged, "model.safetensors")
-    data_bytes = bytearray(open(weights, "rb").read())
-    data_bytes[-100] ^= 0x01
-    open(weights, "wb").write(bytes(data_bytes))
-    case("predict: one flipped bit in model.safetensors",
-         run(cli("predict", "--model", damaged, "--input", os.path.join(images, "a0.tif"), "--output",
-                 os.path.join(work, "pred_flip")), work))
-    truncated = os.path.join(work, "truncated")
-    shutil.copytree(model_dir, truncated)
-    weights = os.path.join(truncated, "model.safetensors")
-    open(weights, "wb").write(open(weights, "rb").read()[:5000])
-    if os.path.exists(weights + ".sha256"):
-        os.remove(weights + ".sha256")
-    case("predict: truncated model.safetensors (no checksum file)",
-         run(cli("predict", "--model", truncated, "--input", os.path.join(images, "a0.tif"), "--output",
-                 os.path.join(work, "pred_trunc")), work))
-    mismatch = os.path.join(work, "mismatch")
-    shutil.copytree(model_dir, mismatch)
-    cfg_path = os.path.join(mismatch, "config.yaml")
-    with open(cfg_path, encoding="utf-8") as f:
-        text = f.read().replace("hidden_size: 16", "hidden_size: 24")
-    with open(cfg_path, "w", encoding="utf-8") as f:
-        f.write(text)
-    case("predict: config.yaml edited (hidden_size)",
-         run(cli("predict", "--model", mismatch, "--input", os.path.join(images, "a0.tif"), "--output",
-                 os.path.join(work, "pred_mis")), work))
+    # 5. damaged model files: a copy of the model folder, changed, given to predict
+    def predict_damaged(name, label, damage):
+        folder = os.path.join(work, name)
+        shutil.copytree(model_dir, folder)
+        damage(folder)
+        case(label, run(cli("predict", "--model", folder, "--input", os.path.join(images, "a0.tif"), "--output",
+                            os.path.join(work, "pred_" + name)), work))
+
+    def flip_a_bit(folder):
+        weights = os.path.join(folder, "model.safetensors")
+        data_bytes = bytearray(open(weights, "rb").read())
+        data_bytes[-100] ^= 0x01
+        open(weights, "wb").write(bytes(data_bytes))
+
+    def truncate(folder):
+        weights = os.path.join(folder, "model.safetensors")
+        open(weights, "wb").write(open(weights, "rb").read()[:5000])
+        if os.path.exists(weights + ".sha256"):
+            os.remove(weights + ".sha256")
+
+    def edit_config(folder):
+        cfg_path = os.path.join(folder, "config.yaml")
+        with open(cfg_path, encoding="utf-8") as f:
+            text = f.read().replace("hidden_size: 16", "hidden_size: 24")
+        with open(cfg_path, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    predict_damaged("flipped", "predict: one flipped bit in model.safetensors", flip_a_bit)
+    predict_damaged("truncated", "predict: truncated model.safetensors (no checksum file)", truncate)
+    predict_damaged("mismatch", "predict: config.yaml edited (hidden_size)", edit_config)
     for label, content in (("text", b"<html>403 Forbidden</html>"), ("empty", b""), ("truncated", None)):
         path = os.path.join(work, f"{label}.pth")
         if content is None:

@@ -145,7 +145,7 @@ class LoraConfig(_Checked):
 class TrainConfig(_Checked):
     """The first six keys mean what they mean in nnU-Net (an epoch is num_iterations_per_epoch batches)."""
 
-    initial_lr: float = option(1e-3, check=lambda v: v > 0, must="> 0")
+    initial_lr: float = option(1e-3, check=_positive_real, must="> 0")
     weight_decay: float = option(3e-5, check=_non_negative, must=">= 0")
     gradient_clip: float = option(12.0, check=_non_negative, must=">= 0 (0 disables clipping)")  # max grad norm
     num_epochs: int = option(1000, check=_positive, must=">= 1")

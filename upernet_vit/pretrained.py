@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import TYPE_CHECKING, Type, TypeVar, Union
+from typing import TYPE_CHECKING, List, Mapping, Type, TypeVar, Union
 
 import torch
 
@@ -30,6 +30,11 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
+def non_finite_tensors(state: Mapping[str, torch.Tensor]) -> List[str]:
+    """Names of the floating tensors in ``state`` that hold NaN or infinity."""
+    return [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
 def save_pretrained(model: "UperNetViT", directory: Union[str, os.PathLike]) -> None:
     """Write ``model.safetensors``, its ``.sha256`` and ``config.yaml`` (each atomically) into ``directory``.
     Non-finite weights are refused (a ValueError naming a tensor): such a model predicts nothing."""
@@ -38,7 +43,7 @@ def save_pretrained(model: "UperNetViT", directory: Union[str, os.PathLike]) -> 
     directory = os.fspath(directory)
     text = config_to_yaml(model.to_config(), ("model", "lora"))  # before any file changes
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    bad = non_finite_tensors(state)
     if bad:
         raise ValueError(f"save_pretrained: {len(bad)} weight tensor(s) hold NaN or infinity (e.g. {bad[0]}); not saved")
     os.makedirs(directory, exist_ok=True)

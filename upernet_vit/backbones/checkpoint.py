@@ -60,7 +60,7 @@ def read_checkpoint(path: str, trust_checkpoint: bool = False) -> Any:
         try:
             return load_file(path)
         except Exception as err:  # safetensors raises its own error type
-            raise ValueError(f"checkpoint_path {path!r} is a damaged safetensors file: {_first_line(err)}") from err
+            raise ValueError(f"checkpoint_path {path!r} is a damaged safetensors file: {first_line(err)}") from err
     if _is_zip_without_pickle(path):
         raise ValueError(
             f"checkpoint_path {path!r} is a zip archive but not a PyTorch checkpoint (no data.pkl inside; an .npz "
@@ -75,7 +75,7 @@ def read_checkpoint(path: str, trust_checkpoint: bool = False) -> Any:
         if "Unsupported global" in str(err):  # torch's weights-only unpickler refused a Python object
             raise ValueError(
                 f"could not read {path!r} as a weights-only torch checkpoint: it stores Python objects beyond "
-                f"tensors ({_first_line(err, 'Unsupported global')}). If you trust this file, pass "
+                f"tensors ({first_line(err, 'Unsupported global')}). If you trust this file, pass "
                 f"trust_checkpoint=True (YAML: model.trust_checkpoint: true) to unpickle it fully; that can "
                 f"run code stored in the file"
             ) from err
@@ -84,10 +84,10 @@ def read_checkpoint(path: str, trust_checkpoint: bool = False) -> Any:
         ):
             raise ValueError(
                 f"checkpoint_path {path!r} is a damaged or truncated torch checkpoint ({type(err).__name__}: "
-                f"{_first_line(err)}); download or copy it again"
+                f"{first_line(err)}); download or copy it again"
             ) from err
         raise ValueError(  # e.g. a class that full unpickling needs but cannot import
-            f"could not read checkpoint_path {path!r}: {type(err).__name__}: {_first_line(err)}"
+            f"could not read checkpoint_path {path!r}: {type(err).__name__}: {first_line(err)}"
         ) from err
 
 
@@ -101,7 +101,8 @@ def _is_zip_without_pickle(path: str) -> bool:
         return False
 
 
-def _first_line(err: BaseException, containing: str = "") -> str:
+def first_line(err: BaseException, containing: str = "") -> str:
+    """The first non-empty line of ``err``'s message (the first one with ``containing``, if given)."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     picked = [line for line in lines if containing in line] if containing else lines
     return (picked or lines or [type(err).__name__])[0]

@@ -7,7 +7,7 @@ import timm
 import torch
 from torch import nn
 
-from .checkpoint import load_backbone_checkpoint
+from .checkpoint import first_line, load_backbone_checkpoint
 from .pos_embed import use_pos_embed_interpolation
 from .presets import IMAGENET_MEAN, IMAGENET_STD, BackbonePreset, resolve_norm_stats, resolve_preset
 
@@ -70,7 +70,7 @@ def _unavailable(name: str, err: BaseException) -> str:
     from huggingface_hub import constants
 
     offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
-    first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__).rstrip(".")
+    first = first_line(err).rstrip(".")
     return (
         f"cannot get timm's pretrained weights {name!r}{offline}: {first}. Online, timm downloads them into the "
         f"Hugging Face cache {constants.HF_HUB_CACHE}; offline, they must be there already (copy that cache "

@@ -12,9 +12,10 @@ import glob
 import logging
 import os
 import shutil
-from typing import Callable, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
+import yaml
 
 from ..fileio import as_os_error, fsync_path
 from ..pretrained import WEIGHTS_NAME
@@ -128,28 +129,22 @@ def latest_checkpoint(run_dir: str) -> Optional[str]:
     return None
 
 
-def checkpoint_epoch(folder: str) -> Optional[int]:
-    """The number of epochs the checkpoint in ``folder`` holds, or None if it has no readable state.
-    Memory-mapped: only the small ``epoch`` entry is read, not the optimizer state."""
+def read_state(folder: str) -> Optional[Dict[str, Any]]:
+    """The checkpoint's ``training_state.pt``, memory-mapped (the optimizer state is not read unless
+    used), or None if it is missing or unreadable (a damaged best is rewritten by :func:`repair_best`)."""
     path = os.path.join(folder, STATE_NAME)
     if not os.path.isfile(path):
         return None
     try:
-        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"])
-    except Exception:  # a damaged best checkpoint is rewritten by repair_best
-        return None
-
-
-def best_epoch_of_run(run_dir: str) -> Optional[int]:
-    """The best epoch recorded in ``checkpoint_latest``'s state (None: no state, or an older run)."""
-    path = os.path.join(run_dir, LATEST, STATE_NAME)
-    if not os.path.isfile(path):
-        return None
-    try:
-        value = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("best_epoch")
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:
         return None
-    return None if value is None else int(value)
+
+
+def checkpoint_epoch(folder: str) -> Optional[int]:
+    """The number of epochs the checkpoint in ``folder`` holds, or None if it has no readable state."""
+    state = read_state(folder)
+    return None if state is None else int(state["epoch"])
 
 
 def best_checkpoint(run_dir: str) -> Optional[str]:
@@ -158,11 +153,13 @@ def best_checkpoint(run_dir: str) -> Optional[str]:
     and the latest is that epoch; else the first of best, latest (or their ``.old``) with weights. None if
     there is none."""
     best, latest = os.path.join(run_dir, BEST), os.path.join(run_dir, LATEST)
-    recorded = best_epoch_of_run(run_dir)
-    if recorded is not None and checkpoint_epoch(best) != recorded and checkpoint_epoch(latest) == recorded:
+    state = read_state(latest)
+    recorded = None if state is None else state.get("best_epoch")
+    held = checkpoint_epoch(best)
+    if recorded is not None and held != recorded and int(state["epoch"]) == recorded:
         logger.warning(
             "%s holds epoch %s, not the best epoch %d (an interrupted save; --resume repairs it): using %s",
-            best, checkpoint_epoch(best), recorded, latest,
+            best, held, recorded, latest,
         )
         return latest
     for folder in (best, best + ".old", latest, latest + ".old"):  # .old: a crash inside a swap
@@ -187,9 +184,9 @@ def run_checkpoint(run_dir: str, which: str = "final") -> Optional[str]:
     latest = latest_checkpoint(run_dir)
     if latest is None or which == "latest":
         return latest
-    state = torch.load(os.path.join(latest, STATE_NAME), map_location="cpu", weights_only=True, mmap=True)
-    import yaml
-
+    state = read_state(latest)
+    if state is None:
+        raise ValueError(f"{os.path.join(latest, STATE_NAME)} cannot be read; pass --checkpoint best or latest")
     epochs = int((yaml.safe_load(state["config"]).get("train") or {}).get("num_epochs", state["epoch"]))
     if int(state["epoch"]) < epochs:
         raise ValueError(

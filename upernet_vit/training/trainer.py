@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from ..config import Config, DataConfig, config_to_yaml, load_config, save_config
 from ..fileio import atomic_write
-from ..pretrained import WEIGHTS_NAME, verify_checksum
+from ..pretrained import WEIGHTS_NAME, non_finite_tensors, verify_checksum
 from ..model import UperNetViT
 from .augment import AugmentConfig, Normalizer, PatchDataset
 from .checkpoints import (
@@ -260,7 +260,7 @@ class Trainer:
 
     def _check_weights_finite(self, next_epoch: int) -> None:
         """A NaN model is never written, never as best (on every DDP process: the weights are the same)."""
-        bad = [k for k, v in self.model.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        bad = non_finite_tensors(self.model.state_dict())
         if bad:
             raise TrainingDiverged(
                 f"training stopped: after epoch {next_epoch} {len(bad)} weight tensor(s) hold NaN or infinity "
