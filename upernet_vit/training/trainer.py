@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -404,7 +405,10 @@ class Trainer:
                 raise TrainingDiverged(self._divergence_message(epoch, step, float(loss.detach()), float(grad_norm)))
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            self.scheduler.step()
+            with warnings.catch_warnings():
+                if not finite:  # the schedule advances past a skipped step on purpose; torch would call it a misuse
+                    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+                self.scheduler.step()
             if finite:
                 total += float(loss.detach())
                 count += 1
