@@ -73,6 +73,32 @@ def test_wandb_gets_every_epoch_row_and_a_resumed_run_keeps_its_id(tmp_path, mon
     assert fake.inits[1]["id"] == init["id"] and fake.inits[1]["resume"] == "allow"
 
 
+def test_the_real_wandb_package_offline_records_every_metric_and_the_overlays(tmp_path, monkeypatch):
+    import glob
+
+    from PIL import Image
+
+    # offline: wandb writes its run file locally and never connects; its own folders go to tmp_path
+    for var, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONSOLE": "off",
+                       "WANDB_CONFIG_DIR": tmp_path / "cfg", "WANDB_CACHE_DIR": tmp_path / "cache",
+                       "WANDB_DATA_DIR": tmp_path / "data"}.items():
+        monkeypatch.setenv(var, str(value))
+    run = str(tmp_path / "run")
+    Trainer(tiny_train_config(train={"logger": "wandb", "num_epochs": 2}), run).run()
+    with open(os.path.join(run, "wandb_run_id.txt")) as f:
+        run_id = f.read().strip()
+    (folder,) = glob.glob(os.path.join(run, "wandb", f"offline-run-*-{run_id}"))
+    with open(os.path.join(folder, f"run-{run_id}.wandb"), "rb") as f:
+        record = f.read()  # protobuf records: the metric names are stored as plain strings
+    for key in ("train/loss", "val/loss", "val/dice_disk", "val/dice_mean", "val/iou_mean", "epoch/lr",
+                "epoch/ema_dice", "overlays/demo_000"):
+        assert key.encode() in record, key
+    pngs = sorted(glob.glob(os.path.join(folder, "files", "media", "images", "overlays", "*.png")))
+    assert len(pngs) == 2  # num_overlays, logged at the last epoch
+    with Image.open(pngs[0]) as image:
+        assert image.mode == "RGB" and min(image.size) > 0
+
+
 def test_a_missing_logger_package_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import fails
     with pytest.raises(ImportError, match=r"pip install 'upernet-vit\[wandb\]'"):
