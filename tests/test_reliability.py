@@ -479,10 +479,36 @@ def test_disk_errors_are_described_by_path_and_cause():
     from upernet_vit.cli import describe_error
 
     for code, cause in [(errno.ENOSPC, "no space left"), (errno.EROFS, "read-only"), (errno.EACCES, "permission denied"),
-                        (errno.ENOTDIR, "is a file, not a folder")]:
+                        (errno.ENOTDIR, "is a file, not a folder"), (errno.EFBIG, "too large for this file system")]:
         text = describe_error(OSError(code, os.strerror(code), "/data/run/x"))
         assert text.startswith("'/data/run/x': ") and cause in text
     assert describe_error(RuntimeError("CUDA out of\nmemory")) == "RuntimeError: CUDA out of memory"  # one line
+
+
+def test_a_file_too_large_for_the_file_system_is_an_os_error_not_a_zip_error(tmp_path):
+    import errno
+
+    # a real limit (RLIMIT_FSIZE, as FAT32's 4 GB would be) in a child process: torch's own zip writer turns
+    # the write's EFBIG into "unexpected pos N vs M"; save_torch raises the OSError and leaves no file behind
+    script = (
+        "import resource, sys, torch\n"
+        "from upernet_vit.fileio import atomic_write, save_torch\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))\n"
+        "path, how = sys.argv[1], sys.argv[2]\n"
+        "state = {'x': torch.zeros(100_000)}\n"
+        "try:\n"
+        "    if how == 'torch': torch.save(state, open(path, 'wb'))\n"
+        "    else: atomic_write(path, lambda tmp: save_torch(state, tmp))\n"
+        "except Exception as err: print(type(err).__name__, err.errno if isinstance(err, OSError) else err)\n"
+    )
+    def run(how):
+        out = subprocess.run([sys.executable, "-c", script, str(tmp_path / f"{how}.pt"), how], capture_output=True,
+                             text=True, timeout=120)
+        return out.stdout.strip()
+
+    assert "unexpected pos" in run("torch")  # what this guards against
+    assert run("ours") == f"OSError {errno.EFBIG}"
+    assert not any(n.startswith(".ours.pt") or n == "ours.pt" for n in os.listdir(tmp_path))
 
 
 # ---------------------------------------------------------------------------- labels

@@ -266,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
 _OS_ERROR_HINTS = {
     errno.ENOSPC: "no space left on the device; free some space or write somewhere else",
     errno.EDQUOT: "the disk quota is exceeded; free some space or write somewhere else",
+    errno.EFBIG: "the file is too large for this file system (FAT32 stops at 4 GB) or for the process's file-size "
+                 "limit (ulimit -f); write to another file system or raise the limit",
     errno.EROFS: "the file system is read-only; choose a writable folder",
     errno.EACCES: "permission denied; choose a folder you can write to (or fix its permissions)",
     errno.EPERM: "operation not permitted; choose a folder you can write to",

@@ -6,7 +6,7 @@ import errno
 import os
 import re
 import uuid
-from typing import Callable, Optional
+from typing import BinaryIO, Callable, Optional
 
 
 def current_umask() -> int:
@@ -71,6 +71,39 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
     fsync_path(folder)
+
+
+class _WriteErrorRecorder:
+    """A binary file's ``write`` and ``flush`` that keep the first OSError they raise (see ``save_torch``)."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self.file, self.error = file, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def save_torch(obj: object, path: str) -> None:
+    """``torch.save(obj, path)``, where a disk error while writing (no space left, file too large for the
+    file system) is raised as that OSError: torch's zip writer swallows it and reports only
+    ``unexpected pos N vs M``."""
+    import torch
+
+    with open(path, "wb") as f:
+        sink = _WriteErrorRecorder(f)
+        try:
+            torch.save(obj, sink)  # type: ignore[arg-type]
+        except RuntimeError:
+            if sink.error is not None:
+                raise sink.error from None
+            raise
 
 
 def write_text(path: str, text: str) -> None:

@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ..config import Config, DataConfig, config_to_yaml, load_config, save_config
-from ..fileio import atomic_write
+from ..fileio import atomic_write, save_torch
 from ..pretrained import WEIGHTS_NAME, non_finite_tensors, verify_checksum
 from ..model import UperNetViT
 from .augment import AugmentConfig, Normalizer, PatchDataset
@@ -285,8 +285,7 @@ class Trainer:
 
         def write(folder: str) -> None:
             self.model.save_pretrained(folder)
-            with open(os.path.join(folder, STATE_NAME), "wb") as f:  # a full disk raises OSError, not a zip error
-                torch.save(state, f)
+            save_torch(state, os.path.join(folder, STATE_NAME))
             _write_json(os.path.join(folder, PREPROCESSING_NAME), self._preprocessing())
 
         write_folder_atomically(os.path.join(self.output_dir, name), write)
