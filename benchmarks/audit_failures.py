@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -30,9 +31,11 @@ TINY = {
 }
 
 
-def run(args, cwd, stdin=None):
+def run(args, cwd, stdin=None, file_size_limit=None):
     env = dict(os.environ)
-    result = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env, input=stdin)
+    limit = None if file_size_limit is None else (
+        lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit)))
+    result = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env, input=stdin, preexec_fn=limit)
     lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
     return result.returncode, (lines[-1] if lines else ""), "Traceback" in result.stderr
 
@@ -225,6 +228,13 @@ def main() -> None:
                 subprocess.run(["umount", mount])
     else:
         rows.append(("disk cases", "not run", "mounting a tmpfs needs root", ""))
+
+    # a file too large for the file system (as FAT32's 4 GB): model.safetensors fits, training_state.pt not
+    weights = os.path.getsize(os.path.join(model_dir, "model.safetensors"))
+    out = os.path.join(work, "run_efbig")
+    result = run(cli("train", config, "--output", out), work, file_size_limit=weights + 4096)
+    left = sorted(n for n in os.listdir(out) if n.startswith("checkpoint")) if os.path.isdir(out) else []
+    case(f"train: file-size limit {weights + 4096} bytes (ulimit -f)", result, f"left: {left}")
 
     # 9. labels
     folders = os.path.join(work, "folders")
