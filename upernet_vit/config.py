@@ -289,9 +289,7 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
                 number = float(value)
             except ValueError:
                 pass
-        if number is not None:
-            if not math.isfinite(number):  # .inf / .nan would train with lr inf or clip nothing, silently
-                raise ConfigError(f"{path}: must be a finite number, got {value!r}")
+        if number is not None:  # finiteness: _Checked, for YAML and direct construction alike
             return number
     elif tp is str:
         if isinstance(value, str):

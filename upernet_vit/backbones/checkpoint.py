@@ -24,15 +24,13 @@ from .pos_embed import resample_patch_pos_embed
 logger = logging.getLogger(__name__)
 
 
-def _file_kind(path: str) -> str:
-    """``torch`` (zip or legacy pickle), ``safetensors``, ``empty`` or ``unknown``, from the first bytes."""
-    with open(path, "rb") as f:
-        head = f.read(9)
+def _file_kind(head: bytes) -> str:
+    """``torch`` (zip or legacy pickle), ``safetensors``, ``empty`` or ``unknown``, from a file's first bytes."""
     if not head:
         return "empty"
     if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # torch.save's zip, or a legacy pickle
         return "torch"
-    if len(head) == 9 and head[8:9] == b"{":  # 8-byte little-endian header size, then the JSON header
+    if len(head) >= 9 and head[8:9] == b"{":  # 8-byte little-endian header size, then the JSON header
         return "safetensors"
     return "unknown"
 
@@ -44,12 +42,12 @@ def read_checkpoint(path: str, trust_checkpoint: bool = False) -> Any:
     A file that is no checkpoint at all (empty, text, truncated) is a ValueError saying so."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint_path {path!r} does not exist or is not a file")
-    kind = _file_kind(path)
+    with open(path, "rb") as f:
+        head = f.read(16)
+    kind = _file_kind(head)
     if kind == "empty":
         raise ValueError(f"checkpoint_path {path!r} is an empty file, not a checkpoint (an interrupted download?)")
     if kind == "unknown":
-        with open(path, "rb") as f:
-            head = f.read(16)
         raise ValueError(
             f"checkpoint_path {path!r} is not a PyTorch or safetensors checkpoint (it starts with {head!r}); "
             f"give the .pth/.pt/.safetensors weights file itself"

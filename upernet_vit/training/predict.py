@@ -182,7 +182,9 @@ def predict(
                 f"{other.label_values} and {other.model.in_chans}"
             )
     values = np.asarray(first.label_values, dtype=np.int64)
-    cases = group_input_files(input_path, first.model.in_chans)  # reads every input: all input errors come here
+    # reads every input once, so all input errors come before any output; the images are read again below
+    # rather than kept, since a test set need not fit in memory
+    cases = group_input_files(input_path, first.model.in_chans)
     os.makedirs(output_dir, exist_ok=True)
     written = []
     for case_id, files in tqdm(cases.items(), desc="predict", unit="case", disable=None):

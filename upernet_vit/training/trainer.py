@@ -404,10 +404,12 @@ class Trainer:
                 raise TrainingDiverged(self._divergence_message(epoch, step, float(loss.detach()), float(grad_norm)))
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            with warnings.catch_warnings():
-                if not finite:  # the schedule advances past a skipped step on purpose; torch would call it a misuse
-                    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            if finite:
                 self.scheduler.step()
+            else:  # the schedule advances past a skipped step on purpose; torch would warn of a misuse
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+                    self.scheduler.step()
             if finite:
                 total += float(loss.detach())
                 count += 1
