@@ -1,6 +1,7 @@
-"""Black-box audit of failure behaviour (issue 11): bad inputs, damaged files, full and read-only disks.
+"""Black-box audit of failure behaviour (issues 11 and 16): bad inputs, damaged files, full and read-only
+disks, flags out of range, inputs in other file types, outputs over inputs.
 
-    python benchmarks/audit_failures.py [--work /tmp/audit]
+    python benchmarks/audit_failures.py [--work /tmp/audit] [--only 16]
 
 Each case runs the ``upernet-vit`` command line (or the Python API) as a user would, in a fresh
 process, and prints one row: the exit code, the last line of stderr, and what was left on disk. Run it
@@ -17,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import yaml
@@ -31,11 +33,15 @@ TINY = {
 }
 
 
-def run(args, cwd, stdin=None, file_size_limit=None):
+def run(args, cwd, stdin=None, file_size_limit=None, timeout=None):
     env = dict(os.environ)
     limit = None if file_size_limit is None else (
         lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit)))
-    result = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env, input=stdin, preexec_fn=limit)
+    try:
+        result = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env, input=stdin, preexec_fn=limit,
+                                timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "-", f"still running after {timeout} s (stopped)", False
     lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
     return result.returncode, (lines[-1] if lines else ""), "Traceback" in result.stderr
 
@@ -75,6 +81,7 @@ def can_mount(work):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", default="/tmp/audit")
+    parser.add_argument("--only", choices=["16"], help="only the issue-16 cases (after the setup run)")
     args = parser.parse_args()
     work = os.path.abspath(args.work)
     shutil.rmtree(work, ignore_errors=True)
@@ -90,6 +97,9 @@ def main() -> None:
     run_dir = os.path.join(work, "run")
     case("train the tiny config (setup)", run(cli("train", config, "--output", run_dir), work))
     model_dir = os.path.join(run_dir, "checkpoint_latest")
+    issue16(work, config, run_dir, case)
+    if args.only:
+        return
 
     # 1. a NaN pixel given to predict
     images = os.path.join(work, "nan_images")
@@ -247,6 +257,254 @@ def main() -> None:
     case("train: a mask without an image",
          run(cli("train", config, "--output", os.path.join(work, "run_orphan"), "-o", "data.format=folders",
                  "-o", f"data.root={folders}", "-o", "data.fold=all"), work))
+
+
+def gray_png(path, value=100, size=(32, 32), dtype=np.uint8):
+    Image.fromarray(np.full(size, value, dtype=dtype)).save(path)
+
+
+def folders_dataset(root, images, masks):
+    """``root/images``, ``root/masks`` from ``{file name: array}``."""
+    for sub, files in (("images", images), ("masks", masks)):
+        os.makedirs(os.path.join(root, sub), exist_ok=True)
+        for name, array in files.items():
+            Image.fromarray(array).save(os.path.join(root, sub, name))
+    return root
+
+
+def box_mask(i=0, value=1):
+    mask = np.zeros((32, 32), np.uint8)
+    mask[4 + i : 20 + i, 6:22] = value
+    return mask
+
+
+def train_folders(config, work, name, root, *overrides, timeout=None):
+    out = os.path.join(work, name)
+    args = ["train", config, "--output", out, "-o", "data.format=folders", "-o", f"data.root={root}", "-o", "data.fold=all"]
+    for item in overrides:
+        args += ["-o", item]
+    return run(cli(*args), work, timeout=timeout), out
+
+
+def probs_of(folder, case):
+    path = os.path.join(folder, f"{case}_probs.npz")
+    return np.load(path)["probabilities"].astype(np.float32) if os.path.isfile(path) else None
+
+
+def issue16(work, config, run_dir, case):
+    """The cases of issue 16 (reliability, round 2)."""
+    from upernet_vit.training.demo_data import demo_case
+
+    model_dir = os.path.join(run_dir, "checkpoint_latest")
+    # 1. the same pixels in another container
+    pixels = np.round(demo_case(999, 32)[0][0] * 255).astype(np.uint8)
+    for name, array, suffix in (("png8", pixels, ".png"), ("tif32", pixels.astype(np.float32), ".tif")):
+        os.makedirs(os.path.join(work, "same_" + name))
+        Image.fromarray(array).save(os.path.join(work, "same_" + name, "case" + suffix))
+        run(cli("predict", "--model", model_dir, "--input", os.path.join(work, "same_" + name), "--output",
+                os.path.join(work, "pred_same_" + name), "--probabilities"), work)
+    a, b = probs_of(os.path.join(work, "pred_same_png8"), "case"), probs_of(os.path.join(work, "pred_same_tif32"), "case")
+    diff = "n/a" if a is None or b is None else f"max |p(PNG) - p(float TIFF)| = {np.abs(a - b).max():.3g}, " \
+        f"classes differ at {100 * np.mean(a.argmax(0) != b.argmax(0)):.0f}% of pixels"
+    case("16.1 predict: same pixels as 8-bit PNG and as float32 TIFF (values 0-255)", (0, "", False), diff)
+    images = {f"a{i}.png": np.full((32, 32), 60 + 20 * i, np.uint8) for i in range(3)}
+    images.update({f"b{i}.tif": np.full((32, 32), 20000 + 9000 * i, np.uint16) for i in range(3)})
+    root = folders_dataset(os.path.join(work, "mixed_depth"), images, {f"{n[:2]}.png": box_mask(i) for i, n in
+                                                                     enumerate(sorted(images))})
+    result, out = train_folders(config, work, "run_mixed_depth", root)
+    case("16.1 train: three 8-bit and three 16-bit images in one folder", result,
+         "trained" if os.path.isdir(os.path.join(out, "checkpoint_latest")) else "nothing trained")
+
+    # 2. --step and --scales
+    inputs = os.path.join(work, "three")
+    os.makedirs(inputs)
+    for i in range(3):
+        Image.fromarray(np.round(demo_case(900 + i, 96)[0][0] * 255).astype(np.uint8)).save(os.path.join(inputs, f"c{i}.png"))
+    for flag, value in (("--step", "2"), ("--step", "0"), ("--step", "-1"), ("--step", "0.01"), ("--scales", "100")):
+        out = os.path.join(work, f"pred_{flag[2:]}_{value}")
+        result = run(cli("predict", "--model", model_dir, "--input", inputs, "--output", out, flag, value,
+                         "--probabilities"), work, timeout=90)
+        p = probs_of(out, "c0")
+        left = "no output" if p is None else f"{100 * np.mean(np.isnan(p).any(0)):.0f}% of c0's pixels NaN"
+        case(f"16.2 predict {flag} {value} (three 96 px images)", result, left)
+
+    # 3. a run without a best: killed in epoch 2 of 50, validation every 50 epochs
+    stopped = os.path.join(work, "run_stopped")
+    proc = subprocess.Popen(cli("train", config, "--output", stopped, "-o", "train.num_epochs=50", "-o",
+                                "train.val_every=50"), cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = os.path.join(stopped, "checkpoint_latest", "training_state.pt")
+    while not os.path.isfile(state) and proc.poll() is None:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    for command in (["predict", "--model", stopped, "--input", inputs, "--output", os.path.join(work, "pred_nobest")],
+                    ["export", stopped, "--output", os.path.join(work, "nobest.onnx"), "--no-check"]):
+        result = run(cli(*command, "--checkpoint", "best"), work)
+        written = os.path.exists(os.path.join(work, "pred_nobest")) or os.path.exists(os.path.join(work, "nobest.onnx"))
+        case(f"16.3 {command[0]} --checkpoint best, run stopped before its first validation", result,
+             "output written" if written else "nothing written")
+    stale = os.path.join(work, "run_stale")
+    crash = f"""
+        import os, sys
+        from upernet_vit.config import load_config
+        from upernet_vit.training import trainer as t
+        from upernet_vit.training.checkpoints import checkpoint_epoch
+        real = t.copy_checkpoint
+        def copy(source, final):
+            if checkpoint_epoch(source) == 2:
+                os._exit(9)  # killed between checkpoint_latest and checkpoint_best
+            real(source, final)
+        t.copy_checkpoint = copy
+        class Better(t.Trainer):
+            def validate(self, write_overlays=False):
+                return {{**super().validate(write_overlays), "dice_mean": 0.1 * (len(self.history) + 1)}}
+        Better(load_config({config!r}), {stale!r}).run()
+    """
+    with open(config, encoding="utf-8") as f:
+        cfg = yaml.safe_load(f)
+    cfg["train"]["num_epochs"] = 3
+    write_yaml = os.path.join(work, "three_epochs.yaml")
+    with open(write_yaml, "w", encoding="utf-8") as f:
+        yaml.safe_dump(cfg, f)
+    run(python(crash.replace(repr(config), repr(write_yaml))), work)
+    for name in ("checkpoint_best", "checkpoint_latest"):
+        run(cli("predict", "--model", os.path.join(stale, name), "--input", inputs, "--output",
+                os.path.join(work, "pred_stale_" + name), "--probabilities"), work)
+    best, latest = (probs_of(os.path.join(work, "pred_stale_" + n), "c0") for n in ("checkpoint_best", "checkpoint_latest"))
+    used = "n/a" if best is None or latest is None else (
+        "the best epoch (2)" if np.array_equal(best, latest) else "the stale epoch (1)")
+    case("16.3 predict --model RUN/checkpoint_best after a kill between the two writes", (0, "", False), f"predicted with {used}")
+
+    # 4. the output folder
+    over = os.path.join(work, "over")
+    shutil.copytree(inputs, over)
+    before = {n: open(os.path.join(over, n), "rb").read() for n in os.listdir(over)}
+    result = run(cli("predict", "--model", model_dir, "--input", over, "--output", over), work)
+    changed = sum(open(os.path.join(over, n), "rb").read() != b for n, b in before.items())
+    case("16.4 predict --output equal to --input", result, f"{changed} of {len(before)} input images replaced")
+    truth = os.path.join(work, "truth")
+    os.makedirs(truth)
+    for i in range(3):
+        Image.fromarray(box_mask(i)).save(os.path.join(truth, f"c{i}.png"))
+    before = {n: open(os.path.join(truth, n), "rb").read() for n in os.listdir(truth)}
+    result = run(cli("predict", "--model", model_dir, "--input", inputs, "--output", truth), work)
+    changed = sum(open(os.path.join(truth, n), "rb").read() != b for n, b in before.items())
+    case("16.4 predict --output is a ground-truth folder", result, f"{changed} of {len(before)} label files replaced")
+
+    # labels
+    images = {f"c{i}.png": np.full((32, 32), 50 + 30 * i, np.uint8) for i in range(4)}
+    root = folders_dataset(os.path.join(work, "jpeg_masks"), images, {})
+    for i in range(4):
+        Image.fromarray(box_mask(i, 254)).save(os.path.join(root, "masks", f"c{i}.jpg"), quality=75)
+    result, out = train_folders(config, work, "run_jpeg", root)
+    prep = os.path.join(out, "checkpoint_latest", "preprocessing.json")
+    classes = len(json.load(open(prep))["label_values"]) if os.path.isfile(prep) else None
+    case("16.L train: masks saved as JPEG (0/254 boxes), no data.labels", result,
+         f"trained a {classes}-class model" if classes else "nothing trained")
+    stray = {f"c{i}.png": box_mask(i) for i in range(4)}
+    stray["c3.png"][0, :3] = [2, 7, 200]
+    root = folders_dataset(os.path.join(work, "stray"), images, stray)
+    result, out = train_folders(config, work, "run_stray", root)
+    prep = os.path.join(out, "checkpoint_latest", "preprocessing.json")
+    classes = len(json.load(open(prep))["label_values"]) if os.path.isfile(prep) else None
+    case("16.L train: masks 0/1 with stray values 2, 7, 200, no data.labels", result,
+         f"trained a {classes}-class model" if classes else "nothing trained")
+    root = folders_dataset(os.path.join(work, "absent"), images, {f"c{i}.png": box_mask(i) for i in range(4)})
+    result, out = train_folders(config, work, "run_absent", root, "data.labels={background: 0, cell: 1, nucleus: 2}",
+                                "train.num_epochs=2")
+    log = os.path.join(out, "train.log")
+    warned = os.path.isfile(log) and "no training mask" in open(log).read()
+    best = os.path.isdir(os.path.join(out, "checkpoint_best"))
+    case("16.L train: data.labels declares 'nucleus', which no mask holds", result,
+         f"warned: {'yes' if warned else 'no'}; checkpoint_best: {'yes' if best else 'no'}")
+    from upernet_vit.training.demo_data import write_demo_dataset
+
+    demo = write_demo_dataset(os.path.join(work, "Dataset001_Demo"), num_train=6, num_test=0, size=32)
+    meta = json.load(open(os.path.join(demo, "dataset.json")))
+    meta["channel_names"] = {"0": "R", "1": "G", "2": "B"}
+    json.dump(meta, open(os.path.join(demo, "dataset.json"), "w"))
+    result = run(cli("train", config, "--output", os.path.join(work, "run_channels"), "--data", demo, "--fold", "all"), work)
+    case("16.L train: dataset.json lists 3 channel_names, files hold 1", result)
+
+    # unclear errors
+    text = open(os.path.join(demo, "dataset.json")).read()
+    open(os.path.join(demo, "dataset.json"), "w").write(text.replace('"labels": {', '"labels": {,', 1))
+    case("16.E train: malformed dataset.json",
+         run(cli("train", config, "--output", os.path.join(work, "run_badjson"), "--data", demo), work))
+    demo2 = write_demo_dataset(os.path.join(work, "Dataset002_Demo"), num_train=6, num_test=0, size=32)
+    open(os.path.join(demo2, "splits_final.json"), "w").write('[{"train": ["demo_000"], "val": ["demo_001"]}\n{}]')
+    case("16.E train: malformed splits_final.json",
+         run(cli("train", config, "--output", os.path.join(work, "run_badsplits"), "--data", demo2), work))
+    labels = os.path.join(work, "labels.json")
+    open(labels, "w").write('{"background": 0,\n "tumor": 1,\n}')
+    case("16.E evaluate --labels with a trailing comma",
+         run(cli("evaluate", "--pred", truth, "--gt", truth, "--labels", labels), work))
+    lora = f"""
+        import sys
+        sys.modules["peft"] = None  # peft not installed
+        from upernet_vit.cli import main
+        sys.exit(main(["train", {config!r}, "--output", {os.path.join(work, "run_lora")!r}, "-o", "lora.enabled=true"]))
+    """
+    case("16.E train: lora.enabled without peft installed", run(python(lora), work))
+    case("16.E predict --device cuda on a machine without a GPU",
+         run(cli("predict", "--model", model_dir, "--input", inputs, "--output", os.path.join(work, "pred_cuda"),
+                 "--device", "cuda"), work))
+    for label, content in (("empty", b""), ("garbage", b"\x00\xffnot a checksum")):
+        folder = os.path.join(work, "sha_" + label)
+        shutil.copytree(model_dir, folder)
+        open(os.path.join(folder, "model.safetensors.sha256"), "wb").write(content)
+        case(f"16.E predict: {label} model.safetensors.sha256",
+             run(cli("predict", "--model", folder, "--input", inputs, "--output", os.path.join(work, "pred_" + label)), work))
+    if can_mount(work):
+        size = sum(os.path.getsize(os.path.join(model_dir, n)) for n in os.listdir(model_dir))
+        mount = os.path.join(work, "mnt_best")
+        os.makedirs(mount)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={int(size * 1.5) // 4096 * 4096 + 65536}", "tmpfs", mount],
+                       check=True)
+        try:
+            case("16.E train: disk full while copying checkpoint_latest to checkpoint_best",
+                 run(cli("train", config, "--output", os.path.join(mount, "run")), work))
+        finally:
+            subprocess.run(["umount", mount])
+    resave = f"""
+        import os
+        from upernet_vit import UperNetViT
+        model = UperNetViT.from_pretrained({model_dir!r})
+        model.save_pretrained({os.path.join(work, "resaved")!r})
+        print(sorted(os.listdir({os.path.join(work, "resaved")!r})))
+    """
+    run(python(resave), work)
+    kept = os.path.isfile(os.path.join(work, "resaved", "preprocessing.json"))
+    case("16.E from_pretrained + save_pretrained of a trained model", (0, "", False),
+         "preprocessing.json kept" if kept else "preprocessing.json dropped")
+    big = os.path.join(work, "big")
+    os.makedirs(big)
+    gray_png(os.path.join(big, "big.png"), size=(768, 768))
+    command = " ".join(cli("predict", "--model", model_dir, "--input", big, "--output", os.path.join(work, "pred_big")))
+    shown = subprocess.run(["script", "-qec", command.replace("import sys; from upernet_vit.cli import main; "
+                                                              "sys.exit(main())", "'import sys; from upernet_vit.cli "
+                                                              "import main; sys.exit(main())'"), "/dev/null"],
+                           cwd=work, capture_output=True, text=True)
+    bar = [line for line in shown.stdout.replace("\r", "\n").splitlines() if "window" in line or "case/s" in line]
+    case("16.E predict a 768 x 768 image on a terminal (32 px patches)", (shown.returncode, "", False),
+         f"progress shown: {bar[-1].strip()[:70]!r}" if bar else "no progress within the image")
+    kill = f"""
+        from upernet_vit.config import load_config
+        from upernet_vit.training.trainer import Trainer
+        class Killed(Trainer):
+            def _save_checkpoint(self, name, next_epoch):
+                if next_epoch == 2:
+                    raise SystemExit(9)  # killed before epoch 2's checkpoint
+                super()._save_checkpoint(name, next_epoch)
+        Killed(load_config({write_yaml!r}), {os.path.join(work, "run_order")!r}).run()
+    """
+    run(python(kill), work)
+    rows = len(open(os.path.join(work, "run_order", "metrics.csv")).read().strip().splitlines()) - 1
+    import torch
+
+    epoch = torch.load(os.path.join(work, "run_order", "checkpoint_latest", "training_state.pt"), weights_only=True)["epoch"]
+    case("16.E train killed between epoch 2's metrics row and its checkpoint", (0, "", False),
+         f"metrics.csv rows: {rows}, checkpoint_latest epoch: {epoch}")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ def tiny_train_config(**sections):
 
     data = json.loads(json.dumps(TINY_CONFIG))
     for section, values in sections.items():
-        data[section].update(values)
+        data.setdefault(section, {}).update(values)
     return load_config(data)
 
 

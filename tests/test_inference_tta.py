@@ -27,7 +27,7 @@ def test_tta_at_scale_one_is_the_plain_prediction_and_scales_average_resized_pro
     both = tta_probabilities(model, image, [32, 32], [0.5, 1.0])
     assert torch.allclose(both, (back + plain) / 2, atol=1e-6)
     assert torch.allclose(both.sum(0), torch.ones(40, 56), atol=1e-5)  # still probabilities
-    with pytest.raises(ValueError, match=r"scales \[0.0\]: give one or more positive factors"):
+    with pytest.raises(ValueError, match=r"--scales 0: give one or more factors in \[0.25, 4\]"):
         tta_probabilities(model, image, [32, 32], [0.0])
 
 

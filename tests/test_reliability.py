@@ -607,13 +607,14 @@ def test_a_crash_between_weights_and_checksum_leaves_no_stale_checksum(tmp_path,
     UperNetViT.from_pretrained(folder)  # the new weights load; no false "damaged" report
 
 
-def test_predict_falls_back_to_latest_and_checks_sizes_and_channels_first(tmp_path):
+def test_predict_refuses_a_missing_best_and_checks_sizes_and_channels_first(tmp_path):
     from upernet_vit.training.predict import group_input_files, resolve_model_dir
 
     run = tmp_path / "run"
     tiny_model().save_pretrained(run / "checkpoint_latest")
-    (run / "checkpoint_best").mkdir()  # no weights in it
-    assert resolve_model_dir(str(run), "best") == str(run / "checkpoint_latest")
+    (run / "checkpoint_best").mkdir()  # no weights in it: no silent fall-back to latest (issue 16)
+    with pytest.raises(ValueError, match=r"has no best checkpoint .*use --checkpoint latest"):
+        resolve_model_dir(str(run), "best")
 
     inputs = tmp_path / "in"
     inputs.mkdir()

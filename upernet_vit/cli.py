@@ -99,15 +99,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .fileio import atomic_write, write_text
+    from .fileio import atomic_write, read_json, write_text
     from .training.predict import evaluate
 
     labels = None
     ignore = None
     if args.labels:
-        with open(args.labels, encoding="utf-8") as f:
-            meta = json.load(f)
-        labels = dict(meta.get("labels", meta))
+        meta = read_json(args.labels)
+        labels = meta.get("labels", meta) if isinstance(meta, dict) else None
+        if not isinstance(labels, dict) or not all(isinstance(v, int) for k, v in labels.items() if k != "ignore"):
+            raise ValueError(f"--labels {args.labels}: expected a dataset.json or a JSON object of name: integer value")
+        labels = dict(labels)
         ignore = labels.pop("ignore", None)
     summary = evaluate(args.pred, args.gt, labels, ignore)
     out = args.output or os.path.join(args.pred, "summary.json")

@@ -141,6 +141,11 @@ class LoraConfig(_Checked):
     lora_dropout: float = option(0.05, check=_fraction, must="in [0, 1)")
 
 
+# test-time scale factors (train.val_scales, predict --scales): beyond them an image is blown up past any
+# use (a percent typo, 100, ran for minutes on 96 px images) or shrunk to a few pixels
+TTA_SCALES = (0.25, 4.0)
+
+
 @dataclass
 class TrainConfig(_Checked):
     """The first six keys mean what they mean in nnU-Net (an epoch is num_iterations_per_epoch batches)."""
@@ -169,7 +174,8 @@ class TrainConfig(_Checked):
     val_every: int = option(1, check=_positive, must=">= 1")  # whole-image validation every N epochs (and the last)
     val_mirror: bool = False  # mirror TTA in validation
     val_scales: List[float] = option(  # multi-scale TTA in validation (as predict --scales)
-        factory=lambda: [1.0], check=lambda v: len(v) > 0 and min(v) > 0, must="a non-empty list of factors > 0"
+        factory=lambda: [1.0], check=lambda v: len(v) > 0 and TTA_SCALES[0] <= min(v) and max(v) <= TTA_SCALES[1],
+        must=f"a non-empty list of factors in [{TTA_SCALES[0]}, {TTA_SCALES[1]}]",
     )
     num_overlays: int = option(4, check=_non_negative, must=">= 0")  # validation overlays written to the run folder
     logger: Literal["none", "tensorboard", "wandb"] = "none"  # also log to TensorBoard / W&B (optional extras)
@@ -200,6 +206,11 @@ class DataConfig(_Checked):
     splits_file: Optional[str] = None  # nnU-Net splits_final.json; default <root>/splits_final.json if present
     num_workers: int = option(2, check=_non_negative, must=">= 0")
     normalization: Literal["preset", "zscore"] = "preset"  # backbone mean/std, or per-image z-score
+    # preset: pixel values (as stored) / intensity_scale, then the backbone's mean/std; auto: the training
+    # images' full scale (1, 255 or 65535), mixed ranges refused (training/intensity.py)
+    intensity_scale: Union[Literal["auto"], float] = option(
+        "auto", check=lambda v: v == "auto" or v > 0, must="'auto' or a number > 0"
+    )
     labels: Optional[Dict[str, int]] = None  # folders only: name -> value (default: values found)
     demo_cases: int = option(64, check=lambda v: v >= 2, must=">= 2")  # demo only
     demo_image_size: int = option(96, check=lambda v: v >= 8, must=">= 8")  # demo only

@@ -6,7 +6,7 @@ import errno
 import os
 import re
 import uuid
-from typing import BinaryIO, Callable, Optional
+from typing import Any, BinaryIO, Callable, Optional
 
 
 def current_umask() -> int:
@@ -35,13 +35,18 @@ def fsync_path(path: str) -> None:
 def as_os_error(err: BaseException, path: str, scratch: str) -> Optional[OSError]:
     """``err`` as an OSError that names ``path``, when it is a disk error while writing ``scratch`` (the
     temporary file or folder that becomes ``path``): an OSError without a file name (a write through a file
-    object) or naming something inside ``scratch``, or a safetensors error carrying ``os error N``. None
+    object) or naming something inside ``scratch`` (as its file or, for a copy, its destination
+    ``filename2``), or a safetensors error carrying ``os error N``. None
     for anything else, which keeps its own message."""
     if isinstance(err, OSError):
         if err.errno is None:
             return None
-        inside = err.filename is None or os.fspath(err.filename) == scratch or \
-            os.fspath(err.filename).startswith(scratch + os.sep)
+
+        def within(name: object) -> bool:
+            return os.fspath(name) == scratch or os.fspath(name).startswith(scratch + os.sep)  # type: ignore[arg-type]
+
+        # shutil.copyfile names the source first and the destination second (filename2)
+        inside = err.filename is None or within(err.filename) or (err.filename2 is not None and within(err.filename2))
         return OSError(err.errno, err.strerror, path) if inside else None
     match = re.search(r"os error (\d+)", str(err)) if "Safetensor" in type(err).__name__ else None
     if match:
@@ -109,3 +114,17 @@ def save_torch(obj: object, path: str) -> None:
 def write_text(path: str, text: str) -> None:
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
+
+
+def read_json(path: str) -> Any:
+    """A JSON file's content; malformed JSON (or text that is not UTF-8) is a ValueError naming the file,
+    the line and the column."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text (byte {err.start}): is it a JSON file?") from None

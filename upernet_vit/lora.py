@@ -33,8 +33,15 @@ def enable_lora(
 
     Afterwards exactly the LoRA weights and the decoder (adapter, head, upsampler) are trainable.
     """
-    from peft import LoraConfig as PeftLoraConfig
-    from peft.tuners.lora import LoraModel
+    try:
+        from peft import LoraConfig as PeftLoraConfig
+        from peft.tuners.lora import LoraModel
+    except ImportError as err:
+        raise ModuleNotFoundError(
+            f"LoRA (lora.enabled / enable_lora) needs the peft package, which cannot be imported ({err}); install "
+            f"it with: pip install 'peft>=0.11' (a dependency of upernet-vit: pip install -e . brings it back)",
+            name="peft",
+        ) from None
 
     if model.lora_config is not None:
         raise RuntimeError("LoRA is already enabled on this model; call merge_lora() first to add another")

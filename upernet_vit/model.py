@@ -93,6 +93,9 @@ class UperNetViT(nn.Module):
         self.config = cfg
         self.lora_config: Optional[LoraConfig] = None
         self.check_finite = True  # check_input: refuse NaN/infinite input values
+        # what the model was trained on (normalization, intensity scale, label values, patch size), set by the
+        # trainer; save_pretrained / from_pretrained keep it as preprocessing.json. None: no record.
+        self.preprocessing: Optional[Dict[str, Any]] = None
         self.backbone = create_backbone(
             cfg.backbone, cfg.backbone_size, cfg.in_chans, cfg.checkpoint_path, cfg.backbone_kwargs,
             checkpoint_format=cfg.checkpoint_format, trust_checkpoint=cfg.trust_checkpoint, norm_stats=cfg.norm_stats,

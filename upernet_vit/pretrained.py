@@ -1,16 +1,19 @@
 """``save_pretrained`` / ``from_pretrained``: a model folder is ``model.safetensors`` (the weights),
-``model.safetensors.sha256`` (its checksum, ``sha256sum -c`` format: safetensors has none of its own) and
-``config.yaml`` (the ``model`` and ``lora`` sections that rebuild the architecture)."""
+``model.safetensors.sha256`` (its checksum, ``sha256sum -c`` format: safetensors has none of its own),
+``config.yaml`` (the ``model`` and ``lora`` sections that rebuild the architecture) and, for a trained
+model, ``preprocessing.json`` (``model.preprocessing``: what the model was trained on; predict reads it)."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
 from typing import TYPE_CHECKING, List, Mapping, Type, TypeVar, Union
 
 import torch
 
 from .config import config_to_yaml, load_config
-from .fileio import atomic_write, write_text
+from .fileio import atomic_write, read_json, write_text
 
 if TYPE_CHECKING:
     from .model import UperNetViT
@@ -18,6 +21,7 @@ if TYPE_CHECKING:
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.yaml"
 CHECKSUM_NAME = WEIGHTS_NAME + ".sha256"
+PREPROCESSING_NAME = "preprocessing.json"
 
 M = TypeVar("M", bound="UperNetViT")
 
@@ -36,7 +40,8 @@ def non_finite_tensors(state: Mapping[str, torch.Tensor]) -> List[str]:
 
 
 def save_pretrained(model: "UperNetViT", directory: Union[str, os.PathLike]) -> None:
-    """Write ``model.safetensors``, its ``.sha256`` and ``config.yaml`` (each atomically) into ``directory``.
+    """Write ``model.safetensors``, its ``.sha256``, ``config.yaml`` and, when the model has a record of its
+    training data (``model.preprocessing``), ``preprocessing.json`` (each atomically) into ``directory``.
     Non-finite weights are refused (a ValueError naming a tensor): such a model predicts nothing."""
     from safetensors.torch import save_file
 
@@ -60,6 +65,9 @@ def save_pretrained(model: "UperNetViT", directory: Union[str, os.PathLike]) -> 
     atomic_write(weights, write_weights)
     atomic_write(sidecar, lambda p: write_text(p, f"{checksum[0]}  {WEIGHTS_NAME}\n"))
     atomic_write(os.path.join(directory, CONFIG_NAME), lambda p: write_text(p, text))
+    if model.preprocessing is not None:
+        record = json.dumps(model.preprocessing, indent=1)
+        atomic_write(os.path.join(directory, PREPROCESSING_NAME), lambda p: write_text(p, record))
 
 
 def verify_checksum(directory: str) -> None:
@@ -67,13 +75,19 @@ def verify_checksum(directory: str) -> None:
     path = os.path.join(directory, CHECKSUM_NAME)
     if not os.path.isfile(path):
         return
-    with open(path, encoding="utf-8") as f:
-        recorded = f.read().split()[:1]
+    with open(path, "rb") as f:
+        recorded = f.read(4096).split()[:1]
+    if not recorded or not re.fullmatch(rb"[0-9a-fA-F]{64}", recorded[0]):
+        raise ValueError(
+            f"{path} is damaged: it should hold the sha256 of {WEIGHTS_NAME} (64 hex digits) but holds "
+            f"{'nothing' if not recorded else repr(recorded[0][:40])}. Restore the folder "
+            f"from a copy, or delete {CHECKSUM_NAME} to load {WEIGHTS_NAME} unchecked"
+        )
     actual = file_sha256(os.path.join(directory, WEIGHTS_NAME))
-    if recorded != [actual]:
+    if recorded[0].decode("ascii").lower() != actual:
         raise ValueError(
             f"{os.path.join(directory, WEIGHTS_NAME)} is damaged or was changed after it was saved: its sha256 is "
-            f"{actual} but {path} records {recorded[0] if recorded else 'nothing'}. Restore the folder from a "
+            f"{actual} but {path} records {recorded[0].decode('ascii')}. Restore the folder from a "
             f"copy (or, if you changed the weights on purpose, delete {CHECKSUM_NAME})"
         )
 
@@ -113,4 +127,7 @@ def from_pretrained(cls: Type[M], directory: Union[str, os.PathLike], device: Un
             f"{weights} does not match {config_path}: missing {result.missing_keys[:10]}, "
             f"unexpected {result.unexpected_keys[:10]}"
         )
+    record = os.path.join(directory, PREPROCESSING_NAME)
+    if os.path.isfile(record):
+        model.preprocessing = read_json(record)
     return model.to(device)

@@ -59,7 +59,8 @@ class RandomScaledCrop(v2.Transform):
 class RandomIntensity(v2.Transform):
     """Contrast (x0.75-1.25 around the mean), brightness (x0.8-1.2), gamma (0.7-1.5, on the image
     rescaled to [0, 1] and back, as nnU-Net does) and Gaussian noise (up to 3% of the image's std), on
-    images only, any channel count, any value range (raw [0, 1] or z-scored)."""
+    images only, any channel count, any value range (values as stored or z-scored): each step commutes
+    with the preset normalization's division by the intensity scale."""
 
     def make_params(self, flat_inputs: List[Any]) -> Dict[str, Any]:
         u = torch.rand(4)
@@ -106,20 +107,22 @@ def build_transform(patch_size: Sequence[int], cfg: Optional[AugmentConfig]) -> 
 
 
 class Normalizer:
-    """``[C, H, W]`` in [0, 1] -> normalized: ``(x - mean) / std`` per channel (the backbone's
-    pretraining stats), or per-image z-score (``mode="zscore"``, as nnU-Net for non-CT data)."""
+    """``[C, H, W]`` pixel values as stored -> normalized: ``(x / scale - mean) / std`` per channel (the
+    backbone's pretraining stats, which expect [0, 1]; ``scale`` is the recorded ``intensity_scale``), or
+    per-image z-score (``mode="zscore"``, as nnU-Net for non-CT data; scale-free)."""
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float], mode: str = "preset") -> None:
+    def __init__(self, mean: Sequence[float], std: Sequence[float], mode: str = "preset", scale: float = 1.0) -> None:
         self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
         self.mode = mode
+        self.scale = float(scale)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "zscore":
             m = x.mean(dim=(-2, -1), keepdim=True)
             s = x.std(dim=(-2, -1), keepdim=True).clamp_min(1e-6)
             return (x - m) / s
-        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+        return (x / self.scale - self.mean.to(x.device)) / self.std.to(x.device)
 
 
 class PatchDataset(torch.utils.data.Dataset):

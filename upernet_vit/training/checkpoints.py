@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import logging
+import math
 import os
 import shutil
 from typing import Any, Callable, Dict, Optional
@@ -148,24 +149,52 @@ def checkpoint_epoch(folder: str) -> Optional[int]:
 
 
 def best_checkpoint(run_dir: str) -> Optional[str]:
-    """The checkpoint folder that holds the run's best epoch: ``checkpoint_best``, or ``checkpoint_latest``
-    when a crash between the two writes left ``checkpoint_best`` older than the recorded best (or missing)
-    and the latest is that epoch; else the first of best, latest (or their ``.old``) with weights. None if
-    there is none."""
-    best, latest = os.path.join(run_dir, BEST), os.path.join(run_dir, LATEST)
-    state = read_state(latest)
-    recorded = None if state is None else state.get("best_epoch")
-    held = checkpoint_epoch(best)
-    if recorded is not None and held != recorded and int(state["epoch"]) == recorded:
-        logger.warning(
-            "%s holds epoch %s, not the best epoch %d (an interrupted save; --resume repairs it): using %s",
-            best, held, recorded, latest,
-        )
-        return latest
-    for folder in (best, best + ".old", latest, latest + ".old"):  # .old: a crash inside a swap
-        if os.path.isfile(os.path.join(folder, WEIGHTS_NAME)):
+    """The checkpoint folder that holds the run's best epoch (the one ``checkpoint_latest``'s training state
+    records): ``checkpoint_best``, or ``checkpoint_latest`` when a crash between the two writes left
+    ``checkpoint_best`` older (or missing), or their ``.old`` after a crash inside a swap. A ValueError that
+    says why when the run has no best (it never validated, or its Dice was never a number) or the best
+    epoch is no longer on disk; None when the folder holds no run."""
+    best, latest = os.path.join(run_dir, BEST), latest_checkpoint(run_dir)
+    state = None if latest is None else read_state(latest)
+    if state is None:  # no training state to check against: a best folder as it is
+        found = next((f for f in (best, best + ".old") if os.path.isfile(os.path.join(f, WEIGHTS_NAME))), None)
+        if found is None and os.path.isfile(os.path.join(run_dir, LATEST, WEIGHTS_NAME)):
+            raise ValueError(f"{run_dir} has no best checkpoint ({BEST} with {WEIGHTS_NAME}); use --checkpoint latest")
+        return found
+    recorded = state.get("best_epoch")
+    if recorded is None:
+        raise ValueError(_no_best_reason(run_dir, state))
+    for folder in (best, best + ".old", latest):
+        if os.path.isfile(os.path.join(folder, WEIGHTS_NAME)) and checkpoint_epoch(folder) == recorded:
+            if folder != best:
+                logger.warning(
+                    "%s holds epoch %s, not the best epoch %d (an interrupted save; --resume repairs it): using %s",
+                    best, checkpoint_epoch(best), recorded, folder,
+                )
             return folder
-    return None
+    raise ValueError(
+        f"{run_dir}: the best epoch {recorded} is not on disk ({BEST} holds epoch {checkpoint_epoch(best)}, "
+        f"{LATEST} epoch {state['epoch']}): was {BEST} replaced by hand? Use --checkpoint final or latest"
+    )
+
+
+def _no_best_reason(run_dir: str, state: Dict[str, Any]) -> str:
+    epoch, history = int(state["epoch"]), state.get("history") or []
+    validated = [r for r in history if any(
+        k.startswith("val_dice_") and k != "val_dice_mean" and math.isfinite(v) for k, v in r.items())]
+    if not validated:
+        every = (yaml.safe_load(state["config"]).get("train") or {}).get("val_every", 1)
+        why = (f"it stopped at epoch {epoch} before its first validation (train.val_every {every}; the last "
+               f"epoch always validates)")
+    else:
+        why = (f"its mean foreground validation Dice was never a number in {len(validated)} validation(s): no "
+               f"foreground class is in the validation cases' masks or predictions, so no epoch was picked")
+    return (f"{run_dir} has no best checkpoint: {why}. Use --checkpoint latest (epoch {epoch})"
+            + (" or final" if epoch >= _planned_epochs(state) else ", or finish the run (train --resume) for final"))
+
+
+def _planned_epochs(state: Dict[str, Any]) -> int:
+    return int((yaml.safe_load(state["config"]).get("train") or {}).get("num_epochs", state["epoch"]))
 
 
 CHECKPOINT_CHOICES = ("final", "best", "latest")
@@ -176,7 +205,8 @@ def run_checkpoint(run_dir: str, which: str = "final") -> Optional[str]:
 
     ``final``: the last epoch (``checkpoint_latest`` of a finished run; nnU-Net reports cross-validation
     with it); a run that stopped early is a ValueError naming its epoch. ``best``: :func:`best_checkpoint`
-    (the EMA-Dice pick). ``latest``: ``checkpoint_latest`` whatever its epoch."""
+    (the EMA-Dice pick; a run without one is a ValueError saying why). ``latest``: ``checkpoint_latest``
+    whatever its epoch."""
     if which not in CHECKPOINT_CHOICES:
         raise ValueError(f"--checkpoint {which!r}: use one of {', '.join(CHECKPOINT_CHOICES)}")
     if which == "best":
@@ -187,7 +217,7 @@ def run_checkpoint(run_dir: str, which: str = "final") -> Optional[str]:
     state = read_state(latest)
     if state is None:
         raise ValueError(f"{os.path.join(latest, STATE_NAME)} cannot be read; pass --checkpoint best or latest")
-    epochs = int((yaml.safe_load(state["config"]).get("train") or {}).get("num_epochs", state["epoch"]))
+    epochs = _planned_epochs(state)
     if int(state["epoch"]) < epochs:
         raise ValueError(
             f"{run_dir} stopped at epoch {state['epoch']} of {epochs}: it has no final checkpoint; finish it "

@@ -1,11 +1,12 @@
-"""Datasets on disk (nnU-Net v2 raw 2D layout, plain image/mask folders) and the built-in demo data.
+"""Datasets on disk: nnU-Net v2 raw 2D layout and plain image/mask folders; cross-validation folds.
 
-Everything is read once into memory ([C, H, W] float images in [0, 1], [H, W] class-index labels):
-the target is a few hundred 2D images. All checks run before training starts and name the file.
+Everything is read once into memory (``[C, H, W]`` float32 pixel values as stored, ``[H, W]`` class
+indices): the target is a few hundred 2D images. All checks run before training starts and name the file.
+Classes come from ``dataset.json`` or ``data.labels``; without those, only mask values that look like a
+label map (0..K-1 for a few K, or a binary 0/v mask) become classes.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -14,11 +15,16 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .image_io import IMAGE_SUFFIXES, read_image, read_label
+from ..fileio import read_json
+from .image_io import IMAGE_SUFFIXES, read_image_and_kind, read_label
+from .intensity import full_scale
 
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # class index meaning "no label here" (cross-entropy's default ignore_index)
+# the most classes taken from mask values when data.labels is not set: a grayscale image given as a
+# mask would otherwise become a 256-class problem
+MAX_AUTO_CLASSES = 32
 
 
 @dataclass
@@ -26,6 +32,8 @@ class Case:
     case_id: str
     image: np.ndarray  # [C, H, W] float32
     label: Optional[np.ndarray]  # [H, W] int64 class indices, IGNORE_INDEX where ignored
+    full_scale: Optional[float] = None  # intensity.full_scale of the image (None: outside 0..65535)
+    source: str = ""  # the (first) image file
 
 
 @dataclass
@@ -78,8 +86,9 @@ def read_dataset_json(root: str) -> dict:
     path = os.path.join(root, "dataset.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: an nnU-Net raw dataset folder needs dataset.json")
-    with open(path, encoding="utf-8") as f:
-        meta = json.load(f)
+    meta = read_json(path)
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} holds a JSON {type(meta).__name__}, not an object with channel_names, labels, file_ending")
     for key in ("channel_names", "labels", "file_ending"):
         if key not in meta:
             raise ValueError(f"{path} has no {key!r} key (nnU-Net v2 dataset.json needs channel_names, labels, file_ending)")
@@ -124,12 +133,18 @@ def nnunet_image_files(folder: str, file_ending: str) -> Dict[str, List[str]]:
 
 
 def read_case_image(files: Sequence[str]) -> np.ndarray:
-    """Channel files of one case -> ``[C, H, W]`` (an RGB file adds 3 channels)."""
-    arrays = [read_image(f) for f in files]
-    sizes = {a.shape[1:] for a in arrays}
+    """Channel files of one case -> ``[C, H, W]`` pixel values as stored (an RGB file adds 3 channels)."""
+    return read_case(files)[0]
+
+
+def read_case(files: Sequence[str]) -> Tuple[np.ndarray, Optional[float]]:
+    """``([C, H, W] values, full scale)`` of one case's channel files (:func:`.intensity.full_scale`)."""
+    read = [read_image_and_kind(f) for f in files]
+    sizes = {a.shape[1:] for a, _ in read}
     if len(sizes) > 1:
         raise ValueError(f"the channel files of one case differ in size: {list(files)}")
-    return np.concatenate(arrays, axis=0)
+    image = np.concatenate([a for a, _ in read], axis=0)
+    return image, full_scale(image, all(integer for _, integer in read))
 
 
 def load_nnunet_raw(root: str) -> Tuple[DatasetInfo, List[Case]]:
@@ -157,26 +172,28 @@ def load_nnunet_raw(root: str) -> Tuple[DatasetInfo, List[Case]]:
         label_path = os.path.join(labels_dir, case_id + info.file_ending)
         if not os.path.isfile(label_path):
             raise FileNotFoundError(f"image {files[0]!r} has no label: {label_path!r} is missing")
-        image = read_case_image(files)
+        image, scale = read_case(files)
         label = read_label(label_path)
         _check_pair(image, label, files[0], label_path)
-        cases.append(Case(case_id, image, info.to_indices(label, label_path)))
-    _set_channels(info, cases, os.path.join(root, "imagesTr"))
+        cases.append(Case(case_id, image, info.to_indices(label, label_path), scale, files[0]))
+    _check_channels(cases, os.path.join(root, "imagesTr"), info.num_channels, os.path.join(root, "dataset.json"))
     return info, cases
 
 
-def _set_channels(info: DatasetInfo, cases: Sequence[Case], folder: str) -> None:
+def _check_channels(cases: Sequence[Case], folder: str, declared: Optional[int] = None, where: str = "") -> int:
+    """The one channel count of ``cases``; a ValueError if they differ or differ from ``declared``."""
     counts = {c.image.shape[0] for c in cases}
     if len(counts) > 1:
         odd = [c.case_id for c in cases if c.image.shape[0] != cases[0].image.shape[0]][:5]
         raise ValueError(f"cases in {folder!r} have different channel counts {sorted(counts)} (e.g. {odd})")
     (channels,) = counts
-    if channels != info.num_channels:
-        logger.warning(
-            "dataset.json declares %d channel(s) but the images hold %d; using %d",
-            info.num_channels, channels, channels,
+    if declared is not None and channels != declared:
+        raise ValueError(
+            f"{where} declares {declared} channel(s) in channel_names but the images in {folder!r} hold "
+            f"{channels} (e.g. {cases[0].source!r}; an RGB file counts 3); make channel_names list one name "
+            f"per channel, or give one <case>_XXXX file per declared channel"
         )
-    info.num_channels = channels
+    return channels
 
 
 # ---------------------------------------------------------------------------- plain folders
@@ -209,33 +226,68 @@ def load_folders(root: str, labels: Optional[Dict[str, int]] = None) -> Tuple[Da
         )
     raw = []
     for stem, path in images.items():
-        image, label = read_image(path), read_label(masks[stem])
+        (image, scale), label = read_case([path]), read_label(masks[stem])
         _check_pair(image, label, path, masks[stem])
-        raw.append((stem, image, label, masks[stem]))
+        raw.append((Case(stem, image, None, scale, path), label, masks[stem]))
     if labels:
         items = sorted(labels.items(), key=lambda kv: kv[1])
     else:
-        counts: Dict[int, int] = {}
-        for _, _, label, _ in raw:
-            found, n = np.unique(label, return_counts=True)
-            for value, count in zip(found.tolist(), n.tolist()):
-                counts[value] = counts.get(value, 0) + count
-        items = [("background" if v == 0 else f"class_{v}", v) for v in sorted(counts)]
-        logger.info(
-            "data.labels is not set: the masks in %s hold the values %s (pixels), which become the classes %s; "
-            "set data.labels (name: value) to fix the classes and refuse stray values",
-            os.path.join(root, "masks"), ", ".join(f"{v}: {counts[v]}" for v in sorted(counts)), [k for k, _ in items],
-        )
+        items = labels_from_masks([(label, mpath) for _, label, mpath in raw], os.path.join(root, "masks"))
     info = DatasetInfo(
         name=os.path.basename(os.path.normpath(root)),
         label_names=[k for k, _ in items],
         label_values=[v for _, v in items],
-        num_channels=raw[0][1].shape[0],
+        num_channels=raw[0][0].image.shape[0],
         file_ending=".png",
     )
-    cases = [Case(stem, image, info.to_indices(label, mpath)) for stem, image, label, mpath in raw]
-    _set_channels(info, cases, os.path.join(root, "images"))
+    cases = []
+    for case, label, mpath in raw:
+        case.label = info.to_indices(label, mpath)
+        cases.append(case)
+    _check_channels(cases, os.path.join(root, "images"))
     return info, cases
+
+
+def labels_from_masks(masks: Sequence[Tuple[np.ndarray, str]], folder: str) -> List[Tuple[str, int]]:
+    """``[(name, value)]`` classes from the values found in ``masks`` (``(label, file)`` pairs), when
+    ``data.labels`` is not set. Only values that look like a label map are taken: 0..K-1 with
+    K <= :data:`MAX_AUTO_CLASSES`, or a binary 0/v mask; anything else (a JPEG-damaged or grayscale mask, a
+    stray value) is a ValueError that lists the values and asks for ``data.labels``."""
+    counts: Dict[int, int] = {}
+    where: Dict[int, str] = {}
+    for label, path in masks:
+        found, n = np.unique(label, return_counts=True)
+        for value, count in zip(found.tolist(), n.tolist()):
+            counts[value] = counts.get(value, 0) + count
+            where.setdefault(value, path)
+    values = sorted(counts)
+    listed = ", ".join(f"{v}: {counts[v]}" for v in values[:12]) + (", ..." if len(values) > 12 else "")
+    consecutive = values == list(range(len(values))) and len(values) <= MAX_AUTO_CLASSES
+    binary = len(values) == 2 and values[0] == 0
+    if not (consecutive or binary):
+        odd = next((v for i, v in enumerate(values) if v != i), values[-1])
+        raise ValueError(
+            f"data.labels is not set and the masks in {folder!r} hold {len(values)} values ({listed} pixels) that "
+            f"do not look like a label map (0..K-1 for up to {MAX_AUTO_CLASSES} classes, or a binary 0/v mask): "
+            f"e.g. {odd} in {where[odd]!r}. Set data.labels (name: value) to the classes you mean, e.g. "
+            f"{{background: 0, lesion: 1}}; values outside it are then reported by file"
+        )
+    items = [("background" if v == 0 else f"class_{v}", v) for v in values]
+    logger.info(
+        "data.labels is not set: the masks in %s hold the values %s (pixels), which become the classes %s; "
+        "set data.labels (name: value) to fix the classes and refuse stray values",
+        folder, listed, [k for k, _ in items],
+    )
+    return items
+
+
+def absent_classes(info: DatasetInfo, cases: Sequence[Case]) -> List[int]:
+    """Indices of the classes that no label of ``cases`` contains."""
+    present = set()
+    for case in cases:
+        if case.label is not None:
+            present.update(np.unique(case.label).tolist())
+    return [i for i in range(info.num_classes) if i not in present]
 
 
 # ---------------------------------------------------------------------------- folds
@@ -272,8 +324,9 @@ def fold_case_ids(
     if splits_file and required and not os.path.isfile(splits_file):
         raise FileNotFoundError(f"data.splits_file {splits_file!r} does not exist")
     if splits_file and os.path.isfile(splits_file):
-        with open(splits_file, encoding="utf-8") as f:
-            splits = json.load(f)
+        splits = read_json(splits_file)
+        if not isinstance(splits, list) or not all(isinstance(s, dict) and {"train", "val"} <= set(s) for s in splits):
+            raise ValueError(f"{splits_file} must be a JSON list of {{\"train\": [...], \"val\": [...]}} folds (nnU-Net's splits_final.json)")
         known = set(case_ids)
         unknown = sorted({c for s in splits for part in ("train", "val") for c in s[part]} - known)
         if unknown:

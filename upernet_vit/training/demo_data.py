@@ -65,7 +65,17 @@ def demo_case(seed: int, size: int = 96, max_shapes: int = 4) -> Tuple[np.ndarra
 
 
 def demo_cases(num_cases: int, size: int = 96, seed: int = 0) -> List[Case]:
-    return [Case(f"demo_{i:03d}", *demo_case(seed * 100003 + i, size)) for i in range(num_cases)]
+    """The demo cases as :func:`write_demo_dataset` stores them: 8-bit pixel values 0..255, so a model
+    trained on ``data.format: demo`` predicts the written PNGs as it predicts these."""
+    cases = []
+    for i in range(num_cases):
+        image, label = demo_case(seed * 100003 + i, size)
+        cases.append(Case(f"demo_{i:03d}", _to_8bit(image).astype(np.float32), label, 255.0, f"demo_{i:03d}"))
+    return cases
+
+
+def _to_8bit(image: np.ndarray) -> np.ndarray:
+    return np.round(image * 255).astype(np.int64)
 
 
 def write_demo_dataset(root: str, num_train: int = 48, num_test: int = 8, size: int = 96, seed: int = 0) -> str:
@@ -76,7 +86,7 @@ def write_demo_dataset(root: str, num_train: int = 48, num_test: int = 8, size: 
         for i in range(first, first + count):
             image, label = demo_case(seed * 100003 + i, size)
             case = f"demo_{i:03d}"
-            write_label_png(os.path.join(root, f"images{split}", f"{case}_0000.png"), np.round(image[0] * 255).astype(np.int64))
+            write_label_png(os.path.join(root, f"images{split}", f"{case}_0000.png"), _to_8bit(image[0]))
             write_label_png(os.path.join(root, f"labels{split}", f"{case}.png"), label)
     meta = {
         "channel_names": {"0": "gray"},

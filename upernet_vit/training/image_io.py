@@ -1,5 +1,8 @@
-"""Reading images and label maps (PNG, TIFF 8/16-bit, BMP, JPEG) and writing label PNGs."""
+"""Reading images (PNG, TIFF 8/16-bit or float, BMP, JPEG) and label maps (lossless files only), and
+writing label PNGs."""
 from __future__ import annotations
+
+from typing import Tuple
 
 import numpy as np
 from PIL import Image
@@ -7,6 +10,8 @@ from PIL import Image
 from ..fileio import atomic_write
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".bmp", ".jpg", ".jpeg")
+# compression changes pixel values: a 0/255 mask saved as JPEG holds every value in between
+LOSSY_SUFFIXES = (".jpg", ".jpeg")
 
 
 def _open(path: str) -> Image.Image:
@@ -24,28 +29,27 @@ def _is_gray_palette(img: Image.Image) -> bool:
 
 
 def read_image(path: str) -> np.ndarray:
-    """``[C, H, W]`` float32. Integer images are scaled to [0, 1]: 8-bit /255, 16-bit /65535, 32-bit
-    integer (Pillow mode ``I``) /65535 when its values fit 16 bits, else /(2^31 - 1). Float images
-    (mode ``F``) are kept as stored (use ``normalization: zscore`` for them) and must be finite: a NaN or
-    infinite pixel is a ValueError naming the file. RGB stays in one file
-    (C = 3); an alpha channel is dropped; palette images give their colours (1 channel if all gray)."""
+    """``[C, H, W]`` float32 pixel values as stored in the file (see :func:`read_image_and_kind`)."""
+    return read_image_and_kind(path)[0]
+
+
+def read_image_and_kind(path: str) -> Tuple[np.ndarray, bool]:
+    """``([C, H, W] float32, integer)``: the pixel values as stored, whatever the file type (8-bit 200,
+    16-bit 200 and float 200.0 all give 200.0; the intensity rule in :mod:`.intensity` maps them to the
+    backbone's range), and whether the file holds integers. Float images must be finite: a NaN or
+    infinite pixel is a ValueError naming the file. RGB stays in one file (C = 3); an alpha channel is
+    dropped; palette images give their colours (1 channel if all gray); 1-bit images are 0/255."""
     img = _open(path)
     if img.mode == "P":
         img = img.convert("L" if _is_gray_palette(img) else "RGB")
     elif img.mode in ("RGBA", "CMYK", "YCbCr"):
         img = img.convert("RGB")
-    elif img.mode == "LA":
+    elif img.mode in ("LA", "1"):
         img = img.convert("L")
     arr = np.asarray(img)
-    if arr.dtype == np.uint8:
-        arr = arr.astype(np.float32) / 255.0
-    elif arr.dtype.kind == "u" and arr.dtype.itemsize == 2 or img.mode.startswith("I;16"):
-        arr = arr.astype(np.float32) / 65535.0
-    elif arr.dtype.kind in "iu":
-        scale = 65535.0 if arr.size == 0 or (arr.min() >= 0 and arr.max() <= 65535) else float(2**31 - 1)
-        arr = arr.astype(np.float32) / scale
-    else:
-        arr = arr.astype(np.float32)
+    integer = arr.dtype.kind in "iub"
+    arr = arr.astype(np.float32)
+    if not integer:
         bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
         if bad:  # one NaN pixel makes every logit of the image NaN: refuse it here, naming the file
             raise ValueError(
@@ -56,11 +60,18 @@ def read_image(path: str) -> np.ndarray:
         arr = arr[None]
     else:
         arr = np.ascontiguousarray(arr.transpose(2, 0, 1))
-    return arr
+    return arr, integer
 
 
 def read_label(path: str) -> np.ndarray:
-    """``[H, W]`` int64 label values as stored (palette PNGs give their indices)."""
+    """``[H, W]`` int64 label values as stored (palette PNGs give their indices). A lossy file (JPEG) is
+    a ValueError naming it: its values are not the labels that were saved."""
+    if path.lower().endswith(LOSSY_SUFFIXES):
+        raise ValueError(
+            f"label file {path!r} is a JPEG, a lossy format: compression changes its values (a 0/255 mask "
+            f"comes back with every value from 0 to 255), so its labels cannot be trusted; save the masks as "
+            f"PNG or TIFF from the original label maps"
+        )
     img = _open(path)
     arr = np.asarray(img)
     if arr.ndim == 3 and img.mode in ("RGBA", "LA"):

@@ -28,12 +28,16 @@ def dice_iou(counts: torch.Tensor) -> Dict[str, np.ndarray]:
     return {"dice": dice, "iou": iou}
 
 
-def summarize(counts: torch.Tensor, label_names: Sequence[str]) -> Dict[str, float]:
-    """Flat metric dict: ``dice_mean`` (foreground mean), ``iou_mean``, ``dice_<name>``, ``iou_<name>``."""
+def summarize(counts: torch.Tensor, label_names: Sequence[str], exclude: Sequence[int] = ()) -> Dict[str, float]:
+    """Flat metric dict: ``dice_mean`` (foreground mean), ``iou_mean``, ``dice_<name>``, ``iou_<name>``.
+
+    The means skip NaN classes (absent from prediction and truth, as nnU-Net's ``nanmean``) and the class
+    indices in ``exclude`` (classes no training mask contains: reported, never learnable)."""
     scores = dice_iou(counts)
     out: Dict[str, float] = {}
-    fg_dice: List[float] = [d for d in scores["dice"][1:] if not np.isnan(d)]
-    fg_iou: List[float] = [d for d in scores["iou"][1:] if not np.isnan(d)]
+    scored = [i for i in range(1, len(label_names)) if i not in set(exclude)]
+    fg_dice: List[float] = [scores["dice"][i] for i in scored if not np.isnan(scores["dice"][i])]
+    fg_iou: List[float] = [scores["iou"][i] for i in scored if not np.isnan(scores["iou"][i])]
     out["dice_mean"] = float(np.mean(fg_dice)) if fg_dice else float("nan")
     out["iou_mean"] = float(np.mean(fg_iou)) if fg_iou else float("nan")
     for name, d, j in zip(label_names, scores["dice"], scores["iou"]):

@@ -7,25 +7,27 @@ import os
 import re
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Dict, List, Mapping, Optional, Sequence, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
-from ..fileio import atomic_write
+from ..fileio import atomic_write, read_json, write_text
 from ..model import UperNetViT
-from ..pretrained import WEIGHTS_NAME
+from ..pretrained import PREPROCESSING_NAME, WEIGHTS_NAME
 from .augment import Normalizer
-from .checkpoints import run_checkpoint
-from .data import IGNORE_INDEX
+from .checkpoints import BEST, best_checkpoint, latest_checkpoint, run_checkpoint
+from .data import IGNORE_INDEX, read_case_image
+from .distributed import resolve_device
 from .image_io import IMAGE_SUFFIXES, read_image, read_label, write_label_png
-from .data import read_case_image
-from .inference import amp_dtype, check_scales, tta_probabilities
+from .inference import amp_dtype, check_scales, check_step, tta_probabilities, window_count
+from .intensity import check_input_range
 from .metrics import confusion_counts, dice_iou
-from .trainer import PREPROCESSING_NAME
 
 logger = logging.getLogger(__name__)
 
+# the record, in an output folder, of the files predict wrote there: only those may be replaced
+MANIFEST_NAME = "predictions.json"
 
 
 def predict_fast_paths(device: torch.device) -> Dict[str, bool]:
@@ -38,8 +40,15 @@ def predict_fast_paths(device: torch.device) -> Dict[str, bool]:
 def resolve_model_dir(path: str, checkpoint: str = "final") -> str:
     """A ``save_pretrained`` folder as it is, or a run folder's checkpoint by ``checkpoint``: ``final`` (the
     last epoch of a finished run, the default, as nnU-Net), ``best`` (the EMA-Dice pick; a crash-stale
-    ``checkpoint_best`` is skipped) or ``latest`` (see :func:`~upernet_vit.training.checkpoints.run_checkpoint`)."""
+    ``checkpoint_best`` is skipped) or ``latest`` (see :func:`~upernet_vit.training.checkpoints.run_checkpoint`).
+    A run's ``checkpoint_best`` given directly is held against the run's record in the same way."""
     if os.path.isfile(os.path.join(path, WEIGHTS_NAME)):
+        run_dir, name = os.path.split(os.path.normpath(path))
+        if name == BEST and latest_checkpoint(run_dir):
+            holder = best_checkpoint(run_dir)
+            if holder is not None and os.path.normpath(holder) != os.path.normpath(path):
+                logger.warning("using %s, which holds the run's best epoch, instead of %s", holder, path)
+                return holder
         return path
     candidate = run_checkpoint(path, checkpoint) if os.path.isdir(path) else None
     if candidate is not None and os.path.isfile(os.path.join(candidate, WEIGHTS_NAME)):
@@ -61,8 +70,14 @@ def _input_files(path: str) -> List[str]:
 
 
 def group_input_files(path: str, in_chans: int) -> Dict[str, List[str]]:
-    """``{case_id: channel files}`` for a model with ``in_chans`` input channels, after reading every file
-    once, so that an unreadable, non-finite or wrong-channel input fails before anything is written.
+    """``{case_id: channel files}`` of :func:`read_inputs`."""
+    return read_inputs(path, in_chans)[0]
+
+
+def read_inputs(path: str, in_chans: int) -> Tuple[Dict[str, List[str]], Dict[str, Tuple[int, int, float, float]]]:
+    """``({case_id: channel files}, {file: (height, width, min, max)})`` for a model with ``in_chans`` input
+    channels, after reading every file once, so that an unreadable, non-finite or wrong-channel input fails
+    before anything is written.
 
     A case's id comes from its own file name only: a file with fewer channels than ``in_chans`` named
     ``<case>_XXXX`` is channel XXXX of ``<case>`` (nnU-Net's imagesTs naming, numbered from 0000); a file
@@ -72,7 +87,11 @@ def group_input_files(path: str, in_chans: int) -> Dict[str, List[str]]:
     from tqdm.auto import tqdm
 
     files = _input_files(path)
-    shapes = {f: read_image(f).shape for f in tqdm(files, desc="check inputs", unit="file", disable=None, leave=False)}
+    shapes, stats = {}, {}
+    for f in tqdm(files, desc="check inputs", unit="file", disable=None, leave=False):
+        image = read_image(f)
+        shapes[f] = image.shape
+        stats[f] = (image.shape[1], image.shape[2], float(image.min()), float(image.max()))
     channels = {f: shape[0] for f, shape in shapes.items()}
     cases: Dict[str, List[tuple]] = {}
     for f in files:
@@ -99,17 +118,53 @@ def group_input_files(path: str, in_chans: int) -> Dict[str, List[str]]:
             )
         if len({shapes[f][1:] for _, f in entries}) > 1:
             raise ValueError(f"--input channel files {names} of case {case!r} differ in size")
-    return {case: [f for _, f in sorted(entries)] for case, entries in sorted(cases.items())}
+    return {case: [f for _, f in sorted(entries)] for case, entries in sorted(cases.items())}, stats
 
 
 def read_preprocessing(model_dir: str) -> Optional[Dict]:
-    """A trained model folder's ``preprocessing.json`` (mean/std, normalization, label values, patch size);
-    None for a bare ``save_pretrained`` folder."""
+    """A trained model folder's ``preprocessing.json`` (mean/std, normalization, intensity scale and range,
+    label values, patch size); None for a bare ``save_pretrained`` folder. A record without the keys predict
+    needs is a ValueError naming the file and the keys."""
     path = os.path.join(model_dir, PREPROCESSING_NAME)
     if not os.path.isfile(path):
         return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    prep = read_json(path)
+    missing = [k for k in ("mean", "std", "normalization", "label_values", "patch_size", "intensity_scale",
+                           "intensity_range") if not isinstance(prep, dict) or k not in prep]
+    if missing:
+        raise ValueError(
+            f"{path} lacks {', '.join(missing)} (written by an older upernet-vit, or edited); predict needs them "
+            f"to treat inputs as in training. Train the model again, or add them: intensity_scale is 255 for a "
+            f"model trained on 8-bit images, intensity_range the [min, max] of its training pixel values"
+        )
+    return prep
+
+
+def check_output_folder(input_path: str, output_dir: str, outputs: Sequence[str]) -> None:
+    """Refuse, before anything is written, an output folder that is the input, contains it or lies inside
+    it, and one that holds a file of ``outputs`` (names) that predict did not write there (its
+    ``predictions.json`` lists what it wrote): predict never replaces the user's files."""
+    inp, out = os.path.realpath(input_path), os.path.realpath(output_dir)
+    if out == inp or inp.startswith(out.rstrip(os.sep) + os.sep) or (
+            os.path.isdir(inp) and out.startswith(inp.rstrip(os.sep) + os.sep)):
+        where = "is" if out == inp else ("contains" if inp.startswith(out) else "lies inside")
+        raise ValueError(
+            f"--output {output_dir!r} {where} the --input {input_path!r}: predict would write masks among the "
+            f"images; choose an output folder apart from the input"
+        )
+    ours = set(_manifest(output_dir).get("files", []))
+    foreign = [n for n in outputs if n not in ours and os.path.lexists(os.path.join(output_dir, n))]
+    if foreign:
+        raise ValueError(
+            f"--output {output_dir!r} already holds {foreign[0]!r} ({len(foreign)} such) that predict did not "
+            f"write (it is not in {MANIFEST_NAME}): predict never replaces files it did not create (is this a "
+            f"ground-truth or image folder?); choose an empty or new output folder"
+        )
+
+
+def _manifest(output_dir: str) -> Dict:
+    path = os.path.join(output_dir, MANIFEST_NAME)
+    return read_json(path) if os.path.isfile(path) else {}
 
 
 @dataclass
@@ -121,6 +176,7 @@ class _Member:
     normalizer: Normalizer
     label_values: List[int]
     patch_size: Optional[List[int]]
+    intensity_range: List[float]
 
 
 def _load_member(model_path: str, checkpoint: str, device: torch.device,
@@ -132,13 +188,15 @@ def _load_member(model_path: str, checkpoint: str, device: torch.device,
 
         optimize(model, **{**predict_fast_paths(device), **fast})
     prep = read_preprocessing(folder)
-    if prep is None:  # a bare save_pretrained folder: the backbone's stats, labels 0..K-1, whole images
-        logger.warning("%s not found: using the backbone's mean/std, labels 0..K-1 and whole-image inference",
-                       os.path.join(folder, PREPROCESSING_NAME))
+    if prep is None:  # a bare save_pretrained folder: 8-bit inputs, the backbone's stats, labels 0..K-1
+        logger.warning("%s not found: taking 8-bit inputs (values / 255, then the backbone's mean/std), labels "
+                       "0..K-1 and whole-image inference", os.path.join(folder, PREPROCESSING_NAME))
         prep = {"mean": list(model.mean), "std": list(model.std), "normalization": "preset",
-                "label_values": list(range(model.num_classes)), "patch_size": None}
-    normalizer = Normalizer(prep["mean"], prep["std"], prep["normalization"])
-    return _Member(folder, model, normalizer, list(prep["label_values"]), prep["patch_size"])
+                "label_values": list(range(model.num_classes)), "patch_size": None, "intensity_scale": 255.0,
+                "intensity_range": [0.0, 255.0]}
+    normalizer = Normalizer(prep["mean"], prep["std"], prep["normalization"], prep["intensity_scale"])
+    return _Member(folder, model, normalizer, list(prep["label_values"]), prep["patch_size"],
+                   list(prep["intensity_range"]))
 
 
 def predict(
@@ -169,9 +227,10 @@ def predict(
     paths = [model_path] if isinstance(model_path, (str, os.PathLike)) else list(model_path)
     if not paths:
         raise ValueError("predict: give at least one --model")
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    dev = resolve_device(device, option="--device")
     autocast_dtype = amp_dtype(amp, dev)
     check_scales(scales)
+    check_step(step)
     members = [_load_member(os.fspath(p), checkpoint, dev, fast) for p in paths]
     first = members[0]
     for other in members[1:]:
@@ -184,24 +243,46 @@ def predict(
     values = np.asarray(first.label_values, dtype=np.int64)
     # reads every input once, so all input errors come before any output; the images are read again below
     # rather than kept, since a test set need not fit in memory
-    cases = group_input_files(input_path, first.model.in_chans)
+    cases, stats = read_inputs(input_path, first.model.in_chans)
+    for m in members:
+        check_input_range({f: s[2:] for f, s in stats.items()}, m.normalizer.mode, m.normalizer.scale,
+                          m.intensity_range, os.path.join(m.folder, PREPROCESSING_NAME))
+    outputs = {c: [f"{c}.png"] + ([f"{c}_probs.npz"] if save_probabilities else []) for c in cases}
+    check_output_folder(input_path, output_dir, [n for names in outputs.values() for n in names])
+    tiles = {c: sum(window_count(*stats[files[0]][:2], m.patch_size, scales, step) for m in members)
+             for c, files in cases.items()}
+    logger.info("predicting %d case(s): %d windows of the model%s", len(cases), sum(tiles.values()),
+                " (x4 with --mirror)" if mirror else "")
     os.makedirs(output_dir, exist_ok=True)
+    _record_outputs(output_dir, [n for names in outputs.values() for n in names], {
+        "models": [m.folder for m in members], "step": step, "scales": list(scales), "mirror": mirror})
     written = []
-    for case_id, files in tqdm(cases.items(), desc="predict", unit="case", disable=None):
-        image = torch.from_numpy(read_case_image(files))
-        probs = sum(
-            tta_probabilities(m.model, m.normalizer(image).to(dev), m.patch_size, scales, step, mirror, autocast_dtype)
-            for m in members
-        ) / len(members)
-        out = os.path.join(output_dir, f"{case_id}.png")
-        write_label_png(out, values[probs.argmax(0).cpu().numpy()])
-        if save_probabilities:
-            array = probs.cpu().numpy().astype(np.float16)
-            atomic_write(os.path.join(output_dir, f"{case_id}_probs.npz"),
-                         lambda p: _save_npz(p, probabilities=array))
-        written.append(out)
+    with tqdm(total=sum(tiles.values()), desc="predict", unit="window", disable=None) as bar:
+        for case_id, files in cases.items():
+            bar.set_postfix(case=case_id)
+            image = torch.from_numpy(read_case_image(files))
+            probs = sum(
+                tta_probabilities(m.model, m.normalizer(image).to(dev), m.patch_size, scales, step, mirror,
+                                  autocast_dtype, progress=bar.update)
+                for m in members
+            ) / len(members)
+            out = os.path.join(output_dir, outputs[case_id][0])
+            write_label_png(out, values[probs.argmax(0).cpu().numpy()])
+            if save_probabilities:
+                array = probs.cpu().numpy().astype(np.float16)
+                atomic_write(os.path.join(output_dir, outputs[case_id][1]),
+                             lambda p: _save_npz(p, probabilities=array))
+            written.append(out)
     logger.info("wrote %d masks to %s", len(written), output_dir)
     return written
+
+
+def _record_outputs(output_dir: str, names: Sequence[str], settings: Dict) -> None:
+    """Add ``names`` to the output folder's ``predictions.json`` before they are written (a crash leaves
+    them listed, so the next run may replace them)."""
+    files = sorted(set(_manifest(output_dir).get("files", [])) | set(names))
+    text = json.dumps({"written_by": "upernet-vit predict", **settings, "files": files}, indent=1)
+    atomic_write(os.path.join(output_dir, MANIFEST_NAME), lambda p: write_text(p, text))
 
 
 def _save_npz(path: str, **arrays: np.ndarray) -> None:

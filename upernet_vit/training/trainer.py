@@ -29,9 +29,10 @@ from .checkpoints import (
     BEST, LATEST, STATE_NAME, RunLock, copy_checkpoint, latest_checkpoint, recover_run_folder, repair_best,
     write_folder_atomically,
 )
-from .data import Case, DatasetInfo, fold_case_ids, load_folders, load_nnunet_raw
+from .data import Case, DatasetInfo, absent_classes, fold_case_ids, load_folders, load_nnunet_raw
 from .demo_data import demo_cases, demo_info
-from .distributed import all_reduce_sum, barrier, cleanup, init_distributed
+from .distributed import all_reduce_sum, barrier, cleanup, init_distributed, resolve_device
+from .intensity import choose_intensity_scale, value_range
 from .inference import amp_dtype, tta_probabilities
 from .loggers import RunLogger, create_logger
 from .losses import DiceCELoss, inverse_frequency_weights, segmentation_loss
@@ -40,7 +41,6 @@ from .optim import build_optimizer, build_scheduler
 
 logger = logging.getLogger(__name__)
 
-PREPROCESSING_NAME = "preprocessing.json"
 # upernet_vit.fast.optimize flags for training, chosen by measurement (README, Performance): recomputing
 # the upsampled levels saves memory on any device at no measured cost; channels_last made the head's
 # training step 1.46x slower on an AMD EPYC; Winograd helps on some CPUs and hurts on others (opt-in:
@@ -54,10 +54,14 @@ class PreparedData:
     train_cases: List[Case]
     val_cases: List[Case]
     splits: List[Dict[str, List[str]]]
+    intensity_scale: float  # pixel values / this -> [0, 1] for the preset normalization (training/intensity.py)
+    intensity_range: List[float]  # [min, max] pixel value of the dataset's images
+    absent: List[int]  # class indices that no training mask contains (left out of the mean Dice)
 
 
 def prepare_data(cfg: DataConfig) -> PreparedData:
-    """Load and check the dataset and pick the fold's cases. Every data error surfaces here."""
+    """Load and check the dataset, pick the fold's cases and the intensity scale. Every data error
+    surfaces here; a declared class that no training mask contains is a warning."""
     if cfg.format == "demo":  # the same images whatever train.seed is
         info, cases = demo_info(), demo_cases(cfg.demo_cases, cfg.demo_image_size)
         splits_file = None
@@ -76,7 +80,19 @@ def prepare_data(cfg: DataConfig) -> PreparedData:
         [c.case_id for c in cases], fold, splits_file, cfg.num_folds, required=bool(cfg.splits_file)
     )
     by_id = {c.case_id: c for c in cases}
-    return PreparedData(info, [by_id[i] for i in train_ids], [by_id[i] for i in val_ids], splits)
+    train_cases = [by_id[i] for i in train_ids]
+    scale = choose_intensity_scale({c.source or c.case_id: c.full_scale for c in cases}, cfg.normalization,
+                                   cfg.intensity_scale)
+    absent = absent_classes(info, train_cases)
+    if absent:
+        logger.warning(
+            "class(es) %s are declared (%s) but no training mask of fold %s contains them: the model cannot "
+            "learn them, and they are left out of the mean validation Dice",
+            ", ".join(f"{info.label_names[i]!r} (value {info.label_values[i]})" for i in absent),
+            "data.labels" if cfg.labels else ("dataset.json" if cfg.format == "nnunet" else "the dataset"), fold,
+        )
+    low, high = value_range([c.image for c in cases])
+    return PreparedData(info, train_cases, [by_id[i] for i in val_ids], splits, scale, [low, high], absent)
 
 
 # keys that may differ between a run and its --resume (they do not change what is computed)
@@ -95,17 +111,6 @@ def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
 
 class TrainingDiverged(RuntimeError):
     """The loss or the gradient norm became NaN or infinite; the run stops and saves nothing more."""
-
-
-def resolve_device(name: str, local_rank: Optional[int] = None) -> torch.device:
-    """``auto``/``cpu``/``cuda``/``cuda:N``; under DDP (``local_rank`` given) each process takes GPU ``local_rank``."""
-    device = torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"train.device is {name!r} but CUDA is not available; use 'cpu' or 'auto'")
-        index = local_rank if local_rank is not None else (device.index or 0)
-        return torch.device(f"cuda:{index}")
-    return device
 
 
 def _write_json(path: str, data: Any) -> None:
@@ -160,7 +165,9 @@ class Trainer:
         if config.model.decoder.norm == "batchnorm" and self.dist.enabled and self.device.type == "cuda":
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.model.to(self.device)
-        self.normalizer = Normalizer(self.model.mean, self.model.std, config.data.normalization)
+        self.normalizer = Normalizer(self.model.mean, self.model.std, config.data.normalization,
+                                     self.data.intensity_scale)
+        self.model.preprocessing = self._preprocessing()  # save_pretrained writes it with the weights
 
         self.optimizer = build_optimizer(self.model, tcfg, self.model.backbone.depth)
         self.scheduler = build_scheduler(self.optimizer, tcfg)
@@ -252,6 +259,8 @@ class Trainer:
             "normalization": self.cfg.data.normalization,
             "mean": list(self.normalizer.mean.flatten().tolist()),
             "std": list(self.normalizer.std.flatten().tolist()),
+            "intensity_scale": self.data.intensity_scale,
+            "intensity_range": self.data.intensity_range,
             "patch_size": self.patch_size,
         }
 
@@ -284,9 +293,8 @@ class Trainer:
         }
 
         def write(folder: str) -> None:
-            self.model.save_pretrained(folder)
+            self.model.save_pretrained(folder)  # with preprocessing.json
             save_torch(state, os.path.join(folder, STATE_NAME))
-            _write_json(os.path.join(folder, PREPROCESSING_NAME), self._preprocessing())
 
         write_folder_atomically(os.path.join(self.output_dir, name), write)
 
@@ -328,6 +336,8 @@ class Trainer:
         ))
         if self.dist.is_main:
             repair_best(self.output_dir, self.best_epoch, self.start_epoch)
+            if self.history:  # a kill between the checkpoint and metrics.csv left the csv a row behind
+                self._write_metrics()
         logger.info("resumed %s at epoch %d", path, self.start_epoch)
 
     def _write_metrics(self) -> None:
@@ -483,7 +493,7 @@ class Trainer:
                 save_overlay(case.image, case.label, pred.numpy(), info.num_classes, path, title=case.case_id)
                 self.overlay_paths.append(path)
         counts = all_reduce_sum(counts, self.dist)
-        return summarize(counts, info.label_names)
+        return summarize(counts, info.label_names, exclude=self.data.absent)
 
     def run(self) -> List[Dict[str, float]]:
         """Train from ``start_epoch`` to ``num_epochs``; returns the per-epoch history."""
@@ -520,12 +530,14 @@ class Trainer:
                     self.best_ema, self.best_epoch = float(self.ema), epoch + 1
                 self._check_weights_finite(epoch + 1)
                 if self.dist.is_main:
-                    self._write_metrics()
                     # the state records best_epoch before checkpoint_best is written: a crash in between
-                    # is repaired at --resume (checkpoints.repair_best)
+                    # is repaired at --resume (checkpoints.repair_best); metrics.csv comes after the
+                    # checkpoint, so it never shows an epoch that no checkpoint holds (a crash before it is
+                    # mended at --resume from the checkpoint's history)
                     self._save_checkpoint(LATEST, epoch + 1)
                     if improved:
                         copy_checkpoint(os.path.join(self.output_dir, LATEST), os.path.join(self.output_dir, BEST))
+                    self._write_metrics()
                     self._log_to_run_logger(epoch + 1, row)
                     logger.info(
                         "epoch %d/%d  train_loss %.4f  val_loss %.4f  val_dice %.4f  ema_dice %.4f%s  lr %.2e  %.1f s",

@@ -1,0 +1,211 @@
+"""predict and export never give a wrong or partial result with exit 0 (issue 16): flags in range, a best
+checkpoint that exists, outputs apart from the inputs, one-line errors, progress on large images."""
+import os
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from upernet_vit.training.checkpoints import checkpoint_epoch
+from upernet_vit.training.trainer import Trainer
+from helpers import tiny_model, tiny_train_config
+
+
+def _gray(path, value=100, size=(20, 24)):
+    Image.fromarray(np.full(size, value, dtype=np.uint8)).save(path)
+
+
+def _one_error_line(err: str, command: str) -> str:
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err and lines[-1].startswith(f"upernet-vit {command}: error: "), err
+    return lines[-1]
+
+
+@pytest.fixture(scope="module")
+def bare_model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("model") / "m"
+    tiny_model(in_chans=1, num_classes=2).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture
+def images(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("a", "b"):
+        _gray(folder / f"{name}.png")
+    return folder
+
+
+# ---------------------------------------------------------------------------- flags
+@pytest.mark.parametrize("step,why", [("2", r"--step 2.0: .*in \[0.1, 1\]"), ("0", r"--step 0.0"), ("-0.5", r"--step -0.5"),
+                                      ("nan", r"--step nan"), ("0.01", r"--step 0.01: .*over 100 times")])
+def test_steps_outside_0_1_or_exploding_the_tile_count_are_refused(tmp_path, bare_model, images, capsys, step, why):
+    """Issue 16: --step 2 left 59% of the pixels unpredicted (exit 0); 0 and negative steps crashed."""
+    from upernet_vit.cli import main
+
+    out = tmp_path / "out"
+    assert main(["predict", "--model", bare_model, "--input", str(images), "--output", str(out), "--step", step]) == 2
+    assert re.search(why, _one_error_line(capsys.readouterr().err, "predict"))
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("scales", [["100"], ["0.1"], ["1", "inf"]])
+def test_scales_outside_a_quarter_to_four_are_refused(tmp_path, bare_model, images, capsys, scales):
+    from upernet_vit.cli import main
+
+    out = tmp_path / "out"
+    assert main(["predict", "--model", bare_model, "--input", str(images), "--output", str(out), "--scales", *scales]) == 2
+    assert "give one or more factors in [0.25, 4]" in _one_error_line(capsys.readouterr().err, "predict")
+    assert not out.exists()
+
+
+def test_predict_on_a_device_this_machine_lacks_is_one_line(tmp_path, bare_model, images, capsys):
+    import torch
+
+    from upernet_vit.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("this check needs a machine without CUDA; CI and this project's machines have none")
+    assert main(["predict", "--model", bare_model, "--input", str(images), "--output", str(tmp_path / "o"),
+                 "--device", "cuda"]) == 2
+    assert "--device is 'cuda' but this machine has no CUDA device" in _one_error_line(capsys.readouterr().err, "predict")
+    assert main(["predict", "--model", bare_model, "--input", str(images), "--output", str(tmp_path / "o"),
+                 "--device", "gpu"]) == 2
+    assert "--device 'gpu' is not a device" in _one_error_line(capsys.readouterr().err, "predict")
+
+
+# ---------------------------------------------------------------------------- the output folder
+def test_an_output_folder_that_is_contains_or_lies_inside_the_input_is_refused(tmp_path, bare_model, images, capsys):
+    """Issue 16: --output equal to --input replaced the images with masks, exit 0."""
+    from upernet_vit.cli import main
+
+    before = {p.name: p.read_bytes() for p in images.iterdir()}
+    for output, where in ((images, "is"), (images / "masks", "lies inside"), (tmp_path, "contains")):
+        assert main(["predict", "--model", bare_model, "--input", str(images), "--output", str(output)]) == 2
+        assert f"{where} the --input" in _one_error_line(capsys.readouterr().err, "predict")
+    assert {p.name: p.read_bytes() for p in images.iterdir()} == before and not (images / "masks").exists()
+    assert main(["predict", "--model", bare_model, "--input", str(images / "a.png"), "--output", str(images)]) == 2
+    assert "contains the --input" in _one_error_line(capsys.readouterr().err, "predict")
+
+
+def test_predict_never_replaces_a_file_it_did_not_write(tmp_path, bare_model, images, capsys):
+    from upernet_vit.cli import main
+
+    truth = tmp_path / "ground_truth"
+    truth.mkdir()
+    _gray(truth / "a.png", 1)
+    assert main(["predict", "--model", bare_model, "--input", str(images), "--output", str(truth)]) == 2
+    line = _one_error_line(capsys.readouterr().err, "predict")
+    assert "already holds 'a.png' (1 such) that predict did not write" in line
+    assert sorted(os.listdir(truth)) == ["a.png"] and np.asarray(Image.open(truth / "a.png")).max() == 1
+    # its own outputs it may replace: a second run into the same folder works
+    out = tmp_path / "out"
+    for _ in range(2):
+        assert main(["predict", "--model", bare_model, "--input", str(images), "--output", str(out),
+                     "--probabilities"]) == 0
+    assert sorted(os.listdir(out)) == ["a.png", "a_probs.npz", "b.png", "b_probs.npz", "predictions.json"]
+
+
+def test_a_large_image_shows_progress_over_its_windows(tmp_path, monkeypatch):
+    """Issue 16: a 6000 x 6000 image predicted for 98 s without a sign of progress."""
+    import tqdm.auto
+
+    from upernet_vit.training.predict import predict
+
+    run = tmp_path / "run"
+    Trainer(tiny_train_config(train={"num_epochs": 1}), str(run)).run()
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    _gray(inputs / "big.png", size=(96, 128))
+    bars = []
+
+    class Recorder(tqdm.auto.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "disable": True})
+            self.done = 0
+            bars.append((kwargs, self))
+
+        def update(self, n=1):
+            self.done += n
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Recorder)
+    predict(str(run), str(inputs), str(tmp_path / "out"), device="cpu", step=0.5)
+    (kwargs, bar), = [(k, b) for k, b in bars if k.get("unit") == "window"]
+    # 32 px patches at step 0.5 over 96 x 128: 5 x 7 windows
+    assert kwargs["total"] == 35 and bar.done == 35
+
+
+# ---------------------------------------------------------------------------- best checkpoints
+class _StopAfterEpoch1(Trainer):
+    def train_epoch(self, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt  # as a user's Ctrl-C in epoch 2
+        return super().train_epoch(epoch)
+
+
+class _NaNDice(Trainer):
+    def validate(self, write_overlays=False):
+        scores = super().validate(write_overlays)
+        return {**scores, "dice_mean": float("nan")}
+
+
+def test_best_of_a_run_without_one_is_an_error_saying_why(tmp_path, capsys):
+    """Issue 16: --checkpoint best on a run with no best silently used checkpoint_latest."""
+    from upernet_vit.cli import main
+
+    stopped = tmp_path / "stopped"
+    with pytest.raises(KeyboardInterrupt):
+        _StopAfterEpoch1(tiny_train_config(train={"num_epochs": 3, "val_every": 5}), str(stopped)).run()
+    assert checkpoint_epoch(str(stopped / "checkpoint_latest")) == 1 and not (stopped / "checkpoint_best").exists()
+    images = tmp_path / "in"
+    images.mkdir()
+    _gray(images / "a.png")
+    for command in (["predict", "--model", str(stopped), "--input", str(images), "--output", str(tmp_path / "o")],
+                    ["export", str(stopped), "--output", str(tmp_path / "m.onnx"), "--no-check"]):
+        assert main(command + ["--checkpoint", "best"]) == 2
+        line = _one_error_line(capsys.readouterr().err, command[0])
+        assert "has no best checkpoint: it stopped at epoch 1 before its first validation (train.val_every 5" in line
+        assert "Use --checkpoint latest (epoch 1), or finish the run (train --resume) for final" in line
+    assert not (tmp_path / "o").exists() and not (tmp_path / "m.onnx").exists()
+
+    nan = tmp_path / "nan"
+    _NaNDice(tiny_train_config(train={"num_epochs": 2}), str(nan)).run()
+    assert not (nan / "checkpoint_best").exists()
+    assert main(["predict", "--model", str(nan), "--input", str(images), "--output", str(tmp_path / "o"),
+                 "--checkpoint", "best"]) == 2
+    line = _one_error_line(capsys.readouterr().err, "predict")
+    assert "its mean foreground validation Dice was never a number in 2 validation(s)" in line
+    assert "Use --checkpoint latest (epoch 2) or final" in line
+
+
+class _ImprovesEveryEpoch(Trainer):
+    def validate(self, write_overlays=False):
+        scores = super().validate(write_overlays)
+        return {**scores, "dice_mean": 0.1 * (len(self.history) + 1)}
+
+
+def test_a_stale_checkpoint_best_given_directly_is_redirected_to_the_best_epoch(tmp_path, monkeypatch, caplog):
+    import logging
+
+    from upernet_vit.training import trainer as trainer_module
+    from upernet_vit.training.predict import resolve_model_dir
+
+    real_copy = trainer_module.copy_checkpoint
+
+    def crash_on_the_second_best(source, final):
+        if checkpoint_epoch(source) == 2:
+            raise SystemExit("killed between checkpoint_latest and checkpoint_best")
+        real_copy(source, final)
+
+    monkeypatch.setattr(trainer_module, "copy_checkpoint", crash_on_the_second_best)
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit):
+        _ImprovesEveryEpoch(tiny_train_config(train={"num_epochs": 3}), str(run)).run()
+    assert checkpoint_epoch(str(run / "checkpoint_best")) == 1 and checkpoint_epoch(str(run / "checkpoint_latest")) == 2
+    with caplog.at_level(logging.WARNING):
+        assert resolve_model_dir(str(run / "checkpoint_best")) == str(run / "checkpoint_latest")
+    assert "holds epoch 1, not the best epoch 2" in caplog.text
+    assert resolve_model_dir(str(run), "best") == str(run / "checkpoint_latest")
+    assert resolve_model_dir(str(run / "checkpoint_latest")) == str(run / "checkpoint_latest")
