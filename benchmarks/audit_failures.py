@@ -481,11 +481,11 @@ def issue16(work, config, run_dir, case):
     os.makedirs(big)
     gray_png(os.path.join(big, "big.png"), size=(768, 768))
     command = " ".join(cli("predict", "--model", model_dir, "--input", big, "--output", os.path.join(work, "pred_big")))
-    shown = subprocess.run(["script", "-qec", command.replace("import sys; from upernet_vit.cli import main; "
+    shown = subprocess.run(["script", "-qec", "stty cols 120 rows 40; " + command.replace("import sys; from upernet_vit.cli import main; "
                                                               "sys.exit(main())", "'import sys; from upernet_vit.cli "
                                                               "import main; sys.exit(main())'"), "/dev/null"],
-                           cwd=work, capture_output=True, text=True)
-    bar = [line for line in shown.stdout.replace("\r", "\n").splitlines() if "window" in line or "case/s" in line]
+                           cwd=work, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    bar = [line for line in shown.stdout.replace("\r", "\n").splitlines() if "window/s" in line or "case/s" in line]
     case("16.E predict a 768 x 768 image on a terminal (32 px patches)", (shown.returncode, "", False),
          f"progress shown: {bar[-1].strip()[:70]!r}" if bar else "no progress within the image")
     kill = f"""
