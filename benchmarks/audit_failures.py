@@ -347,14 +347,14 @@ def issue16(work, config, run_dir, case):
     crash = f"""
         import os, sys
         from upernet_vit.config import load_config
-        from upernet_vit.training import trainer as t
+        from upernet_vit.training import checkpoints, trainer as t
         from upernet_vit.training.checkpoints import checkpoint_epoch
-        real = t.copy_checkpoint
+        real = checkpoints.copy_checkpoint
         def copy(source, final):
             if checkpoint_epoch(source) == 2:
                 os._exit(9)  # killed between checkpoint_latest and checkpoint_best
             real(source, final)
-        t.copy_checkpoint = copy
+        t.copy_checkpoint = checkpoints.copy_checkpoint = copy  # older trainers imported it by name
         class Better(t.Trainer):
             def validate(self, write_overlays=False):
                 return {{**super().validate(write_overlays), "dice_mean": 0.1 * (len(self.history) + 1)}}
@@ -490,13 +490,15 @@ def issue16(work, config, run_dir, case):
          f"progress shown: {bar[-1].strip()[:70]!r}" if bar else "no progress within the image")
     kill = f"""
         from upernet_vit.config import load_config
-        from upernet_vit.training.trainer import Trainer
-        class Killed(Trainer):
-            def _save_checkpoint(self, name, next_epoch):
-                if next_epoch == 2:
-                    raise SystemExit(9)  # killed before epoch 2's checkpoint
-                super()._save_checkpoint(name, next_epoch)
-        Killed(load_config({write_yaml!r}), {os.path.join(work, "run_order")!r}).run()
+        from upernet_vit.training import checkpoints, trainer as t
+        from upernet_vit.training.checkpoints import checkpoint_epoch
+        real = checkpoints.write_folder_atomically
+        def write(final, content):
+            if final.endswith("checkpoint_latest") and checkpoint_epoch(final) == 1:
+                raise SystemExit(9)  # killed while epoch 2's checkpoint is written
+            real(final, content)
+        t.write_folder_atomically = checkpoints.write_folder_atomically = write  # older trainers: by name
+        t.Trainer(load_config({write_yaml!r}), {os.path.join(work, "run_order")!r}).run()
     """
     run(python(kill), work)
     rows = len(open(os.path.join(work, "run_order", "metrics.csv")).read().strip().splitlines()) - 1

@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = UperNetViT(args.backbone, None, 4, decoder_channels=512).to(device).eval()
+    model = UperNetViT(args.backbone, None, 4, hidden_size=512).to(device).eval()
     print(f"{args.backbone}, batch {args.batch}, {device} ({device_name(device)}), torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
     print(f"{'input':>10s}  {'checked (s)':>11s}  {'unchecked (s)':>13s}  {'ratio':>6s}  {'check alone (ms)':>16s}")

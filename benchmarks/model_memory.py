@@ -7,8 +7,8 @@ Variants (same backbone and pyramid; the head's math is the same, BatchNorm as i
 values do not change memory, so each head keeps its own random init):
 - ``hf head``: the model with transformers' ``UperNetHead`` in place of ours
 - ``reference``: the model as built (resize, concat, conv)
-- ``train default``: after ``optimize(**TRAIN_FAST_PATHS)``, the fast paths ``upernet-vit train`` applies
-  (recompute_upsampled; no channels_last)
+- ``train default``: after ``optimize(model)`` in training mode, the fast paths ``upernet-vit train``
+  applies on the CPU (recompute_upsampled; no channels_last)
 - ``train default + winograd``: and Winograd 3x3 convs (CPU fp32; ``upernet-vit train --winograd``)
 - ``train default + checkpointing``: and ``gradient_checkpointing=True`` (timm ``set_grad_checkpointing``)
 - ``train default, layernorm``: our default decoder norm (not loadable into HF's head)
@@ -67,9 +67,7 @@ def one_step(args: argparse.Namespace) -> None:
         model.head = HFHead(HFUperNetHead(config, list(model.head.in_channels)))
     elif args.variant.startswith("train default"):
         from upernet_vit.fast import optimize
-        from upernet_vit.training.trainer import TRAIN_FAST_PATHS
-
-        optimize(model, **TRAIN_FAST_PATHS, winograd=args.variant.endswith("winograd"))
+        optimize(model.train(), winograd=args.variant.endswith("winograd"))
     x = torch.randn(args.batch, 3, args.image, args.image)
     before = _rss_mb()
     start = time.perf_counter()

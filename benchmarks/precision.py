@@ -27,7 +27,8 @@ from upernet_vit.config import load_config
 from upernet_vit.training.augment import Normalizer
 from upernet_vit.training.inference import sliding_window_logits
 from upernet_vit.training.metrics import confusion_counts, summarize
-from upernet_vit.training.trainer import Trainer, prepare_data
+from upernet_vit.training.prepare import prepare_data
+from upernet_vit.training.trainer import Trainer
 
 from timing import device_name, timed  # benchmarks/timing.py
 

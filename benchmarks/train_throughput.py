@@ -2,7 +2,8 @@
 
     python benchmarks/train_throughput.py configs/demo.yaml [--iterations 30] [--amp none,bf16] [--reference]
 
-The model gets the fast paths ``upernet-vit train`` applies (``TRAIN_FAST_PATHS``); ``--reference`` times
+The model gets the fast paths ``upernet-vit train`` applies (``optimize(model)`` in training mode on this
+device); ``--reference`` times
 the model as built.
 
 Prints one table row per AMP mode, with the fp32 row as the reference for the speed-up column.
@@ -17,13 +18,13 @@ import time
 import torch
 
 from upernet_vit.config import load_config
-from upernet_vit.training.augment import AugmentConfig, Normalizer, PatchDataset
+from upernet_vit.config import AugmentationConfig
+from upernet_vit.training.augment import Normalizer, PatchDataset
 from upernet_vit.training.demo_data import demo_cases
 from upernet_vit.training.losses import DiceCELoss
 from upernet_vit.training.optim import build_optimizer
 from upernet_vit import UperNetViT
 from upernet_vit.fast import optimize
-from upernet_vit.training.trainer import TRAIN_FAST_PATHS
 
 from timing import device_name  # benchmarks/timing.py
 
@@ -33,10 +34,10 @@ def run(config_path: str, iterations: int, amp: str, reference: bool = False) ->
     torch.manual_seed(0)
     model = UperNetViT.from_config(cfg, num_classes=4, in_chans=1)
     if not reference:
-        optimize(model, **TRAIN_FAST_PATHS)
+        optimize(model.train())
     data = cfg.data
     cases = demo_cases(16, data.demo_image_size)
-    ds = PatchDataset(cases, data.patch_size, Normalizer(model.mean, model.std), iterations * data.batch_size, 0, AugmentConfig())
+    ds = PatchDataset(cases, data.patch_size, Normalizer(model.mean, model.std), iterations * data.batch_size, 0, AugmentationConfig())
     batches = [
         (torch.stack([ds[i * data.batch_size + j][0] for j in range(data.batch_size)]),
          torch.stack([ds[i * data.batch_size + j][1] for j in range(data.batch_size)]))

@@ -1,7 +1,9 @@
 """Shared test helpers (imported as a plain module: pytest puts tests/ on sys.path)."""
 import json
 
+import numpy as np
 import torch
+from PIL import Image
 
 from upernet_vit import UperNetViT
 
@@ -34,7 +36,7 @@ def tiny_model(**overrides) -> UperNetViT:
         backbone="vit_small_patch16_224",
         num_classes=3,
         in_chans=3,
-        decoder_channels=32,
+        hidden_size=32,
         backbone_kwargs=dict(TINY),
     )
     kwargs.update(overrides)
@@ -57,3 +59,32 @@ def grads(y: torch.Tensor, inputs, seed: int = 0):
     """Gradients of a random projection of ``y`` (no gradient cancels by symmetry)."""
     g = torch.randn(y.shape, dtype=y.dtype, generator=torch.Generator().manual_seed(seed))
     return torch.autograd.grad((y * g).sum(), inputs)
+
+
+def float_tiff(path, nan_at=()):
+    """A 16 x 16 float32 TIFF of random values, NaN at each ``(y, x)`` of ``nan_at``."""
+    image = np.random.default_rng(0).random((16, 16), dtype=np.float32)
+    for yx in nan_at:
+        image[yx] = np.nan
+    Image.fromarray(image, mode="F").save(path)
+
+
+def gray(path, value=100, size=(20, 24)):
+    """A one-value 8-bit image (its type by the suffix of ``path``)."""
+    Image.fromarray(np.full(size, value, dtype=np.uint8)).save(path)
+
+
+def one_error_line(err: str, command: str) -> str:
+    """The CLI's one-line error at the end of ``err`` (checked: no traceback, the command's prefix)."""
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err and lines[-1].startswith(f"upernet-vit {command}: error: "), err
+    return lines[-1]
+
+
+def config_file(tmp_path, **train):
+    """:data:`TINY_CONFIG` with ``train`` updates, written to ``tmp_path/tiny.yaml``; its path."""
+    import yaml
+
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(dict(TINY_CONFIG, train=dict(TINY_CONFIG["train"], **train))))
+    return str(path)

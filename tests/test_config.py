@@ -89,16 +89,13 @@ def test_from_config_needs_num_classes():
         UperNetViT.from_config({"model": {"backbone_kwargs": dict(TINY)}})
 
 
-def test_retired_winograd_key_of_older_files_is_ignored_with_a_warning(tmp_path, caplog):
-    """config.yaml files written before the fast paths left the model still load (decoder.winograd)."""
+def test_a_speed_flag_is_not_a_model_option(tmp_path):
+    """Winograd is a fast path (``optimize``), not part of the architecture: a config.yaml naming it is an
+    unknown key, as any other (the pre-release ``decoder.winograd`` key is not carried)."""
     from helpers import tiny_model
 
-    model = tiny_model()
-    model.save_pretrained(tmp_path / "old")
-    path = tmp_path / "old" / "config.yaml"
+    tiny_model().save_pretrained(tmp_path / "m")
+    path = tmp_path / "m" / "config.yaml"
     path.write_text(path.read_text().replace("    aux_channels: 256\n", "    aux_channels: 256\n    winograd: true\n"))
-    assert "winograd: true" in path.read_text()
-    with caplog.at_level("WARNING"):
-        loaded = UperNetViT.from_pretrained(tmp_path / "old")
-    assert "model.decoder.winograd is no longer an option" in caplog.text and "--winograd" in caplog.text
-    assert loaded.config == model.config
+    with pytest.raises(ConfigError, match=r"model\.decoder\.winograd: unknown key"):
+        UperNetViT.from_pretrained(tmp_path / "m")

@@ -2,7 +2,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from upernet_vit import FPNFusion, PyramidPoolingModule, SimpleFeaturePyramid, UperNetHead
@@ -82,6 +82,16 @@ def test_sfp_downsample_is_max_pool():
     m = torch.arange(16.0).reshape(1, 1, 4, 4)
     out = sfp([m, m, m, m])[3]
     assert torch.equal(out, torch.tensor([[[[5.0, 7.0], [13.0, 15.0]]]]))
+
+
+@given(batch=st.integers(1, 2), grid=sizes, dim=st.integers(1, 8))
+@example(batch=1, grid=(3, 5), dim=2)
+@example(batch=1, grid=(1, 1), dim=1)
+def test_sfp_half_level_is_ceil_mode_max_pool_of_its_map(batch, grid, dim):
+    """The 0.5x level is ``max_pool2d(x, 2, ceil_mode=True)`` of the fourth map, odd grids included."""
+    maps = [torch.randn(batch, dim, *grid) for _ in range(4)]
+    out = SimpleFeaturePyramid(dim).eval()(maps)[3]
+    assert torch.equal(out, F.max_pool2d(maps[3], 2, ceil_mode=True))
 
 
 @pytest.mark.parametrize("sizes", [[(16, 16), (8, 8), (4, 4), (2, 2)], [(13, 7), (7, 4), (4, 2), (1, 1)]])
@@ -198,3 +208,61 @@ def test_default_model_computes_the_reference_formulation(image):
         expected = F.interpolate(logits, size=padded, mode="bilinear", align_corners=False)[..., : image[0], : image[1]]
         assert (model.head(levels) - logits).abs().max() < 1e-5
         assert (model(x) - expected).abs().max() < 1e-5
+
+
+def _pyramid_sizes(h, w):
+    """Level sizes (strides 4, 8, 16, 32) that the SFP makes of an h x w token grid (stride 16)."""
+    return [(4 * h, 4 * w), (2 * h, 2 * w), (h, w), (-(-h // 2), -(-w // 2))]
+
+
+@given(grid=st.tuples(st.integers(1, 8), st.integers(1, 8)),
+       in_channels=st.lists(st.integers(4, 16), min_size=4, max_size=4), hidden=st.integers(4, 16),
+       num_classes=st.integers(1, 4))
+@example(grid=(1, 1), in_channels=[4, 5, 6, 7], hidden=4, num_classes=1)
+@example(grid=(5, 3), in_channels=[16, 4, 9, 13], hidden=11, num_classes=3)
+def test_head_computes_the_reference_formulation(grid, in_channels, hidden, num_classes):
+    """The head equals :func:`_reference_head` on any SFP-shaped pyramid (odd sizes, a 1 x 1 coarsest map)
+    with any channel counts."""
+    head = UperNetHead(in_channels, channels=hidden, num_classes=num_classes, norm="batchnorm").double().eval()
+    randomize_bn(head)
+    with torch.no_grad():
+        head.classifier.weight.normal_()  # its init (std 0.01) would make every logit small enough to pass
+        head.classifier.bias.normal_()
+        features = [torch.randn(2, c, *s, dtype=torch.float64) for c, s in zip(in_channels, _pyramid_sizes(*grid))]
+        assert torch.allclose(head(features), _reference_head(head, features), atol=1e-5)
+
+
+@given(size=sizes, in_channels=st.integers(1, 8), channels=st.integers(1, 8), pool_scales=st.permutations([1, 2, 3, 6]))
+@example(size=(1, 1), in_channels=3, channels=2, pool_scales=[1, 2, 3, 6])
+@example(size=(5, 7), in_channels=3, channels=2, pool_scales=[6, 3, 1, 2])
+def test_ppm_scale_1_branch_is_the_global_mean_through_its_conv(size, in_channels, channels, pool_scales):
+    """The scale-1 branch, as the bottleneck gets it: the same value at every pixel, conv-BN-ReLU of the
+    input's global mean."""
+    ppm = PyramidPoolingModule(in_channels, channels, pool_scales, norm="batchnorm").double().eval()
+    randomize_bn(ppm)
+    bottleneck_inputs = []
+    ppm.bottleneck.register_forward_pre_hook(lambda module, args: bottleneck_inputs.append(args[0]))
+    x = torch.randn(2, in_channels, *size, dtype=torch.float64)
+    k = pool_scales.index(1)
+    with torch.no_grad():
+        ppm(x)  # the bottleneck gets cat([x, p_s for s in pool_scales])
+        branch = bottleneck_inputs[0][:, in_channels + k * channels : in_channels + (k + 1) * channels]
+        by_hand = _conv_norm_act(ppm.stages[k], x.mean((2, 3), keepdim=True))
+    assert branch.shape == (2, channels, *size)
+    assert torch.allclose(branch, branch[..., :1, :1].expand_as(branch), atol=1e-5)
+    assert torch.allclose(branch, by_hand.expand_as(branch), atol=1e-5)
+
+
+@given(size=sizes, top_size=sizes, in_channels=st.integers(1, 8), channels=st.integers(1, 8))
+@example(size=(7, 5), top_size=(1, 1), in_channels=3, channels=2)
+def test_fpn_with_one_lower_level_is_the_hand_computation(size, top_size, in_channels, channels):
+    """Two levels: lateral 1x1 + resized top, fpn 3x3, concat [level, resized top], bottleneck 3x3."""
+    fpn = FPNFusion([in_channels], channels, norm="batchnorm").double().eval()
+    randomize_bn(fpn)
+    feature = torch.randn(2, in_channels, *size, dtype=torch.float64)
+    top = torch.randn(2, channels, *top_size, dtype=torch.float64)
+    top_up = F.interpolate(top, size=size, mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        level = _conv_norm_act(fpn.fpn_convs[0], _conv_norm_act(fpn.lateral_convs[0], feature) + top_up)
+        by_hand = _conv_norm_act(fpn.fpn_bottleneck, torch.cat([level, top_up], 1))
+        assert torch.allclose(fpn([feature], top), by_hand, atol=1e-5)

@@ -19,7 +19,7 @@ ONE_BLOCK = dict(depth=1, embed_dim=32, num_heads=2)  # the exports' time grows 
 
 def _model(backbone, size, **kwargs):
     """pool_scales (1, 3): the export's pooling paths (mean; uneven bins) in a smaller graph than (1, 2, 3, 6)."""
-    return UperNetViT(backbone, size, num_classes=3, in_chans=1, decoder_channels=16, feature_indices=[0, 0, 0, 0],
+    return UperNetViT(backbone, size, num_classes=3, in_chans=1, hidden_size=16, feature_indices=[0, 0, 0, 0],
                       pool_scales=(1, 3), **kwargs).eval()
 
 
@@ -32,6 +32,7 @@ def _max_diff(session, model, shape):
     return float((torch.from_numpy(out) - expected).abs().max())
 
 
+@pytest.mark.slow  # 13-15 s each on a 2-core CPU; .ci/run runs the slow tests too
 @pytest.mark.parametrize(
     "backbone, size, kwargs",
     [

@@ -48,7 +48,7 @@ def test_exportable_pad_equals_eager(size):
     ids=["timm-vit", "dinov2-dino-rule", "retfound-mae-rule"],
 )
 def test_dynamic_program_equals_eager_at_other_sizes(backbone, size, kwargs):
-    model = UperNetViT(backbone, size, 3, decoder_channels=16, feature_indices=[0, 0, 0, 0], pool_scales=(1, 3),
+    model = UperNetViT(backbone, size, 3, hidden_size=16, feature_indices=[0, 0, 0, 0], pool_scales=(1, 3),
                        backbone_kwargs=dict(ONE_BLOCK, **kwargs)).eval()
     p = model.patch_size
     program = export_program(model, torch.randn(2, 3, 4 * p, 5 * p))
@@ -60,7 +60,7 @@ def test_dynamic_program_equals_eager_at_other_sizes(backbone, size, kwargs):
 
 
 def test_formulations_are_swapped_only_inside_the_block():
-    model = UperNetViT("dinov2", "small", 2, decoder_channels=8, feature_indices=[0, 0, 0, 0], backbone_kwargs=ONE_BLOCK)
+    model = UperNetViT("dinov2", "small", 2, hidden_size=8, feature_indices=[0, 0, 0, 0], backbone_kwargs=ONE_BLOCK)
     classes = {name: type(m) for name, m in model.named_modules()}
     with pytest.raises(RuntimeError, match="inside"):
         with export_formulations(model):

@@ -58,10 +58,22 @@ def test_optimized_model_equals_the_reference(flags):
         assert (p.grad - q.grad).abs().max() < 1e-5, name
 
 
+def test_the_defaults_are_the_measured_policy_for_the_device_and_mode():
+    """``optimize(model)`` is what train and predict run: recompute_upsampled always, channels_last only
+    for a model in eval mode on the CPU (it slowed CPU training; not yet measured on CUDA)."""
+    def head_is_channels_last(model):
+        return model.head.fpn.fpn_convs[0].conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+    trained, evaluated = optimize(tiny_model().train()), optimize(tiny_model().eval())
+    assert type(trained.head.fpn) is type(evaluated.head.fpn) is LeanFPNFusion
+    assert not head_is_channels_last(trained) and head_is_channels_last(evaluated)
+    assert not any(isinstance(m, WinogradConv2d) for m in [*trained.modules(), *evaluated.modules()])
+
+
 def test_flags_state_the_result_so_optimize_can_undo():
     model = tiny_model()
     fpn = model.head.fpn
-    optimize(model, winograd=True)
+    optimize(model, winograd=True, channels_last=True)
     assert type(fpn) is LeanFPNFusion and isinstance(fpn.fpn_bottleneck.conv, WinogradConv2d)
     assert model.head.fpn.fpn_convs[0].conv.weight.is_contiguous(memory_format=torch.channels_last)
     optimize(model, channels_last=False, recompute_upsampled=False, winograd=False)

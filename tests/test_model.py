@@ -219,7 +219,7 @@ def test_saved_files_follow_umask(tmp_path):
 
 def test_fc_norm_backbones_get_a_final_norm_on_taps():
     """EVA-02 keeps its final norm as fc_norm (norm is Identity); the taps must be normalized anyway."""
-    model = UperNetViT("eva02_tiny_patch14_224", None, 2, decoder_channels=16, backbone_kwargs=TINY)
+    model = UperNetViT("eva02_tiny_patch14_224", None, 2, hidden_size=16, backbone_kwargs=TINY)
     assert not isinstance(model.backbone.vit.norm, torch.nn.Identity)
     maps = model.backbone_features(torch.randn(1, 3, 28, 28))
     tokens = maps[-1].flatten(2).transpose(1, 2)  # [B, N, D], LayerNorm at init: zero mean per token
@@ -251,15 +251,15 @@ def test_options_are_the_model_config_fields():
     from upernet_vit import ConfigError
     from upernet_vit.config import ModelConfig
 
-    model = tiny_model(decoder_channels=16, pool_scales=(1, 2), feature_indices=(0, 1, 2, 3), num_classes=np.int64(4))
+    model = tiny_model(hidden_size=16, pool_scales=(1, 2), feature_indices=(0, 1, 2, 3), num_classes=np.int64(4))
     cfg = model.config
     assert (cfg.decoder.hidden_size, cfg.decoder.pool_scales, cfg.feature_indices, cfg.num_classes) == (16, [1, 2], [0, 1, 2, 3], 4)
     assert UperNetViT(cfg).state_dict().keys() == model.state_dict().keys()  # a ModelConfig builds the same model
     assert UperNetViT(cfg, num_classes=2).num_classes == 2
-    with pytest.raises(TypeError, match=r"unknown model option 'decoder_chanels' \(did you mean 'decoder_channels'\?\)"):
-        tiny_model(decoder_chanels=16)
+    with pytest.raises(TypeError, match=r"unknown model option 'hiden_size' \(did you mean 'hidden_size'\?\)"):
+        tiny_model(hiden_size=16)
     with pytest.raises(ConfigError, match=r"decoder\.hidden_size: must be >= 1, got 0"):
-        tiny_model(decoder_channels=0)
+        tiny_model(hidden_size=0)
     with pytest.raises(ConfigError, match="in_chans: expected an integer"):
         tiny_model(in_chans="3")
     with pytest.raises(ConfigError, match="dropout: must be in"):
@@ -304,9 +304,9 @@ def test_default_model_imports_neither_fast_nor_export_paths():
 def test_torch_floor_is_guarded_and_declared():
     from upernet_vit import TORCH_MIN, _check_torch_version
 
-    _check_torch_version("2.5.0")
+    _check_torch_version("2.7.0")
     _check_torch_version("2.14.1+cu130")
-    with pytest.raises(ImportError, match=r"torch >= 2\.5, found 2\.4\.1"):
-        _check_torch_version("2.4.1")
+    with pytest.raises(ImportError, match=r"torch >= 2\.7, found 2\.6\.1"):
+        _check_torch_version("2.6.1")
     setup = open(os.path.join(os.path.dirname(__file__), "..", "setup.cfg"), encoding="utf-8").read()
     assert f"torch>={TORCH_MIN[0]}.{TORCH_MIN[1]}\n" in setup

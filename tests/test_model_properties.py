@@ -16,7 +16,7 @@ def _model(patch: int, in_chans: int, num_classes: int) -> UperNetViT:
     torch.manual_seed(patch * 100 + in_chans * 10 + num_classes)
     backbone, size = PRESET_BY_PATCH[patch]
     return UperNetViT(
-        backbone, size, num_classes, in_chans=in_chans, decoder_channels=16, backbone_kwargs=TINY
+        backbone, size, num_classes, in_chans=in_chans, hidden_size=16, backbone_kwargs=TINY
     )
 
 

@@ -93,7 +93,7 @@ def test_official_layout_loads_and_matches_official_features(tmp_path, case):
     ref.eval()
     path = tmp_path / "official.pth"
     torch.save(make_file(ref), path)
-    model = UperNetViT(preset, size, 2, checkpoint_path=str(path), decoder_channels=8, feature_indices=TAPS,
+    model = UperNetViT(preset, size, 2, checkpoint_path=str(path), hidden_size=8, feature_indices=TAPS,
                        backbone_kwargs=dict(depth=4, embed_dim=kw["dim"], num_heads=2)).eval()
     for h, w in sizes:
         diff = _feature_diff(model, ref, torch.randn(1, 3, h, w))
@@ -128,7 +128,7 @@ def test_dinov3_layout_matches_official_rope_features(tmp_path, preset, size, ml
     ref = _dinov3_ref(mlp, zero_bias)
     path = tmp_path / "dinov3.pth"
     torch.save(ref.state_dict(), path)
-    model = UperNetViT(preset, size, 2, checkpoint_path=str(path), decoder_channels=8,
+    model = UperNetViT(preset, size, 2, checkpoint_path=str(path), hidden_size=8,
                        backbone_kwargs=dict(depth=4, embed_dim=32, num_heads=2)).eval()
     # the file's bf16-rounded periods are used, not recomputed fp32 ones
     assert torch.equal(model.backbone.vit.rope.periods, ref.rope_embed.periods)
@@ -140,7 +140,7 @@ def test_dinov3_layout_matches_official_rope_features(tmp_path, preset, size, ml
 def test_dinov3_periods_survive_save_and_load(tmp_path):
     ref = _dinov3_ref(zero_qv_bias=True)
     torch.save(ref.state_dict(), tmp_path / "dinov3.pth")
-    model = UperNetViT("dinov3", "small", 2, checkpoint_path=str(tmp_path / "dinov3.pth"), decoder_channels=8,
+    model = UperNetViT("dinov3", "small", 2, checkpoint_path=str(tmp_path / "dinov3.pth"), hidden_size=8,
                        backbone_kwargs=dict(depth=4, embed_dim=32, num_heads=2))
     model.save_pretrained(tmp_path / "run")
     loaded = UperNetViT.from_pretrained(tmp_path / "run")
@@ -193,7 +193,7 @@ def test_pickle_only_files_need_trust(tmp_path):
     file = _visionfm(ref)
     file["extra"] = Pickled()
     torch.save(file, tmp_path / "vfm.pth")
-    kwargs = dict(backbone_kwargs=dict(depth=4, embed_dim=32, num_heads=2), decoder_channels=8)
+    kwargs = dict(backbone_kwargs=dict(depth=4, embed_dim=32, num_heads=2), hidden_size=8)
     with pytest.raises(ValueError, match=r"vfm\.pth.*trust_checkpoint=True"):
         UperNetViT("visionfm", "base", 2, checkpoint_path=str(tmp_path / "vfm.pth"), **kwargs)
     model = UperNetViT("visionfm", "base", 2, checkpoint_path=str(tmp_path / "vfm.pth"), trust_checkpoint=True, **kwargs)
@@ -211,7 +211,7 @@ def test_format_override_and_unknown_format(tmp_path):
     torch.manual_seed(0)
     ref = ReferenceViT("visionfm", dim=32, depth=4, heads=2, patch=16)
     torch.save({"teacher": {f"backbone.{k}": v for k, v in ref.state_dict().items()}}, tmp_path / "vfm.pth")
-    kwargs = dict(backbone_kwargs=dict(depth=4, embed_dim=32, num_heads=2), decoder_channels=8)
+    kwargs = dict(backbone_kwargs=dict(depth=4, embed_dim=32, num_heads=2), hidden_size=8)
     model = UperNetViT("visionfm", "base", 2, checkpoint_path=str(tmp_path / "vfm.pth"), checkpoint_format="visionfm", **kwargs)
     assert torch.equal(model.backbone.vit.blocks[0].attn.qkv.weight, ref.blocks[0].attn.qkv.weight)
     with pytest.raises(ValueError, match="checkpoint_format: expected one of 'auto', .* got 'dino'"):
@@ -219,10 +219,10 @@ def test_format_override_and_unknown_format(tmp_path):
 
 
 def test_named_normalization_stats():
-    model = UperNetViT("visionfm", "base", 2, norm_stats="visionfm_oct", decoder_channels=8,
+    model = UperNetViT("visionfm", "base", 2, norm_stats="visionfm_oct", hidden_size=8,
                        backbone_kwargs=dict(depth=4, embed_dim=32, num_heads=2))
     assert model.mean == NORM_STATS["visionfm_oct"][0]
-    sat = UperNetViT("dinov3_sat", "large", 2, decoder_channels=8, backbone_kwargs=dict(depth=4, embed_dim=32, num_heads=2))
+    sat = UperNetViT("dinov3_sat", "large", 2, hidden_size=8, backbone_kwargs=dict(depth=4, embed_dim=32, num_heads=2))
     assert sat.std == (0.213, 0.156, 0.143)
     with pytest.raises(ValueError, match="unknown norm_stats 'visionfm_octt'.*did you mean 'visionfm_oct'"):
         UperNetViT("visionfm", "base", 2, norm_stats="visionfm_octt", backbone_kwargs=dict(depth=4, embed_dim=32, num_heads=2))
@@ -253,11 +253,11 @@ def test_a_preset_loaded_by_tag_equals_the_official_file(tmp_path, preset, size,
     else:
         ref = _dinov3_ref(zero_qv_bias=True)
     torch.save(ref.state_dict(), tmp_path / "official.pth")
-    official = UperNetViT(preset, size, 2, checkpoint_path=str(tmp_path / "official.pth"), decoder_channels=8,
+    official = UperNetViT(preset, size, 2, checkpoint_path=str(tmp_path / "official.pth"), hidden_size=8,
                           feature_indices=TAPS, backbone_kwargs=tiny).eval()
     overlay = _timm_file(official, tmp_path / "model.safetensors")
     assert pretrained_timm_name(preset, PRESETS[preset].sizes[size], PRESETS[preset]) == tag
-    by_tag = UperNetViT(preset, size, 2, pretrained=True, decoder_channels=8, feature_indices=TAPS,
+    by_tag = UperNetViT(preset, size, 2, pretrained=True, hidden_size=8, feature_indices=TAPS,
                         backbone_kwargs=dict(tiny, pretrained_cfg_overlay=overlay)).eval()
     assert by_tag.mean == official.mean and by_tag.config.pretrained
     patch = by_tag.patch_size
@@ -276,9 +276,9 @@ def test_a_timm_name_with_its_own_tag_and_the_errors(tmp_path):
     torch.manual_seed(0)
     tiny = dict(depth=4, embed_dim=32, num_heads=2)
     name = "vit_base_patch16_clip_224.openai"  # hub safetensors in every timm version CI installs
-    donor = UperNetViT(name, None, 2, decoder_channels=8, backbone_kwargs=tiny)
+    donor = UperNetViT(name, None, 2, hidden_size=8, backbone_kwargs=tiny)
     overlay = _timm_file(donor, tmp_path / "w.safetensors")
-    model = UperNetViT(name, None, 2, pretrained=True, decoder_channels=8, backbone_kwargs=dict(tiny, pretrained_cfg_overlay=overlay))
+    model = UperNetViT(name, None, 2, pretrained=True, hidden_size=8, backbone_kwargs=dict(tiny, pretrained_cfg_overlay=overlay))
     for key, value in donor.backbone.vit.state_dict().items():
         assert torch.equal(model.backbone.vit.state_dict()[key], value), key  # the file's weights arrived
     assert model.mean == pytest.approx((0.48145466, 0.4578275, 0.40821073))  # the tag's own (CLIP) normalization

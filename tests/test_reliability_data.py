@@ -13,7 +13,8 @@ from upernet_vit.training.demo_data import demo_cases, write_demo_dataset
 from upernet_vit.training.image_io import read_image
 from upernet_vit.training.intensity import check_input_range, choose_intensity_scale, full_scale
 from upernet_vit.training.metrics import summarize
-from upernet_vit.training.trainer import Trainer, prepare_data
+from upernet_vit.training.prepare import prepare_data
+from upernet_vit.training.trainer import Trainer
 from helpers import tiny_train_config
 
 

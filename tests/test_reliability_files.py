@@ -62,38 +62,39 @@ def test_save_pretrained_of_a_trained_model_keeps_its_preprocessing_record(tmp_p
     assert not (tmp_path / "bare" / "preprocessing.json").exists()
 
 
-class _KilledAfterCheckpoint2(Trainer):
-    """A kill right after epoch 2's checkpoint, before its metrics row."""
-
-    def _write_metrics(self):
-        if len(self.history) == 2 and checkpoint_epoch(os.path.join(self.output_dir, "checkpoint_latest")) == 2:
-            raise SystemExit("killed")
-        super()._write_metrics()
-
-
-class _KilledBeforeCheckpoint2(Trainer):
-    def _save_checkpoint(self, name, next_epoch):
-        if next_epoch == 2:
-            raise SystemExit("killed")
-        super()._save_checkpoint(name, next_epoch)
-
-
 def _rows(run):
     with open(run / "metrics.csv") as f:
         return [int(r["epoch"]) for r in csv.DictReader(f)]
 
 
-def test_metrics_csv_never_runs_ahead_of_the_checkpoint_and_resume_mends_it(tmp_path):
+def test_metrics_csv_never_runs_ahead_of_the_checkpoint_and_resume_mends_it(tmp_path, monkeypatch):
     """A kill between the metrics row and the checkpoint left metrics.csv a row ahead until resume."""
+    from upernet_vit.training import checkpoints
+    from upernet_vit.training.run_folder import RunFolder
+
     config = tiny_train_config(train={"num_epochs": 3})
+    write_folder, write_metrics = checkpoints.write_folder_atomically, RunFolder.write_metrics
+
+    def killed_in_checkpoint_2(final, write):  # a kill while epoch 2's checkpoint is written
+        if final.endswith("checkpoint_latest") and checkpoint_epoch(final) == 1:
+            raise SystemExit("killed")
+        write_folder(final, write)
+
+    def killed_after_checkpoint_2(self, history):  # a kill after epoch 2's checkpoint, before its row
+        if len(history) == 2:
+            raise SystemExit("killed")
+        write_metrics(self, history)
+
     before = tmp_path / "before"
-    with pytest.raises(SystemExit):
-        _KilledBeforeCheckpoint2(config, str(before)).run()
+    with monkeypatch.context() as patch, pytest.raises(SystemExit):
+        patch.setattr(checkpoints, "write_folder_atomically", killed_in_checkpoint_2)
+        Trainer(config, str(before)).run()
     assert _rows(before) == [1] and checkpoint_epoch(str(before / "checkpoint_latest")) == 1
 
     after = tmp_path / "after"
-    with pytest.raises(SystemExit):
-        _KilledAfterCheckpoint2(config, str(after)).run()
+    with monkeypatch.context() as patch, pytest.raises(SystemExit):
+        patch.setattr(RunFolder, "write_metrics", killed_after_checkpoint_2)
+        Trainer(config, str(after)).run()
     assert _rows(after) == [1] and checkpoint_epoch(str(after / "checkpoint_latest")) == 2
     trainer = Trainer(config, str(after), resume=True)  # the csv is rewritten from the checkpoint's history
     assert _rows(after) == [1, 2]

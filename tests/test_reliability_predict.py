@@ -1,5 +1,6 @@
-"""predict and export never give a wrong or partial result with exit 0 (issue 16): flags in range, a best
-checkpoint that exists, outputs apart from the inputs, one-line errors, progress on large images."""
+"""predict, export and the command line never give a wrong or partial result with exit 0 (issues 11, 16):
+flags in range, a best checkpoint that exists, outputs apart from the inputs, every input checked before
+anything is written, output names and channel files that add up, one-line errors, progress on large images."""
 import os
 import re
 
@@ -9,17 +10,8 @@ from PIL import Image
 
 from upernet_vit.training.checkpoints import checkpoint_epoch
 from upernet_vit.training.trainer import Trainer
-from helpers import tiny_model, tiny_train_config
-
-
-def _gray(path, value=100, size=(20, 24)):
-    Image.fromarray(np.full(size, value, dtype=np.uint8)).save(path)
-
-
-def _one_error_line(err: str, command: str) -> str:
-    lines = err.strip().splitlines()
-    assert "Traceback" not in err and lines[-1].startswith(f"upernet-vit {command}: error: "), err
-    return lines[-1]
+from helpers import config_file as _config_file, float_tiff as _float_tiff, gray as _gray
+from helpers import one_error_line as _one_error_line, tiny_model, tiny_train_config
 
 
 @pytest.fixture(scope="module")
@@ -189,17 +181,17 @@ class _ImprovesEveryEpoch(Trainer):
 def test_a_stale_checkpoint_best_given_directly_is_redirected_to_the_best_epoch(tmp_path, monkeypatch, caplog):
     import logging
 
-    from upernet_vit.training import trainer as trainer_module
+    from upernet_vit.training import checkpoints
     from upernet_vit.training.predict import resolve_model_dir
 
-    real_copy = trainer_module.copy_checkpoint
+    real_copy = checkpoints.copy_checkpoint
 
     def crash_on_the_second_best(source, final):
         if checkpoint_epoch(source) == 2:
             raise SystemExit("killed between checkpoint_latest and checkpoint_best")
         real_copy(source, final)
 
-    monkeypatch.setattr(trainer_module, "copy_checkpoint", crash_on_the_second_best)
+    monkeypatch.setattr(checkpoints, "copy_checkpoint", crash_on_the_second_best)
     run = tmp_path / "run"
     with pytest.raises(SystemExit):
         _ImprovesEveryEpoch(tiny_train_config(train={"num_epochs": 3}), str(run)).run()
@@ -209,3 +201,102 @@ def test_a_stale_checkpoint_best_given_directly_is_redirected_to_the_best_epoch(
     assert "holds epoch 1, not the best epoch 2" in caplog.text
     assert resolve_model_dir(str(run), "best") == str(run / "checkpoint_latest")
     assert resolve_model_dir(str(run / "checkpoint_latest")) == str(run / "checkpoint_latest")
+
+
+# ---------------------------------------------------------------------------- command line (issue 11)
+def test_predict_checks_every_input_before_writing_anything(tmp_path, bare_model, capsys):
+    from upernet_vit.cli import main
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name in ("a", "b", "c"):
+        _gray(inputs / f"{name}.png")
+    _float_tiff(inputs / "z_bad.tif", nan_at=[(1, 1)])  # sorted last: read after the others
+    out = tmp_path / "out"
+    assert main(["predict", "--model", bare_model, "--input", str(inputs), "--output", str(out), "--device", "cpu"]) == 2
+    line = _one_error_line(capsys.readouterr().err, "predict")
+    assert "z_bad.tif" in line and "1 non-finite" in line
+    assert not out.exists()
+
+
+def test_predict_output_names_depend_only_on_each_input_name(tmp_path, bare_model):
+    from upernet_vit.training.predict import group_input_files, predict
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name in ("case1_0000", "case2_0000", "photo_0007"):
+        _gray(inputs / f"{name}.png")
+    names = sorted(group_input_files(str(inputs), 1))
+    assert names == ["case1", "case2", "photo_0007"]
+    _gray(inputs / "stray name.png")  # used to turn every output name back into the full stem
+    assert sorted(group_input_files(str(inputs), 1)) == sorted(names + ["stray name"])
+    written = predict(bare_model, str(inputs), str(tmp_path / "out"), device="cpu")
+    assert sorted(os.path.basename(p) for p in written) == ["case1.png", "case2.png", "photo_0007.png", "stray name.png"]
+
+    _gray(inputs / "case1.png")  # case1_0000.png and case1.png would both be case1.png
+    with pytest.raises(ValueError, match=r"\['case1.png', 'case1_0000.png'\] would all be written as case1.png"):
+        group_input_files(str(inputs), 1)
+
+
+def test_predict_groups_channel_files_and_checks_their_numbering(tmp_path):
+    from upernet_vit.training.predict import group_input_files
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name in ("x_0000", "x_0001", "y_0000", "y_0002"):
+        _gray(inputs / f"{name}.png")
+    with pytest.raises(ValueError, match=r"'y_0000.png', 'y_0002.png'\] of case 'y' must be numbered"):
+        group_input_files(str(inputs), 2)
+    (inputs / "y_0002.png").rename(inputs / "y_0001.png")
+    Image.fromarray(np.zeros((20, 24, 3), dtype=np.uint8)).save(inputs / "rgb.png")  # 3 channels: too many
+    with pytest.raises(ValueError, match=r"case 'rgb' \(rgb.png\) has 3 channel\(s\) but the model takes 2"):
+        group_input_files(str(inputs), 2)
+    (inputs / "rgb.png").unlink()
+    assert group_input_files(str(inputs), 2) == {
+        "x": [str(inputs / "x_0000.png"), str(inputs / "x_0001.png")],
+        "y": [str(inputs / "y_0000.png"), str(inputs / "y_0001.png")],
+    }
+
+
+def test_predict_refuses_a_missing_best_and_checks_sizes_and_channels_first(tmp_path):
+    from upernet_vit.training.predict import group_input_files, resolve_model_dir
+
+    run = tmp_path / "run"
+    tiny_model().save_pretrained(run / "checkpoint_latest")
+    (run / "checkpoint_best").mkdir()  # no weights in it: no silent fall-back to latest (issue 16)
+    with pytest.raises(ValueError, match=r"has no best checkpoint .*use --checkpoint latest"):
+        resolve_model_dir(str(run), "best")
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    _gray(inputs / "scan_0001.png")
+    with pytest.raises(ValueError, match=r"case 'scan' \(scan_0001.png\) has 1 channel\(s\) but the model takes 3"):
+        group_input_files(str(inputs), 3)
+    (inputs / "scan_0001.png").unlink()
+    _gray(inputs / "c_0000.png")
+    Image.fromarray(np.zeros((10, 10), dtype=np.uint8)).save(inputs / "c_0001.png")
+    with pytest.raises(ValueError, match=r"\['c_0000.png', 'c_0001.png'\] of case 'c' differ in size"):
+        group_input_files(str(inputs), 2)
+
+
+def test_train_into_a_path_under_a_file_is_one_line(tmp_path, capsys):
+    from upernet_vit.cli import main
+
+    (tmp_path / "file").write_text("x")
+    assert main(["train", _config_file(tmp_path), "--output", str(tmp_path / "file" / "run")]) == 2
+    line = _one_error_line(capsys.readouterr().err, "train")
+    assert "file/run" in line and "is a file, not a folder" in line
+
+
+def test_debug_prints_the_traceback_and_data_errors_reach_train_log(tmp_path, capsys):
+    from upernet_vit.cli import main
+
+    config = _config_file(tmp_path)
+    run = tmp_path / "run"
+    missing = ["-o", "data.format=folders", "-o", f"data.root={tmp_path / 'nowhere'}"]
+    assert main(["train", config, "--output", str(run), *missing]) == 2
+    line = _one_error_line(capsys.readouterr().err, "train")
+    assert "nowhere" in line and line in (run / "train.log").read_text()
+    assert main(["train", config, "--output", str(tmp_path / "run2"), "--debug", *missing]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.strip().splitlines()[-1].startswith("upernet-vit train: error:")

@@ -16,7 +16,7 @@ from upernet_vit.cli import main
 from upernet_vit.config import load_config
 from upernet_vit.training.demo_data import write_demo_dataset
 from upernet_vit.training.image_io import read_label
-from upernet_vit.training.predict import evaluate
+from upernet_vit.training.evaluate import evaluate
 from upernet_vit.training.trainer import Trainer
 from helpers import TINY, TINY_CONFIG, tiny_train_config as _config
 
@@ -100,7 +100,7 @@ def test_trainer_applies_the_measured_fast_paths_or_the_reference(tmp_path):
     from upernet_vit import FPNFusion
     from upernet_vit.fast import LeanFPNFusion, WinogradConv2d
 
-    fpn = Trainer(_config(), str(tmp_path / "a")).model.head.fpn  # TRAIN_FAST_PATHS: recompute, no channels_last
+    fpn = Trainer(_config(), str(tmp_path / "a")).model.head.fpn  # optimize() in training: recompute, no channels_last
     assert type(fpn) is LeanFPNFusion and fpn.fpn_bottleneck.conv.weight.is_contiguous()
     assert type(Trainer(_config(), str(tmp_path / "b"), fast=None).model.head.fpn) is FPNFusion
     winograd = Trainer(_config(), str(tmp_path / "c"), fast={"winograd": True}).model.head.fpn
@@ -182,7 +182,7 @@ def test_predict_input_grouping_and_bare_model_folder(tmp_path):
     assert group_input_files(str(nn), 2) == {"case": [str(nn / "case_0000.png"), str(nn / "case_0001.png")]}
     assert len(group_input_files(str(nn), 1)) == 2  # a 1-channel model: two images
 
-    model = UperNetViT("vit_small_patch16_224", None, 3, in_chans=1, decoder_channels=8, backbone_kwargs=TINY)
+    model = UperNetViT("vit_small_patch16_224", None, 3, in_chans=1, hidden_size=8, backbone_kwargs=TINY)
     model.save_pretrained(tmp_path / "bare")  # no preprocessing.json: backbone stats, whole images
     written = predict(str(tmp_path / "bare"), str(folder), str(tmp_path / "out"))
     assert len(written) == 3 and read_label(written[0]).shape == (20, 24)

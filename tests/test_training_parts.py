@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from upernet_vit.config import load_config
-from upernet_vit.training.augment import AugmentConfig, Normalizer, PatchDataset
+from upernet_vit.config import AugmentationConfig
+from upernet_vit.training.augment import Normalizer, PatchDataset
 from upernet_vit.training.data import IGNORE_INDEX, crossval_splits, load_folders, load_nnunet_raw
 from upernet_vit.training.demo_data import demo_case, write_demo_dataset
 from upernet_vit.training.image_io import read_image, read_label
@@ -121,7 +122,7 @@ def test_augmentation_keeps_image_and_mask_aligned():
     from upernet_vit.training.data import Case
 
     case = Case("x", (label[None] / 3.0).astype(np.float32), label)
-    aug = AugmentConfig(scale_range=(0.7, 1.4), rotation_degrees=180, flip=True, intensity=False)
+    aug = AugmentationConfig(scale_range=[0.7, 1.4], rotation_degrees=180, flip=True, intensity=False)
     ds = PatchDataset([case], (48, 40), Normalizer([0.0], [1.0]), 16, 0, aug)
     agree = []
     for i in range(16):
@@ -236,7 +237,7 @@ def test_rotation_is_bilinear_for_images_and_nearest_for_masks():
     label = np.zeros((32, 32), dtype=np.int64)
     label[8:24, 8:24] = 2
     case = Case("r", (label[None] / 2.0).astype(np.float32), label)
-    aug = AugmentConfig(scale_range=(1.0, 1.0), rotation_degrees=45, flip=False, intensity=False)
+    aug = AugmentationConfig(scale_range=[1.0, 1.0], rotation_degrees=45, flip=False, intensity=False)
     image, mask = PatchDataset([case], (32, 32), Normalizer([0.0], [1.0]), 1, 3, aug)[0]
     assert ((image > 0.05) & (image < 0.95)).any()  # interpolated edge values
     assert set(mask.unique().tolist()) <= {0, 2, IGNORE_INDEX}

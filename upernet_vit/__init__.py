@@ -3,7 +3,7 @@ import re
 
 import torch
 
-TORCH_MIN = (2, 5)  # torch.serialization.safe_globals (weights-only loading of official checkpoints)
+TORCH_MIN = (2, 7)  # torch.compiler.is_exporting (2.7; safe_globals for weights-only loading came in 2.5)
 
 
 def _check_torch_version(version: str) -> None:

@@ -40,7 +40,7 @@ def _setup_logging(output_dir: Optional[str] = None) -> None:
 
 
 def _fast_paths(args: argparse.Namespace) -> Optional[Dict[str, bool]]:
-    """``upernet_vit.fast.optimize`` flags over the command's measured defaults, from ``--reference`` /
+    """``upernet_vit.fast.optimize`` flags over its defaults (the measured policy), from ``--reference`` /
     ``--winograd``; None: the reference model."""
     return None if args.reference else {"winograd": args.winograd}
 
@@ -100,7 +100,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .fileio import atomic_write, read_json, write_text
-    from .training.predict import evaluate
+    from .training.evaluate import evaluate
 
     labels = None
     ignore = None

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import logging
 import math
 import numbers
 import os
@@ -13,7 +12,6 @@ from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Sequen
 
 import yaml
 
-logger = logging.getLogger(__name__)
 
 Norm = Literal["layernorm", "groupnorm", "batchnorm", "none"]
 Upsampler = Literal["bilinear", "progressive"]
@@ -99,7 +97,8 @@ class _Checked:
 
 @dataclass
 class DecoderConfig(_Checked):
-    hidden_size: int = option(512, check=_positive, must=">= 1")  # UperNet channels (mmseg ``channels``, HF ``hidden_size``)
+    # the UperNet width: HF's and the seed's ``hidden_size``; ``UperNetHead(channels=...)`` keeps mmseg's name
+    hidden_size: int = option(512, check=_positive, must=">= 1")
     pool_scales: List[int] = option(
         factory=lambda: [1, 2, 3, 6], check=lambda v: len(v) > 0 and all(s >= 1 for s in v),
         must="a non-empty list of integers >= 1",
@@ -128,6 +127,9 @@ class ModelConfig(_Checked):
     feature_indices: Optional[List[int]] = option(None, check=lambda v: v is None or len(v) == 4, must="4 block indices or null")
     freeze_backbone: bool = False
     gradient_checkpointing: bool = False  # recompute backbone blocks in backward: less memory, more time
+    # stochastic depth: the last block is dropped with this probability in training, earlier ones linearly
+    # less (timm); the first regularizer to tune when fine-tuning a large backbone (e.g. 0.1-0.4)
+    drop_path_rate: float = option(0.0, check=lambda v: 0 <= v < 1, must="in [0, 1)")
     backbone_kwargs: Dict[str, Any] = field(default_factory=dict)  # to timm.create_model
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
 
@@ -308,20 +310,9 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
     raise ConfigError(f"{path}: expected {_describe(tp)}, got {value!r} ({type(value).__name__})")
 
 
-# keys that earlier versions wrote (config.yaml of saved models and runs) and that configure nothing now
-RETIRED_KEYS: Dict[Tuple[str, str], str] = {
-    ("DecoderConfig", "winograd"): "the model is the reference implementation now; Winograd is opt-in "
-    "(upernet-vit train/predict --winograd, or upernet_vit.fast.optimize(model, winograd=True))",
-}
-
-
 def _build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
-    retired = [key for key in data if (cls.__name__, key) in RETIRED_KEYS]
-    for key in retired:
-        logger.warning("%s%s is no longer an option and is ignored: %s", prefix, key, RETIRED_KEYS[(cls.__name__, key)])
-    data = {k: v for k, v in data.items() if k not in retired}
     for key in data:
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
@@ -376,33 +367,28 @@ def save_config(config: Config, path: Union[str, os.PathLike], sections: Sequenc
         f.write(text)
 
 
-# keyword spellings of the Python API that differ from the field names
-MODEL_OPTION_ALIASES: Dict[str, str] = {"decoder_channels": "hidden_size"}
-
-
 def model_option_names() -> List[str]:
     """The flat keyword names :func:`model_config` takes (ModelConfig and DecoderConfig fields, aliases)."""
     model = [f.name for f in dataclasses.fields(ModelConfig) if f.name != "decoder"]
-    return model + [f.name for f in dataclasses.fields(DecoderConfig)] + list(MODEL_OPTION_ALIASES)
+    return model + [f.name for f in dataclasses.fields(DecoderConfig)]
 
 
 def model_config(base: Optional[ModelConfig] = None, **options: Any) -> ModelConfig:
     """``base`` (default: ``ModelConfig()``) with ``options`` replaced, type- and range-checked like YAML keys.
 
     ``options`` are flat: every :class:`ModelConfig` field (``backbone``, ``num_classes``, ...) and every
-    :class:`DecoderConfig` field by its own name (``hidden_size``, also spelled ``decoder_channels``,
-    ``pool_scales``, ``norm``, ...). An unknown name is a ``TypeError`` naming the closest option; a bad
-    value a :class:`ConfigError` naming the field.
+    :class:`DecoderConfig` field by its own name (``hidden_size``, ``pool_scales``, ``norm``, ...). An
+    unknown name is a ``TypeError`` naming the closest option; a bad value a :class:`ConfigError` naming
+    the field.
     """
     data = dataclasses.asdict(base if base is not None else ModelConfig())
     top = {f.name for f in dataclasses.fields(ModelConfig)} - {"decoder"}
     decoder = {f.name for f in dataclasses.fields(DecoderConfig)}
     for key, value in options.items():
-        name = MODEL_OPTION_ALIASES.get(key, key)
-        if name in top:
-            data[name] = value
-        elif name in decoder:
-            data["decoder"][name] = value
+        if key in top:
+            data[key] = value
+        elif key in decoder:
+            data["decoder"][key] = value
         else:
             close = difflib.get_close_matches(key, model_option_names(), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""

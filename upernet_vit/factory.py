@@ -7,8 +7,10 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
-from .config import model_option_names
+from .config import LoraConfig, model_option_names
 from .model import UperNetViT
+
+_LORA = LoraConfig()  # the LoRA defaults, declared once in config.LoraConfig
 
 
 def create_segmentation_model(
@@ -16,10 +18,10 @@ def create_segmentation_model(
     backbone_size: Optional[str] = "base",
     num_classes: int = 2,
     use_lora: bool = False,
-    lora_rank: int = 8,
-    lora_alpha: float = 16.0,
-    lora_dropout: float = 0.05,
-    lora_target_modules: Sequence[str] = ("qkv",),
+    lora_rank: int = _LORA.r,
+    lora_alpha: float = _LORA.lora_alpha,
+    lora_dropout: float = _LORA.lora_dropout,
+    lora_target_modules: Sequence[str] = tuple(_LORA.target_modules),
     **model_options: Any,
 ) -> UperNetViT:
     """Build an :class:`UperNetViT`, optionally with LoRA.

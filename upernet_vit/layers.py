@@ -6,15 +6,17 @@ grids (37 x 37 tokens from a 518 px DINOv2 input, a 1 x 1 grid) stay exact; bili
 """
 from __future__ import annotations
 
-from typing import Literal, Sequence, Type
+import typing
+from typing import Sequence, Type
 
 import torch
 import torch.nn.functional as F
 from timm.layers import LayerNorm2d
 from torch import nn
 
-NormName = Literal["layernorm", "groupnorm", "batchnorm", "none"]
-NORM_NAMES: tuple[str, ...] = ("layernorm", "groupnorm", "batchnorm", "none")
+from .config import Norm
+
+NORM_NAMES: tuple[str, ...] = typing.get_args(Norm)
 
 
 def resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:

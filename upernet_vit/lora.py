@@ -22,12 +22,15 @@ def set_backbone_trainable(model: "UperNetViT", trainable: bool) -> None:
         p.requires_grad = trainable and (model.lora_config is None or "lora_" in name)
 
 
+_DEFAULT = LoraConfig()  # the defaults, declared once in config.LoraConfig
+
+
 def enable_lora(
     model: "UperNetViT",
-    rank: int = 8,
-    alpha: float = 16.0,
-    dropout: float = 0.05,
-    target_modules: Sequence[str] = ("qkv",),
+    rank: int = _DEFAULT.r,
+    alpha: float = _DEFAULT.lora_alpha,
+    dropout: float = _DEFAULT.lora_dropout,
+    target_modules: Sequence[str] = tuple(_DEFAULT.target_modules),
 ) -> None:
     """Wrap the backbone's ``target_modules`` linears with peft LoRA adapters.
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -55,8 +55,8 @@ class UperNetViT(nn.Module):
       init), or ``pretrained=True`` (timm's weights: the preset's tag, e.g. ``vit_base_patch14_dinov2.lvd142m``,
       or a timm name's own tag; downloaded into the Hugging Face cache when online), ``checkpoint_format``, ``trust_checkpoint``, ``norm_stats``, ``backbone_kwargs`` (to timm).
     - ``feature_indices`` (default ``[d/4-1, d/2-1, 3d/4-1, d-1]``), ``freeze_backbone``,
-      ``gradient_checkpointing`` (timm's, same results, less memory).
-    - decoder: ``decoder_channels`` (= ``hidden_size``, mmseg ``channels``), ``pool_scales``, ``norm``
+      ``gradient_checkpointing`` (timm's, same results, less memory), ``drop_path_rate`` (stochastic depth).
+    - decoder: ``hidden_size`` (the UperNet width), ``pool_scales``, ``norm``
       (``layernorm`` default: trains at batch size 1; ``batchnorm`` for mmseg/HF weights), ``dropout``,
       ``upsampler`` (``bilinear`` or ``progressive``), ``aux_head``, ``aux_channels``.
 
@@ -99,11 +99,10 @@ class UperNetViT(nn.Module):
         self.backbone = create_backbone(
             cfg.backbone, cfg.backbone_size, cfg.in_chans, cfg.checkpoint_path, cfg.backbone_kwargs,
             checkpoint_format=cfg.checkpoint_format, trust_checkpoint=cfg.trust_checkpoint, norm_stats=cfg.norm_stats,
-            pretrained=cfg.pretrained,
+            pretrained=cfg.pretrained, drop_path_rate=cfg.drop_path_rate,
         )
         self.feature_indices = resolve_feature_indices(self.backbone.depth, cfg.feature_indices)
-        prepare_vit_for_taps(self.backbone.vit, self.feature_indices)
-        self.backbone.depth = len(self.backbone.vit.blocks)
+        prepare_vit_for_taps(self.backbone, self.feature_indices)
         d = cfg.decoder
         self.adapter = SimpleFeaturePyramid(self.backbone.embed_dim, norm=d.norm)
         self.head = UperNetHead(
@@ -195,15 +194,17 @@ class UperNetViT(nn.Module):
 
         With ``return_aux=True`` (needs ``aux_head=True``): ``(logits, aux_logits)``, both ``[B, K, H, W]``.
         """
-        height, width = x.shape[-2:]
-        levels = self.adapter(self.backbone_features(x))
-        padded_size = [s * self.patch_size for s in levels[2].shape[-2:]]
-        out = self.head(levels, return_aux=return_aux)
+        padded = self.pad(self.check_input(x))
+        levels = self.adapter(extract_feature_maps(self.backbone.vit, padded, self.feature_indices))
         if not return_aux:
-            return self.crop(self.upsampler(out, padded_size), height, width)
-        logits, aux = out
-        return (self.crop(self.upsampler(logits, padded_size), height, width),
-                self.crop(resize(aux, padded_size), height, width))
+            return self.to_input_size(self.upsampler, self.head(levels), padded, x)
+        logits, aux = self.head(levels, return_aux=True)
+        return self.to_input_size(self.upsampler, logits, padded, x), self.to_input_size(resize, aux, padded, x)
+
+    def to_input_size(self, upsample: Callable[[torch.Tensor, Sequence[int]], torch.Tensor], logits: torch.Tensor,
+                      padded: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Stride-4 ``[B, K, H_pad/4, W_pad/4]`` -> ``upsample`` to the padded input's size -> crop to ``x``'s."""
+        return self.crop(upsample(logits, padded.shape[-2:]), *x.shape[-2:])
 
     def crop(self, logits: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """``[B, K, H_pad, W_pad] -> [B, K, H, W]``, contiguous: drop the padding. The export twin overrides it."""

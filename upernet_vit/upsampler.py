@@ -6,14 +6,16 @@
 """
 from __future__ import annotations
 
-from typing import Sequence
+import typing
+from typing import Sequence, Tuple
 
 import torch
 from torch import nn
 
+from .config import Upsampler
 from .layers import build_norm2d, resize
 
-UPSAMPLER_NAMES = ("bilinear", "progressive")
+UPSAMPLER_NAMES: Tuple[str, ...] = typing.get_args(Upsampler)
 
 
 class BilinearUpsampler(nn.Module):

@@ -6,12 +6,15 @@ BEiT/MAE per-tap form): 4x, 2x, 1x and 0.5x.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from .layers import build_norm2d
+
+if TYPE_CHECKING:
+    from .backbones.factory import ViTBackbone
 
 
 def default_feature_indices(depth: int) -> Tuple[int, int, int, int]:
@@ -46,14 +49,17 @@ def resolve_feature_indices(depth: int, feature_indices: Optional[Sequence[int]]
     return tuple(i % depth for i in indices)
 
 
-def prepare_vit_for_taps(vit: nn.Module, indices: Sequence[int]) -> None:
-    """Make ``vit`` serve only the taps: drop blocks after the last one (they would cost compute and
-    get no gradient) and the classifier. ViTs that keep their final norm as ``fc_norm`` (global-average
-    pooling variants such as EVA-02) get it moved to ``norm``, so the taps are normalized for them too."""
+def prepare_vit_for_taps(backbone: "ViTBackbone", indices: Sequence[int]) -> None:
+    """Make ``backbone.vit`` serve only the taps: drop blocks after the last one (they would cost compute
+    and get no gradient; ``backbone.depth`` becomes the blocks kept) and the classifier. ViTs that keep
+    their final norm as ``fc_norm`` (global-average pooling variants such as EVA-02) get it moved to
+    ``norm``, so the taps are normalized for them too."""
+    vit = backbone.vit
     fc_norm = getattr(vit, "fc_norm", None)
     if isinstance(getattr(vit, "norm", None), nn.Identity) and fc_norm is not None and not isinstance(fc_norm, nn.Identity):
         vit.norm, vit.fc_norm = fc_norm, nn.Identity()
     vit.prune_intermediate_layers(sorted(set(indices)), prune_norm=False, prune_head=True)
+    backbone.depth = len(vit.blocks)
 
 
 def extract_feature_maps(vit: nn.Module, x: torch.Tensor, indices: Sequence[int]) -> List[torch.Tensor]:
@@ -98,7 +104,6 @@ class SimpleFeaturePyramid(nn.Module):
         self.identity = nn.Identity()
         self.down2 = nn.MaxPool2d(kernel_size=2, stride=2, ceil_mode=True)
         self.out_channels: Tuple[int, int, int, int] = (d, d, d, d)
-        self.scale_factors: Tuple[float, float, float, float] = (4.0, 2.0, 1.0, 0.5)
 
     def forward(self, maps: Sequence[torch.Tensor]) -> List[torch.Tensor]:
         if len(maps) != 4:

@@ -89,12 +89,14 @@ def create_backbone(
     trust_checkpoint: bool = False,
     norm_stats: Optional[str] = None,
     pretrained: bool = False,
+    drop_path_rate: float = 0.0,
 ) -> ViTBackbone:
     """A timm ViT for a preset (``"dinov2"``, ``"dinov2_reg4"``, ``"dinov3"``, ``"retfound"``,
     ``"visionfm"`` with a ``backbone_size``) or any timm ViT name (``backbone_size=None``).
 
     ``backbone_kwargs`` go to ``timm.create_model`` (e.g. ``dict(depth=4, embed_dim=32, num_heads=2)``
-    for tests, ``img_size``, ``drop_path_rate``). The model is built with ``dynamic_img_size=True``
+    for tests, ``img_size``). ``drop_path_rate``: stochastic depth of the blocks (timm's linear rule).
+    The model is built with ``dynamic_img_size=True``
     (any input size that is a multiple of the patch), no classifier, random weights, and the family's
     official position-embedding interpolation. A local ``checkpoint_path`` (official layouts or timm;
     ``checkpoint_format="auto"`` detects which) is then loaded strictly. ``pretrained=True`` instead loads
@@ -111,10 +113,12 @@ def create_backbone(
         )
     kwargs: Dict[str, Any] = dict(preset.timm_kwargs) if preset else {}
     kwargs.update(backbone_kwargs or {})
-    for reserved in ("pretrained", "in_chans", "num_classes", "dynamic_img_size"):
-        if reserved in kwargs:
-            hint = "use pretrained=True or checkpoint_path" if reserved == "pretrained" else "it is set by upernet-vit"
+    for reserved in ("pretrained", "in_chans", "num_classes", "dynamic_img_size", "drop_path_rate"):
+        if reserved in (backbone_kwargs or {}):
+            hint = {"pretrained": "use pretrained=True or checkpoint_path",
+                    "drop_path_rate": "it is the model option drop_path_rate"}.get(reserved, "it is set by upernet-vit")
             raise ValueError(f"backbone_kwargs may not contain {reserved!r}: {hint}")
+    kwargs["drop_path_rate"] = float(drop_path_rate)
     if not timm.is_model(timm_name):
         matches = timm.list_models(f"*{timm_name}*")[:8]
         raise ValueError(

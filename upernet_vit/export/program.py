@@ -10,15 +10,11 @@ from .formulations import export_formulations
 def export_program(model: UperNetViT, example: torch.Tensor, dynamic: bool = True) -> "torch.export.ExportedProgram":
     """``torch.export.export(model, (example,))`` with the export formulations (:mod:`.formulations`), so
     that with ``dynamic=True`` (batch, H and W symbolic) the program is correct at every input size, not
-    only the example's. Traced in eval mode without autograd; ``model`` is left as it was. Needs torch >= 2.7 when dynamic.
+    only the example's. Traced in eval mode without autograd; ``model`` is left as it was.
 
     ``example [B, in_chans, H, W]`` with B >= 2 and H, W > 2 patches when dynamic: a size-1 axis or a 1-px
     map would be traced as a constant.
     """
-    if dynamic and not hasattr(torch.compiler, "is_exporting"):
-        raise RuntimeError(
-            f"a dynamic export needs torch >= 2.7 (found {torch.__version__}); upgrade torch or export a fixed size"
-        )
     dim = torch.export.Dim.DYNAMIC
     axes = {"x": {0: dim, 2: dim, 3: dim}} if dynamic else None
     was_training = model.training

@@ -1,7 +1,11 @@
-"""``optimize``: the one entry point of the fast paths."""
+"""``optimize``: the one entry point of the fast paths, and the one place their defaults are decided.
+
+``optimize(model)`` with no arguments is what ``upernet-vit train`` and ``predict`` run, for the device the
+model is on and the mode it is in (README, Performance, for the measurements behind each default).
+"""
 from __future__ import annotations
 
-from typing import List, TypeVar, Union
+from typing import List, Optional, TypeVar, Union
 
 import torch
 from torch import nn
@@ -19,7 +23,7 @@ M = TypeVar("M", bound=Union[UperNetViT, UperNetHead])
 def optimize(
     module: M,
     *,
-    channels_last: bool = True,
+    channels_last: Optional[bool] = None,
     fuse_bn: bool = False,
     recompute_upsampled: bool = True,
     winograd: bool = False,
@@ -27,11 +31,13 @@ def optimize(
     """Switch the fast paths of an ``UperNetViT`` or ``UperNetHead`` on or off, in place; returns ``module``.
 
     Each flag says the state the head ends in, so ``optimize(model, winograd=False)`` also undoes an
-    earlier ``winograd=True``.
+    earlier ``winograd=True``. Call it after ``model.to(device)`` and ``model.train()``/``.eval()``: the
+    ``channels_last`` default depends on both.
 
     - ``channels_last``: head conv weights in NHWC memory, so the head's convs run in NHWC (other kernels,
-      same values up to rounding). Measured faster for eval on the CPUs tried, slower for training on
-      an AMD EPYC (README, Performance).
+      same values up to rounding). ``None`` (default): on for a model in eval mode on the CPU, where it was
+      measured faster on both CPUs tried; off in training (1.2-1.9x slower on an AMD EPYC) and on CUDA
+      (not yet measured there).
     - ``fuse_bn``: fold BatchNorm into the convs (``norm="batchnorm"`` models; eval mode only; not
       undoable, so save the unfused model for training or sharing).
     - ``recompute_upsampled``: the FPN's last step never builds the ``[B, L*C, H/4, W/4]`` concat and, in
@@ -47,6 +53,9 @@ def optimize(
         heads = [module]
     else:
         raise TypeError(f"optimize() takes an UperNetViT or an UperNetHead, got {type(module).__name__}")
+    if channels_last is None:
+        device = next(module.parameters()).device
+        channels_last = device.type == "cpu" and not module.training
     if fuse_bn:
         if module.training:
             raise RuntimeError("optimize(fuse_bn=True) folds BatchNorm running statistics: call model.eval() first")

@@ -30,17 +30,13 @@ from typing import Iterator, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from ..layers import resize as _resize
+from ..layers import resize
 
 
-def resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Bilinear resize to ``size``; ``x`` itself at its own size (eager only: this module never runs traced)."""
-    return x if tuple(x.shape[-2:]) == tuple(size) else _resize(x, size)
-
-
-def is_exporting() -> bool:
-    """True while ``torch.export`` traces (torch >= 2.7 can tell; before, export also sets ``is_compiling``)."""
-    return bool(getattr(torch.compiler, "is_exporting", lambda: False)())
+def resize_unless_same(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """``layers.resize``, skipped when ``x`` already has ``size`` (eager only: this module never runs
+    traced, where the size test would add a guard)."""
+    return x if tuple(x.shape[-2:]) == tuple(size) else resize(x, size)
 
 # rows of the transforms; applied below as explicit adds so no matmul runs over the tiles
 G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
@@ -188,7 +184,7 @@ class _Winograd3x3(torch.autograd.Function):
     def forward(ctx, weight: torch.Tensor, size: Tuple[int, int], *xs: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         ctx.size = size
         ctx.save_for_backward(weight, *xs)
-        return _conv_nhwc([_nhwc(resize(x, size)) for x in xs], filter_transform(weight))
+        return _conv_nhwc([_nhwc(resize_unless_same(x, size)) for x in xs], filter_transform(weight))
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:  # type: ignore[override]
@@ -202,7 +198,7 @@ class _Winograd3x3(torch.autograd.Function):
             start += x.shape[1]
             with torch.enable_grad():
                 source = x.detach().requires_grad_(ctx.needs_input_grad[2 + i])
-                big = resize(source, ctx.size)
+                big = resize_unless_same(source, ctx.size)
             if ctx.needs_input_grad[0]:
                 grad_w_parts.append(filter_transform_adjoint(_filter_grad_nhwc(_nhwc(big.detach()), grad_nhwc)))
             grad_x = None
@@ -280,7 +276,7 @@ class WinogradConv2d(nn.Conv2d):
         """For input ``x`` (or maps like ``x`` resized to ``size`` first)."""
         if (  # first: under compile/export a test on the (symbolic) size would add a guard
             torch.compiler.is_compiling()
-            or is_exporting()
+            or torch.compiler.is_exporting()
             or torch.jit.is_tracing()
             or torch.jit.is_scripting()
         ):

@@ -5,7 +5,6 @@ number of worker processes, and a resumed run continues with exactly the batches
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -14,15 +13,8 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from ..config import AugmentationConfig
 from .data import IGNORE_INDEX, Case
-
-
-@dataclass
-class AugmentConfig:
-    scale_range: Tuple[float, float] = (0.7, 1.4)  # zoom: >1 magnifies
-    rotation_degrees: float = 180.0
-    flip: bool = True
-    intensity: bool = True
 
 
 class RandomScaledCrop(v2.Transform):
@@ -84,7 +76,7 @@ class RandomIntensity(v2.Transform):
         return tv_tensors.wrap(x, like=inpt)
 
 
-def build_transform(patch_size: Sequence[int], cfg: Optional[AugmentConfig]) -> v2.Transform:
+def build_transform(patch_size: Sequence[int], cfg: Optional[AugmentationConfig]) -> v2.Transform:
     """Training augmentation (``cfg`` given) or a plain random crop at scale 1 (``cfg=None``)."""
     if cfg is None:
         return RandomScaledCrop(patch_size)
@@ -98,7 +90,7 @@ def build_transform(patch_size: Sequence[int], cfg: Optional[AugmentConfig]) -> 
                 fill={tv_tensors.Image: 0.0, tv_tensors.Mask: IGNORE_INDEX},
             )
         )
-    steps.append(RandomScaledCrop(patch_size, cfg.scale_range))
+    steps.append(RandomScaledCrop(patch_size, tuple(cfg.scale_range)))  # type: ignore[arg-type]
     if cfg.flip:
         steps += [v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()]
     if cfg.intensity:
@@ -139,7 +131,7 @@ class PatchDataset(torch.utils.data.Dataset):
         normalizer: Normalizer,
         length: int,
         seed: int,
-        augment: Optional[AugmentConfig],
+        augment: Optional[AugmentationConfig],
     ) -> None:
         if not cases:
             raise ValueError("PatchDataset needs at least one case")

@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, Optional
 import torch
 import yaml
 
+from ..config import Config, load_config
 from ..fileio import as_os_error, fsync_path
 from ..pretrained import WEIGHTS_NAME
 
@@ -183,8 +184,8 @@ def _no_best_reason(run_dir: str, state: Dict[str, Any]) -> str:
     validated = [r for r in history if any(
         k.startswith("val_dice_") and k != "val_dice_mean" and math.isfinite(v) for k, v in r.items())]
     if not validated:
-        every = (yaml.safe_load(state["config"]).get("train") or {}).get("val_every", 1)
-        why = (f"it stopped at epoch {epoch} before its first validation (train.val_every {every}; the last "
+        why = (f"it stopped at epoch {epoch} before its first validation (train.val_every "
+               f"{_run_config(state).train.val_every}; the last "
                f"epoch always validates)")
     else:
         why = (f"its mean foreground validation Dice was never a number in {len(validated)} validation(s): no "
@@ -194,7 +195,12 @@ def _no_best_reason(run_dir: str, state: Dict[str, Any]) -> str:
 
 
 def _planned_epochs(state: Dict[str, Any]) -> int:
-    return int((yaml.safe_load(state["config"]).get("train") or {}).get("num_epochs", state["epoch"]))
+    return _run_config(state).train.num_epochs
+
+
+def _run_config(state: Dict[str, Any]) -> Config:
+    """The config a training state was saved with (``config.yaml`` text in the state)."""
+    return load_config(yaml.safe_load(state["config"]))
 
 
 CHECKPOINT_CHOICES = ("final", "best", "latest")

@@ -1,13 +1,17 @@
 """Cross-entropy + soft Dice (nnU-Net's ``DC_and_CE_loss``), with an ignore label."""
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+import logging
+from typing import List, Literal, Optional, Sequence, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .data import IGNORE_INDEX
+
+logger = logging.getLogger(__name__)
 
 
 class SoftDiceLoss(nn.Module):
@@ -88,3 +92,23 @@ def inverse_frequency_weights(labels: Sequence[torch.Tensor], num_classes: int) 
         counts += torch.bincount(valid.flatten(), minlength=num_classes)[:num_classes].double()
     total = counts.sum()
     return [float(total / (num_classes * n)) if n > 0 else 1.0 for n in counts.tolist()]
+
+
+def class_weights(
+    wanted: Union[None, Literal["auto"], Sequence[float]], label_names: Sequence[str], labels: Sequence[np.ndarray]
+) -> Optional[List[float]]:
+    """``train.class_weights`` for the CE term: None, checked against the classes (``label_names``,
+    background first), or ``auto`` computed from the training ``labels`` and logged."""
+    if wanted is None:
+        return None
+    if wanted == "auto":
+        weights = inverse_frequency_weights([torch.from_numpy(label) for label in labels], len(label_names))
+        logger.info("train.class_weights auto (inverse pixel frequency of the training cases): %s",
+                    ", ".join(f"{n} {w:.3g}" for n, w in zip(label_names, weights)))
+        return weights
+    if len(wanted) != len(label_names):
+        raise ValueError(
+            f"train.class_weights has {len(wanted)} values but the dataset has {len(label_names)} classes "
+            f"{list(label_names)} (background included): give one weight per class"
+        )
+    return list(wanted)

@@ -1,4 +1,5 @@
-"""Predict label maps for image files with a trained model, and evaluate predictions against ground truth."""
+"""Predict label maps for image files with one trained model or an ensemble: inputs checked against the
+model's record before anything is written, outputs only into a folder apart from the inputs."""
 from __future__ import annotations
 
 import json
@@ -17,24 +18,16 @@ from ..model import UperNetViT
 from ..pretrained import PREPROCESSING_NAME, WEIGHTS_NAME
 from .augment import Normalizer
 from .checkpoints import BEST, best_checkpoint, latest_checkpoint, run_checkpoint
-from .data import IGNORE_INDEX, read_case_image
+from .data import read_case_image
 from .distributed import resolve_device
-from .image_io import IMAGE_SUFFIXES, read_image, read_label, write_label_png
+from .image_io import IMAGE_SUFFIXES, read_image, write_label_png
 from .inference import amp_dtype, check_scales, check_step, tta_probabilities, window_count
 from .intensity import check_input_range
-from .metrics import confusion_counts, dice_iou
 
 logger = logging.getLogger(__name__)
 
 # the record, in an output folder, of the files predict wrote there: only those may be replaced
 MANIFEST_NAME = "predictions.json"
-
-
-def predict_fast_paths(device: torch.device) -> Dict[str, bool]:
-    """``upernet_vit.fast.optimize`` flags for prediction, chosen by measurement (README, Performance):
-    channels_last made the eval head faster on both CPUs measured (Intel Xeon, AMD EPYC) and is not yet
-    measured on CUDA; skipping the concat is as fast and needs less memory; Winograd is opt-in."""
-    return {"channels_last": device.type == "cpu", "recompute_upsampled": True}
 
 
 def resolve_model_dir(path: str, checkpoint: str = "final") -> str:
@@ -186,7 +179,7 @@ def _load_member(model_path: str, checkpoint: str, device: torch.device,
     if fast is not None:
         from ..fast import optimize
 
-        optimize(model, **{**predict_fast_paths(device), **fast})
+        optimize(model, **fast)  # its defaults for this device, in eval mode
     prep = read_preprocessing(folder)
     if prep is None:  # a bare save_pretrained folder: 8-bit inputs, the backbone's stats, labels 0..K-1
         logger.warning("%s not found: taking 8-bit inputs (values / 255, then the backbone's mean/std), labels "
@@ -220,7 +213,7 @@ def predict(
     checkpoint of a run folder (``final``, ``best``, ``latest``; :func:`resolve_model_dir`). ``scales`` and
     ``mirror``: test-time augmentation (:func:`~upernet_vit.training.inference.tta_probabilities`).
     ``amp``: ``"none"``, ``"bf16"`` or ``"fp16"`` (CUDA only) autocast. ``fast``: flags for
-    :func:`upernet_vit.fast.optimize` over :func:`predict_fast_paths` (``None``: the reference model as
+    :func:`upernet_vit.fast.optimize` over its defaults for the device, in eval mode (``None``: the reference model as
     loaded). Every input is read and checked before anything is written. Returns the written mask paths."""
     from tqdm.auto import tqdm
 
@@ -288,66 +281,3 @@ def _record_outputs(output_dir: str, names: Sequence[str], settings: Dict) -> No
 def _save_npz(path: str, **arrays: np.ndarray) -> None:
     with open(path, "wb") as f:  # a file object: numpy would add ".npz" to a path without it
         np.savez_compressed(f, **arrays)
-
-
-def evaluate(
-    pred_dir: str, gt_dir: str, labels: Optional[Dict[str, int]] = None, ignore_value: Optional[int] = None
-) -> Dict:
-    """Per-class Dice and IoU, two ways: ``dice``/``iou`` from counts pooled over all cases, and
-    ``mean_case_dice`` (the mean over cases of each case's Dice, as nnU-Net's ``summary.json``,
-    cases where a class is absent from both prediction and truth left out), plus ``per_case``.
-
-    ``labels`` (name -> value) defaults to every value found in the ground truth or the predictions.
-    Writes nothing; the CLI saves the returned dict as ``summary.json``.
-    """
-    gts = {os.path.splitext(n)[0]: os.path.join(gt_dir, n) for n in sorted(os.listdir(gt_dir)) if n.lower().endswith(IMAGE_SUFFIXES)}
-    if not gts:
-        raise ValueError(f"no label files in --gt {gt_dir!r}")
-    missing = [c for c in gts if not os.path.isfile(os.path.join(pred_dir, c + ".png"))]
-    if missing:
-        raise FileNotFoundError(f"--pred {pred_dir!r} has no prediction for {len(missing)} case(s), e.g. {missing[0]}.png")
-    arrays = {c: (read_label(os.path.join(pred_dir, c + ".png")), read_label(p)) for c, p in gts.items()}
-    if labels is None:
-        found = sorted(set().union(*(set(np.unique(g).tolist()) | set(np.unique(p).tolist()) for p, g in arrays.values())) - {ignore_value})
-        labels = {("background" if v == 0 else f"class_{v}"): v for v in found}
-    names, label_values = list(labels), list(labels.values())
-    lut = {v: i for i, v in enumerate(label_values)}
-
-    def to_index(a: np.ndarray, source: str) -> torch.Tensor:
-        out = np.full(a.shape, IGNORE_INDEX, dtype=np.int64)
-        for v in np.unique(a).tolist():
-            if v in lut:
-                out[a == v] = lut[v]
-            elif v != ignore_value:
-                raise ValueError(f"{source!r} has label value {v} that is not among {labels}")
-        return torch.from_numpy(out)
-
-    total = torch.zeros(len(names), 3, dtype=torch.int64)
-    per_case = {}
-    for case, (pred, gt) in arrays.items():
-        if pred.shape != gt.shape:
-            raise ValueError(f"prediction {case}.png is {pred.shape} but its ground truth is {gt.shape}")
-        counts = confusion_counts(to_index(pred, os.path.join(pred_dir, case + ".png")), to_index(gt, gts[case]), len(names))
-        total += counts
-        scores = dice_iou(counts)
-        per_case[case] = {f"dice_{n}": _num(d) for n, d in zip(names, scores["dice"])}
-    scores = dice_iou(total)
-    fg = [d for d in scores["dice"][1:] if not np.isnan(d)]
-    case_mean = {}
-    for n in names:
-        values_n = [c[f"dice_{n}"] for c in per_case.values() if c[f"dice_{n}"] is not None]
-        case_mean[n] = float(np.mean(values_n)) if values_n else None
-    fg_case = [case_mean[n] for n in names[1:] if case_mean[n] is not None]
-    return {
-        "labels": labels,
-        "dice": {n: _num(d) for n, d in zip(names, scores["dice"])},
-        "iou": {n: _num(d) for n, d in zip(names, scores["iou"])},
-        "foreground_mean_dice": _num(np.mean(fg)) if fg else None,
-        "mean_case_dice": case_mean,
-        "foreground_mean_case_dice": float(np.mean(fg_case)) if fg_case else None,
-        "per_case": per_case,
-    }
-
-
-def _num(value: float) -> Optional[float]:
-    return None if value is None or np.isnan(value) else float(value)

@@ -1,139 +1,64 @@
-"""Training loop: seeded patches, Dice+CE, AdamW/SGD with warmup-poly, AMP, validation, checkpoints, resume, DDP."""
+"""The training loop: an epoch of seeded, augmented patches (Dice + CE, AdamW/SGD with warmup-poly,
+AMP, gradient clipping), a validation of whole images by sliding window, and ``run``, which chains them and
+hands each epoch to the run folder.
+
+What it builds on, one file each: the data (``prepare.py``), the run folder with its checkpoints and
+metrics rows (``run_folder.py``), the device and DDP helpers (``distributed.py``), the loss
+(``losses.py``), the optimizer and schedule (``optim.py``), sliding-window inference (``inference.py``).
+"""
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import math
 import os
 import time
 import warnings
 from contextlib import nullcontext
-from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Dict, List, Mapping, Optional
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from ..config import Config, DataConfig, config_to_yaml, load_config, save_config
-from ..fileio import atomic_write, save_torch
-from ..pretrained import WEIGHTS_NAME, non_finite_tensors, verify_checksum
+from ..config import Config
 from ..model import UperNetViT
-from .augment import AugmentConfig, Normalizer, PatchDataset
-from .checkpoints import (
-    BEST, LATEST, STATE_NAME, RunLock, copy_checkpoint, latest_checkpoint, recover_run_folder, repair_best,
-    write_folder_atomically,
-)
-from .data import Case, DatasetInfo, absent_classes, fold_case_ids, load_folders, load_nnunet_raw
-from .demo_data import demo_cases, demo_info
+from ..pretrained import non_finite_tensors
+from .augment import Normalizer, PatchDataset
+from .checkpoints import LATEST
 from .distributed import all_reduce_sum, barrier, cleanup, init_distributed, resolve_device
-from .intensity import choose_intensity_scale, value_range
 from .inference import amp_dtype, tta_probabilities
 from .loggers import RunLogger, create_logger
-from .losses import DiceCELoss, inverse_frequency_weights, segmentation_loss
+from .losses import DiceCELoss, class_weights, segmentation_loss
 from .metrics import confusion_counts, summarize
 from .optim import build_optimizer, build_scheduler
+from .prepare import prepare_data
+from .run_folder import RunFolder
 
 logger = logging.getLogger(__name__)
-
-# upernet_vit.fast.optimize flags for training, chosen by measurement (README, Performance): recomputing
-# the upsampled levels saves memory on any device at no measured cost; channels_last made the head's
-# training step 1.46x slower on an AMD EPYC; Winograd helps on some CPUs and hurts on others (opt-in:
-# upernet-vit train --winograd)
-TRAIN_FAST_PATHS: Mapping[str, bool] = MappingProxyType({"channels_last": False, "recompute_upsampled": True})
-
-
-@dataclass
-class PreparedData:
-    info: DatasetInfo
-    train_cases: List[Case]
-    val_cases: List[Case]
-    splits: List[Dict[str, List[str]]]
-    intensity_scale: float  # pixel values / this -> [0, 1] for the preset normalization (training/intensity.py)
-    intensity_range: List[float]  # [min, max] pixel value of the dataset's images
-    absent: List[int]  # class indices that no training mask contains (left out of the mean Dice)
-
-
-def prepare_data(cfg: DataConfig) -> PreparedData:
-    """Load and check the dataset, pick the fold's cases and the intensity scale. Every data error
-    surfaces here; a declared class that no training mask contains is a warning."""
-    if cfg.format == "demo":  # the same images whatever train.seed is
-        info, cases = demo_info(), demo_cases(cfg.demo_cases, cfg.demo_image_size)
-        splits_file = None
-    else:
-        if not cfg.root:
-            raise ValueError(f"data.root is not set: data.format {cfg.format!r} needs the dataset folder")
-        if cfg.format == "nnunet":
-            info, cases = load_nnunet_raw(cfg.root)
-        else:
-            info, cases = load_folders(cfg.root, cfg.labels)
-        splits_file = cfg.splits_file or os.path.join(cfg.root, "splits_final.json")
-    if info.num_classes < 2:
-        raise ValueError(f"the dataset has {info.num_classes} label(s); segmentation needs background plus at least one class")
-    fold = str(cfg.fold)
-    train_ids, val_ids, splits = fold_case_ids(
-        [c.case_id for c in cases], fold, splits_file, cfg.num_folds, required=bool(cfg.splits_file)
-    )
-    by_id = {c.case_id: c for c in cases}
-    train_cases = [by_id[i] for i in train_ids]
-    scale = choose_intensity_scale({c.source or c.case_id: c.full_scale for c in cases}, cfg.normalization,
-                                   cfg.intensity_scale)
-    absent = absent_classes(info, train_cases)
-    if absent:
-        logger.warning(
-            "class(es) %s are declared (%s) but no training mask of fold %s contains them: the model cannot "
-            "learn them, and they are left out of the mean validation Dice",
-            ", ".join(f"{info.label_names[i]!r} (value {info.label_values[i]})" for i in absent),
-            "data.labels" if cfg.labels else ("dataset.json" if cfg.format == "nnunet" else "the dataset"), fold,
-        )
-    low, high = value_range([c.image for c in cases])
-    return PreparedData(info, train_cases, [by_id[i] for i in val_ids], splits, scale, [low, high], absent)
-
-
-# keys that may differ between a run and its --resume (they do not change what is computed)
-_RESUME_FREE_KEYS = {"data.num_workers", "train.device", "train.output_dir", "train.num_overlays", "train.logger"}
-
-
-def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
-    out: Dict[str, Any] = {}
-    for key, value in d.items():
-        if isinstance(value, dict) and key != "backbone_kwargs":
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 class TrainingDiverged(RuntimeError):
     """The loss or the gradient norm became NaN or infinite; the run stops and saves nothing more."""
 
 
-def _write_json(path: str, data: Any) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1)
-
-
 class Trainer:
-    """Runs one training job from a :class:`Config` into ``output_dir``.
+    """Runs one training job from a :class:`Config` into the run folder ``output_dir``
+    (:mod:`.run_folder`: ``config.yaml``, ``splits_final.json``, ``metrics.csv``, ``progress.png``,
+    ``overlays/``, ``checkpoint_latest/``, ``checkpoint_best/``).
 
-    The run folder gets ``config.yaml``, ``splits_final.json``, ``metrics.csv``, ``progress.png``,
-    ``overlays/`` and ``checkpoint_latest/``, ``checkpoint_best/`` (``save_pretrained`` files plus
-    ``preprocessing.json`` and ``training_state.pt``). ``resume=True`` continues from the latest
-    checkpoint with the same optimizer, scheduler, scaler, RNG state and history. ``fast``: flags for
-    :func:`upernet_vit.fast.optimize` over :data:`TRAIN_FAST_PATHS` (``None``: the reference model as built).
+    ``resume=True`` continues from the latest checkpoint with the same optimizer, scheduler, scaler, RNG
+    state and history. ``fast``: flags for :func:`upernet_vit.fast.optimize` over its defaults for the
+    device, in training (``None``: the reference model as built).
     """
 
     def __init__(
         self, config: Config, output_dir: str, resume: bool = False,
         fast: Optional[Mapping[str, bool]] = MappingProxyType({}),
     ) -> None:
-        self.cfg = config
-        self.output_dir = output_dir
+        self.cfg, self.output_dir = config, output_dir
         tcfg = config.train
         self.dist = init_distributed(resolve_device(tcfg.device).type)
         self.device = resolve_device(tcfg.device, self.dist.local_rank if self.dist.enabled else None)
@@ -142,114 +67,80 @@ class Trainer:
             raise ValueError(
                 f"data.batch_size {config.data.batch_size} is not divisible by the {self.dist.world_size} processes"
             )
-
         self.data = prepare_data(config.data)
-        info = self.data.info
-        if config.model.num_classes is not None and config.model.num_classes != info.num_classes:
-            raise ValueError(
-                f"model.num_classes is {config.model.num_classes} but the dataset has {info.num_classes} labels "
-                f"{info.label_names}; remove model.num_classes or make it match"
-            )
-        torch.manual_seed(tcfg.seed)
-        self.model = UperNetViT.from_config(config, num_classes=info.num_classes, in_chans=info.num_channels)
-        if fast is not None:
-            from ..fast import optimize
-
-            optimize(self.model, **{**TRAIN_FAST_PATHS, **fast})
+        self.model = self._build_model(fast)
         self.patch_size = list(config.data.patch_size)
-        if len(self.patch_size) != 2 or min(self.patch_size) < self.model.patch_size:
-            raise ValueError(
-                f"data.patch_size {self.patch_size} must be 2 sizes, each >= the backbone patch "
-                f"({self.model.patch_size} px for {self.model.backbone.name})"
-            )
-        if config.model.decoder.norm == "batchnorm" and self.dist.enabled and self.device.type == "cuda":
-            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-        self.model.to(self.device)
         self.normalizer = Normalizer(self.model.mean, self.model.std, config.data.normalization,
                                      self.data.intensity_scale)
         self.model.preprocessing = self._preprocessing()  # save_pretrained writes it with the weights
-
         self.optimizer = build_optimizer(self.model, tcfg, self.model.backbone.depth)
         self.scheduler = build_scheduler(self.optimizer, tcfg)
         self.scaler = torch.amp.GradScaler("cuda", enabled=tcfg.amp == "fp16")
-        self.criterion = DiceCELoss(class_weights=self._class_weights()).to(self.device)
+        weights = class_weights(tcfg.class_weights, self.data.info.label_names,
+                                [c.label for c in self.data.train_cases])
+        self.criterion = DiceCELoss(class_weights=weights).to(self.device)
         self.net: nn.Module = (
             DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-            if self.dist.enabled
-            else self.model
+            if self.dist.enabled else self.model
         )
-
-        aug = config.data.augmentation
-        augment = AugmentConfig(tuple(aug.scale_range), aug.rotation_degrees, aug.flip, aug.intensity)  # type: ignore[arg-type]
-        self.train_set = PatchDataset(
-            self.data.train_cases, self.patch_size, self.normalizer,
-            tcfg.num_iterations_per_epoch * config.data.batch_size, tcfg.seed, augment,
-        )
-        self.val_set = PatchDataset(
-            self.data.val_cases, self.patch_size, self.normalizer,
-            tcfg.num_val_iterations_per_epoch * config.data.batch_size, tcfg.seed + 1, None,
-        )
+        batches = config.data.batch_size
+        self.train_set = PatchDataset(self.data.train_cases, self.patch_size, self.normalizer,
+                                      tcfg.num_iterations_per_epoch * batches, tcfg.seed, config.data.augmentation)
+        self.val_set = PatchDataset(self.data.val_cases, self.patch_size, self.normalizer,
+                                    tcfg.num_val_iterations_per_epoch * batches, tcfg.seed + 1, None)
         self.start_epoch = 0
         self.history: List[Dict[str, float]] = []
         self.best_ema = -math.inf
         self.best_epoch: Optional[int] = None  # the epoch checkpoint_best holds
         self.ema: Optional[float] = None
-        self.lock: Optional[RunLock] = None
         self.run_logger = RunLogger()  # the main process's replaces it (train.logger)
         self.overlay_paths: List[str] = []  # written by the last validate(write_overlays=True)
-        if self.dist.is_main:
-            os.makedirs(output_dir, exist_ok=True)
-            self.lock = RunLock(output_dir)  # before touching any file of the run
+        self.folder = RunFolder(output_dir, config, resume, writes=self.dist.is_main)
         try:
-            self._open_run(resume)
+            barrier(self.dist)
+            if resume:
+                self._resume()
+            if self.dist.is_main:
+                self.folder.write_run_files(self.data.splits)
+                self.run_logger = create_logger(tcfg.logger, output_dir, config.to_dict())
         except BaseException:
             self.release()
             raise
 
-    def _open_run(self, resume: bool) -> None:
-        if self.dist.is_main:
-            if not resume and latest_checkpoint(self.output_dir):
-                raise FileExistsError(
-                    f"{self.output_dir} already holds a run (checkpoint_latest); pass --resume to continue it "
-                    f"or choose another --output"
-                )
-            recover_run_folder(self.output_dir)
-        barrier(self.dist)
-        if resume:
-            self._resume()
-        if self.dist.is_main:
-            self._write_run_files()
-            self.run_logger = create_logger(self.cfg.train.logger, self.output_dir, self.cfg.to_dict())
+    def _build_model(self, fast: Optional[Mapping[str, bool]]) -> UperNetViT:
+        """The model for the dataset's classes and channels, on the device, with the fast paths."""
+        info, cfg = self.data.info, self.cfg
+        if cfg.model.num_classes is not None and cfg.model.num_classes != info.num_classes:
+            raise ValueError(
+                f"model.num_classes is {cfg.model.num_classes} but the dataset has {info.num_classes} labels "
+                f"{info.label_names}; remove model.num_classes or make it match"
+            )
+        torch.manual_seed(cfg.train.seed)
+        model = UperNetViT.from_config(cfg, num_classes=info.num_classes, in_chans=info.num_channels)
+        patch = list(cfg.data.patch_size)
+        if min(patch) < model.patch_size:
+            raise ValueError(
+                f"data.patch_size {patch} must be 2 sizes, each >= the backbone patch "
+                f"({model.patch_size} px for {model.backbone.name})"
+            )
+        if cfg.model.decoder.norm == "batchnorm" and self.dist.enabled and self.device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model.to(self.device)
+        if fast is not None:
+            from ..fast import optimize
+
+            optimize(model.train(), **fast)  # its defaults for this device, in training
+        return model
 
     def release(self) -> None:
         """Close the logger and give up the run folder's lock (``run`` does at its end; a Trainer that is not
         run can call it)."""
         self.run_logger.close()
         self.run_logger = RunLogger()
-        if self.lock is not None:
-            self.lock.release()
-            self.lock = None
+        self.folder.release()
 
-    def _class_weights(self) -> Optional[List[float]]:
-        """``train.class_weights`` checked against the dataset's classes, or computed (``auto``)."""
-        wanted, info = self.cfg.train.class_weights, self.data.info
-        if wanted is None:
-            return None
-        if wanted == "auto":
-            labels = [torch.from_numpy(c.label) for c in self.data.train_cases]
-            weights = inverse_frequency_weights(labels, info.num_classes)
-            logger.info("train.class_weights auto (inverse pixel frequency of the training cases): %s",
-                        ", ".join(f"{n} {w:.3g}" for n, w in zip(info.label_names, weights)))
-            return weights
-        if len(wanted) != info.num_classes:
-            raise ValueError(
-                f"train.class_weights has {len(wanted)} values but the dataset has {info.num_classes} classes "
-                f"{info.label_names} (background included): give one weight per class"
-            )
-        return list(wanted)
-
-    # ------------------------------------------------------------------ files
     def _preprocessing(self) -> Dict[str, Any]:
+        """What predict needs to treat inputs as training did (``preprocessing.json``)."""
         info = self.data.info
         return {
             "label_names": info.label_names,
@@ -264,21 +155,20 @@ class Trainer:
             "patch_size": self.patch_size,
         }
 
-    def _write_run_files(self) -> None:
-        atomic_write(os.path.join(self.output_dir, "config.yaml"), lambda p: save_config(self.cfg, p))
-        atomic_write(os.path.join(self.output_dir, "splits_final.json"), lambda p: _write_json(p, self.data.splits))
+    def _resume(self) -> None:
+        state = self.folder.read_for_resume(self.model, self.device)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng_torch"])
+        if state["rng_cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        self.start_epoch = int(state["epoch"])
+        self.history = list(state["history"])
+        self.best_ema, self.best_epoch, self.ema = float(state["best_ema"]), state["best_epoch"], state["ema"]
 
-    def _check_weights_finite(self, next_epoch: int) -> None:
-        """A NaN model is never written, never as best (on every DDP process: the weights are the same)."""
-        bad = non_finite_tensors(self.model.state_dict())
-        if bad:
-            raise TrainingDiverged(
-                f"training stopped: after epoch {next_epoch} {len(bad)} weight tensor(s) hold NaN or infinity "
-                f"(e.g. {bad[0]}); {LATEST} is not written and keeps its previous epoch"
-            )
-
-    def _save_checkpoint(self, name: str, next_epoch: int) -> None:
-        state = {
+    def _training_state(self, next_epoch: int) -> Dict[str, Any]:
+        return {
             "epoch": next_epoch,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -289,71 +179,16 @@ class Trainer:
             "best_ema": self.best_ema,
             "best_epoch": self.best_epoch,
             "ema": self.ema,
-            "config": config_to_yaml(self.cfg),
         }
 
-        def write(folder: str) -> None:
-            self.model.save_pretrained(folder)  # with preprocessing.json
-            save_torch(state, os.path.join(folder, STATE_NAME))
-
-        write_folder_atomically(os.path.join(self.output_dir, name), write)
-
-    def _resume(self) -> None:
-        path = latest_checkpoint(self.output_dir)
-        if path is None:
-            raise FileNotFoundError(f"--resume: no {LATEST} with {STATE_NAME} in {self.output_dir}")
-        state = torch.load(os.path.join(path, STATE_NAME), map_location="cpu", weights_only=True)
-        # the config first: a changed architecture is reported as such, not as a load_state_dict traceback
-        saved, now = _flatten(load_config(yaml.safe_load(state["config"])).to_dict()), _flatten(self.cfg.to_dict())
-        changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and k not in _RESUME_FREE_KEYS)
-        if changed:
-            raise ValueError(
-                f"--resume: the config differs from the run in {self.output_dir} in "
-                + ", ".join(f"{k} ({saved.get(k)!r} -> {now.get(k)!r})" for k in changed)
-                + "; resume with the run's own config.yaml, or start a new run with another --output"
+    def _check_weights_finite(self, next_epoch: int) -> None:
+        """A NaN model is never written, never as best (on every DDP process: the weights are the same)."""
+        bad = non_finite_tensors(self.model.state_dict())
+        if bad:
+            raise TrainingDiverged(
+                f"training stopped: after epoch {next_epoch} {len(bad)} weight tensor(s) hold NaN or infinity "
+                f"(e.g. {bad[0]}); {LATEST} is not written and keeps its previous epoch"
             )
-        from safetensors.torch import load_file
-
-        verify_checksum(path)
-        weights = os.path.join(path, WEIGHTS_NAME)
-        try:
-            self.model.load_state_dict(load_file(weights, device=str(self.device)))
-        except Exception as err:
-            raise ValueError(f"--resume: cannot load {weights} into the model: {str(err).strip().splitlines()[0]}") from err
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng_torch"])
-        if state["rng_cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng_cuda"])
-        self.start_epoch = int(state["epoch"])
-        self.history = list(state["history"])
-        self.best_ema = float(state["best_ema"])
-        self.ema = state["ema"]
-        # runs saved before best_epoch was recorded: the last epoch whose EMA was the best
-        self.best_epoch = state.get("best_epoch", next(
-            (int(row["epoch"]) for row in reversed(self.history) if row["ema_dice"] == self.best_ema), None
-        ))
-        if self.dist.is_main:
-            repair_best(self.output_dir, self.best_epoch, self.start_epoch)
-            if self.history:  # a kill between the checkpoint and metrics.csv left the csv a row behind
-                self._write_metrics()
-        logger.info("resumed %s at epoch %d", path, self.start_epoch)
-
-    def _write_metrics(self) -> None:
-        path = os.path.join(self.output_dir, "metrics.csv")
-        columns = list(self.history[0])
-
-        def write(tmp: str) -> None:
-            with open(tmp, "w", newline="", encoding="utf-8") as f:
-                writer = csv.DictWriter(f, fieldnames=columns)
-                writer.writeheader()
-                writer.writerows(self.history)
-
-        atomic_write(path, write)
-        from .plots import plot_progress
-
-        plot_progress(self.history, os.path.join(self.output_dir, "progress.png"))
 
     # ------------------------------------------------------------------ loops
     def _autocast(self):
@@ -446,7 +281,7 @@ class Trainer:
             self.overlay_paths = []
 
     def _divergence_message(self, epoch: int, step: int, loss: float, grad_norm: float) -> str:
-        last = latest_checkpoint(self.output_dir)  # written after each epoch: it holds `epoch` epochs
+        last = self.folder.latest()  # written after each epoch: it holds `epoch` epochs
         kept = f"{last} (epoch {epoch})" if last else "no checkpoint yet"
         return (
             f"training stopped: non-finite loss {loss} / gradient norm {grad_norm} at epoch {epoch + 1}, "
@@ -495,6 +330,19 @@ class Trainer:
         counts = all_reduce_sum(counts, self.dist)
         return summarize(counts, info.label_names, exclude=self.data.absent)
 
+    def _epoch_row(self, epoch: int, train_loss: float, val_loss: float, metrics: Dict[str, float], lr: float,
+                   seconds: float) -> Dict[str, float]:
+        """The epoch's ``metrics.csv`` row (NaN for what was not validated)."""
+        row: Dict[str, float] = {
+            "epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
+            "val_dice_mean": metrics.get("dice_mean", math.nan), "val_iou_mean": metrics.get("iou_mean", math.nan),
+            "ema_dice": self.ema if self.ema is not None else math.nan, "lr": lr, "epoch_time_s": seconds,
+        }
+        names = self.data.info.label_names
+        row.update({f"val_dice_{n}": metrics.get(f"dice_{n}", math.nan) for n in names})
+        row.update({f"val_iou_{n}": metrics.get(f"iou_{n}", math.nan) for n in names})
+        return row
+
     def run(self) -> List[Dict[str, float]]:
         """Train from ``start_epoch`` to ``num_epochs``; returns the per-epoch history."""
         tcfg = self.cfg.train
@@ -507,37 +355,17 @@ class Trainer:
                 val_loss = self.val_loss(epoch)
                 validate = (epoch + 1) % tcfg.val_every == 0 or epoch == last
                 metrics = self.validate(write_overlays=epoch == last) if validate else {}
-                dice = metrics.get("dice_mean", float("nan"))
+                dice = metrics.get("dice_mean", math.nan)
                 if not math.isnan(dice):
                     self.ema = dice if self.ema is None else 0.9 * self.ema + 0.1 * dice
-                row: Dict[str, float] = {
-                    "epoch": epoch + 1,
-                    "train_loss": train_loss,
-                    "val_loss": val_loss,
-                    "val_dice_mean": dice,
-                    "val_iou_mean": metrics.get("iou_mean", float("nan")),
-                    "ema_dice": self.ema if self.ema is not None else float("nan"),
-                    "lr": lr,
-                    "epoch_time_s": time.perf_counter() - start,
-                }
-                for name in self.data.info.label_names:
-                    row[f"val_dice_{name}"] = metrics.get(f"dice_{name}", float("nan"))
-                for name in self.data.info.label_names:
-                    row[f"val_iou_{name}"] = metrics.get(f"iou_{name}", float("nan"))
+                row = self._epoch_row(epoch, train_loss, val_loss, metrics, lr, time.perf_counter() - start)
                 self.history.append(row)
                 improved = self.ema is not None and self.ema > self.best_ema
                 if improved:
                     self.best_ema, self.best_epoch = float(self.ema), epoch + 1
                 self._check_weights_finite(epoch + 1)
                 if self.dist.is_main:
-                    # the state records best_epoch before checkpoint_best is written: a crash in between
-                    # is repaired at --resume (checkpoints.repair_best); metrics.csv comes after the
-                    # checkpoint, so it never shows an epoch that no checkpoint holds (a crash before it is
-                    # mended at --resume from the checkpoint's history)
-                    self._save_checkpoint(LATEST, epoch + 1)
-                    if improved:
-                        copy_checkpoint(os.path.join(self.output_dir, LATEST), os.path.join(self.output_dir, BEST))
-                    self._write_metrics()
+                    self.folder.save_epoch(self.model, self._training_state(epoch + 1), improved, self.history)
                     self._log_to_run_logger(epoch + 1, row)
                     logger.info(
                         "epoch %d/%d  train_loss %.4f  val_loss %.4f  val_dice %.4f  ema_dice %.4f%s  lr %.2e  %.1f s",

@@ -195,7 +195,7 @@ class nnUNetTrainerUperNetViT(nnUNetTrainer):
 def _recipe(backbone: str, size: str, lr: float, lora: bool = False) -> Dict[str, Any]:
     return {
         "model": {"backbone": backbone, "backbone_size": size, "decoder": {"hidden_size": 512, "pool_scales": [1, 2, 3, 6]}},
-        "lora": {"enabled": lora, "r": 8, "lora_alpha": 16, "target_modules": ["qkv"], "lora_dropout": 0.05},
+        "lora": {"enabled": lora},  # r, alpha, targets, dropout: config.LoraConfig's defaults
         "train": {"initial_lr": lr, "weight_decay": 0.05, "warmup_epochs": 10, "optimizer": "adamw", "layer_decay": 0.9},
     }
 

@@ -1,5 +1,7 @@
-"""Paths of the reference model itself keep the math: gradient checkpointing, torch.compile without graph
-breaks, torch.export. (The opt-in fast paths: test_fast.py. Speed and memory: benchmarks/.)"""
+"""Gradient checkpointing, torch.compile and torch.export of the reference model keep its math: the same
+gradients with checkpointing, one graph (no breaks) that computes the eager outputs, an exported program
+that does too. (The opt-in fast paths: test_fast.py. ONNX and ExportedProgram files: test_export_*.py.
+Speed and memory: benchmarks/.)"""
 import pytest
 import torch
 
@@ -21,10 +23,11 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         assert torch.allclose(p.grad, q.grad, atol=1e-6), name
 
 
+@pytest.mark.slow  # 10-13 s each on a 2-core CPU; .ci/run runs the slow tests too
 @pytest.mark.parametrize("backbone, size", [("vit_small_patch16_224", None), ("dinov2", "small"), ("dinov3", "small")])
 def test_compiles_as_one_graph(backbone, size):
     """fullgraph=True fails on any graph break; aot_eager traces forward and backward without codegen."""
-    model = UperNetViT(backbone, size, 3, decoder_channels=16, upsampler="progressive", backbone_kwargs=TINY)
+    model = UperNetViT(backbone, size, 3, hidden_size=16, upsampler="progressive", backbone_kwargs=TINY)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     x = torch.randn(1, 3, 50, 70)  # not a multiple of the patch: the padding path too
     model.eval()
@@ -36,7 +39,7 @@ def test_compiles_as_one_graph(backbone, size):
 
 
 def test_torch_export_of_the_eval_model():
-    model = UperNetViT("dinov2", "small", 3, in_chans=1, decoder_channels=16, backbone_kwargs=TINY).eval()
+    model = UperNetViT("dinov2", "small", 3, in_chans=1, hidden_size=16, backbone_kwargs=TINY).eval()
     x = torch.randn(1, 1, 112, 140)
     exported = torch.export.export(model, (x,))
     with torch.no_grad():

@@ -1,0 +1,146 @@
+"""A training run's folder: one process holds it, a crash leaves nothing that ``--resume`` cannot mend.
+
+    <run>/.lock                 flock of the training process (checkpoints.RunLock)
+    <run>/config.yaml           the run's whole config; splits_final.json, its folds
+    <run>/checkpoint_latest/    save_pretrained files (preprocessing.json among them) + training_state.pt
+    <run>/checkpoint_best/      a copy of checkpoint_latest made at a best epoch
+    <run>/metrics.csv           one row per epoch, written after that epoch's checkpoint; progress.png
+
+:class:`RunFolder` opens a folder for a new run or a resumed one, writes each epoch's checkpoint and
+metrics row in crash-safe order, and reads a checkpoint back for ``--resume`` after checking that the
+config still describes it. Only the main process of a DDP run writes.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from typing import Any, Dict, List, Optional
+
+import torch
+import yaml
+
+from ..config import Config, config_to_yaml, load_config, save_config
+from ..fileio import atomic_write, save_torch, write_text
+from ..model import UperNetViT
+from ..pretrained import WEIGHTS_NAME, verify_checksum
+from . import checkpoints
+from .checkpoints import BEST, LATEST, STATE_NAME, RunLock, latest_checkpoint, recover_run_folder, repair_best
+
+logger = logging.getLogger(__name__)
+
+# keys that may differ between a run and its --resume (they do not change what is computed)
+RESUME_FREE_KEYS = {"data.num_workers", "train.device", "train.output_dir", "train.num_overlays", "train.logger"}
+
+
+def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, dict) and key != "backbone_kwargs":
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+class RunFolder:
+    """The run folder ``path`` of a training job with ``config``.
+
+    On the main process (``writes=True``) it is created and locked, a finished or started run in it is
+    refused unless ``resume``, and what a crash left half-written is removed or restored."""
+
+    def __init__(self, path: str, config: Config, resume: bool, writes: bool = True) -> None:
+        self.path, self.config, self.writes = path, config, writes
+        self.lock: Optional[RunLock] = None
+        if not writes:
+            return
+        os.makedirs(path, exist_ok=True)
+        self.lock = RunLock(path)  # before touching any file of the run
+        try:
+            if not resume and latest_checkpoint(path):
+                raise FileExistsError(
+                    f"{path} already holds a run (checkpoint_latest); pass --resume to continue it or choose "
+                    f"another --output"
+                )
+            recover_run_folder(path)
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        """Give up the lock (the process's end does too)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def latest(self) -> Optional[str]:
+        return latest_checkpoint(self.path)
+
+    def write_run_files(self, splits: List[Dict[str, List[str]]]) -> None:
+        atomic_write(os.path.join(self.path, "config.yaml"), lambda p: save_config(self.config, p))
+        text = json.dumps(splits, indent=1)
+        atomic_write(os.path.join(self.path, "splits_final.json"), lambda p: write_text(p, text))
+
+    def save_epoch(self, model: UperNetViT, state: Dict[str, Any], best: bool, history: List[Dict[str, float]]) -> None:
+        """``checkpoint_latest`` (the model and ``state``), then its copy as ``checkpoint_best`` when ``best``,
+        then the metrics row. ``state["best_epoch"]`` is on disk before the best copy starts, so a crash
+        between the two is repaired at resume (:func:`~.checkpoints.repair_best`); the row comes last, so
+        ``metrics.csv`` never shows an epoch that no checkpoint holds."""
+        state = {**state, "config": config_to_yaml(self.config)}
+
+        def write(folder: str) -> None:
+            model.save_pretrained(folder)  # with preprocessing.json
+            save_torch(state, os.path.join(folder, STATE_NAME))
+
+        latest = os.path.join(self.path, LATEST)
+        checkpoints.write_folder_atomically(latest, write)
+        if best:
+            checkpoints.copy_checkpoint(latest, os.path.join(self.path, BEST))
+        self.write_metrics(history)
+
+    def read_for_resume(self, model: UperNetViT, device: torch.device) -> Dict[str, Any]:
+        """Load ``checkpoint_latest``'s weights into ``model`` and return its training state. The config is
+        compared first, so a changed architecture is named as such, not as a ``load_state_dict`` traceback.
+        On the main process the best checkpoint is repaired and ``metrics.csv`` rewritten from the state."""
+        path = self.latest()
+        if path is None:
+            raise FileNotFoundError(f"--resume: no {LATEST} with {STATE_NAME} in {self.path}")
+        state = torch.load(os.path.join(path, STATE_NAME), map_location="cpu", weights_only=True)
+        saved, now = _flatten(load_config(yaml.safe_load(state["config"])).to_dict()), _flatten(self.config.to_dict())
+        changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and k not in RESUME_FREE_KEYS)
+        if changed:
+            raise ValueError(
+                f"--resume: the config differs from the run in {self.path} in "
+                + ", ".join(f"{k} ({saved.get(k)!r} -> {now.get(k)!r})" for k in changed)
+                + "; resume with the run's own config.yaml, or start a new run with another --output"
+            )
+        from safetensors.torch import load_file
+
+        verify_checksum(path)
+        weights = os.path.join(path, WEIGHTS_NAME)
+        try:
+            model.load_state_dict(load_file(weights, device=str(device)))
+        except Exception as err:
+            raise ValueError(f"--resume: cannot load {weights} into the model: {str(err).strip().splitlines()[0]}") from err
+        if self.writes:
+            repair_best(self.path, state["best_epoch"], int(state["epoch"]))
+            if state["history"]:  # a kill between the checkpoint and metrics.csv left the csv a row behind
+                self.write_metrics(state["history"])
+        logger.info("resumed %s at epoch %d", path, state["epoch"])
+        return state
+
+    def write_metrics(self, history: List[Dict[str, float]]) -> None:
+        """``metrics.csv`` (one row per epoch) and ``progress.png``, from the whole history."""
+        path = os.path.join(self.path, "metrics.csv")
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w", newline="", encoding="utf-8") as f:
+                writer = csv.DictWriter(f, fieldnames=list(history[0]))
+                writer.writeheader()
+                writer.writerows(history)
+
+        atomic_write(path, write)
+        from .plots import plot_progress
+
+        plot_progress(history, os.path.join(self.path, "progress.png"))
