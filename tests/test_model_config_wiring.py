@@ -42,6 +42,7 @@ ROWS = {
     "freeze_backbone": ({"freeze_backbone": True}, None),
     "gradient_checkpointing": ({"gradient_checkpointing": True}, None),
     "drop_path_rate": ({"drop_path_rate": 0.2}, None),
+    "backbone_dtype": ({"backbone_dtype": "bfloat16"}, None),
     "backbone_kwargs": ({"backbone_kwargs": dict(TINY, depth=8)}, None),
     "hidden_size": ({"hidden_size": 24}, None),
     "pool_scales": ({"pool_scales": (1, 2)}, None),
@@ -80,7 +81,8 @@ def _signature(model):
 
 def _same(a, b):
     return (a[0] == b[0] and a[2] == b[2] and a[3] == b[3] and a[1].keys() == b[1].keys()
-            and all(a[1][k].shape == b[1][k].shape and torch.equal(a[1][k], b[1][k]) for k in a[1]))
+            and all(a[1][k].dtype == b[1][k].dtype and a[1][k].shape == b[1][k].shape and torch.equal(a[1][k], b[1][k])
+                    for k in a[1]))
 
 
 @pytest.mark.parametrize("field", sorted(ROWS))

@@ -130,6 +130,9 @@ class ModelConfig(_Checked):
     # stochastic depth: the last block is dropped with this probability in training, earlier ones linearly
     # less (timm); the first regularizer to tune when fine-tuning a large backbone (e.g. 0.1-0.4)
     drop_path_rate: float = option(0.0, check=lambda v: 0 <= v < 1, must="in [0, 1)")
+    # storage dtype of a backbone that does not train itself (freeze_backbone, or LoRA adapters, which stay
+    # float32 like the decoder): bfloat16 halves its memory; full fine-tuning needs float32
+    backbone_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     backbone_kwargs: Dict[str, Any] = field(default_factory=dict)  # to timm.create_model
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
 

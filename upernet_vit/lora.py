@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Sequence
 
+import torch
 from torch import nn
 
 from .config import ConfigError, LoraConfig
@@ -17,9 +18,11 @@ if TYPE_CHECKING:
 
 
 def set_backbone_trainable(model: "UperNetViT", trainable: bool) -> None:
-    """Full fine-tuning (True) or a frozen backbone (False). With LoRA on, only LoRA weights train."""
+    """Full fine-tuning (True) or a frozen backbone (False). With LoRA on, only LoRA weights train; a
+    backbone stored in bfloat16/float16 (``backbone_dtype``) trains only through LoRA."""
     for name, p in model.backbone.named_parameters():
-        p.requires_grad = trainable and (model.lora_config is None or "lora_" in name)
+        lora = "lora_" in name
+        p.requires_grad = trainable and (lora if model.lora_config is not None or p.dtype != torch.float32 else True)
 
 
 _DEFAULT = LoraConfig()  # the defaults, declared once in config.LoraConfig
@@ -66,6 +69,9 @@ def enable_lora(
     peft_config = PeftLoraConfig(r=settings.r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
                                  target_modules=targets)
     model.backbone.vit = LoraModel(model.backbone.vit, peft_config, "default")
+    for name, p in model.backbone.vit.named_parameters():
+        if "lora_" in name:  # float32 master weights beside a bfloat16/float16 backbone, as the decoder's
+            p.data = p.data.float()
     model.lora_config = settings
     set_backbone_trainable(model, True)
 

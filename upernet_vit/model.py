@@ -103,6 +103,7 @@ class UperNetViT(nn.Module):
         )
         self.feature_indices = resolve_feature_indices(self.backbone.depth, cfg.feature_indices)
         prepare_vit_for_taps(self.backbone, self.feature_indices)
+        self.backbone.to(dtype=getattr(torch, cfg.backbone_dtype))  # the decoder stays float32
         d = cfg.decoder
         self.adapter = SimpleFeaturePyramid(self.backbone.embed_dim, norm=d.norm)
         self.head = UperNetHead(
@@ -179,13 +180,32 @@ class UperNetViT(nn.Module):
                 )
         return x
 
+    def check_device(self, device: torch.device) -> None:
+        """A ValueError if ``device`` cannot run the backbone's storage dtype: float16 on the CPU, bfloat16
+        on a GPU without bfloat16 support."""
+        dtype = self.config.backbone_dtype
+        if dtype == "float16" and device.type == "cpu":
+            raise ValueError("model.backbone_dtype float16 needs a GPU; on the CPU use bfloat16 or float32")
+        if dtype == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ValueError(
+                f"model.backbone_dtype bfloat16: {torch.cuda.get_device_name(device)} has no bfloat16 support; "
+                f"use float16 or float32"
+            )
+
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """:func:`pad_to_multiple` of the patch size; the export formulation overrides it (upernet_vit.export)."""
         return pad_to_multiple(x, self.patch_size)
 
     def backbone_features(self, x: torch.Tensor) -> List[torch.Tensor]:
         """The 4 tapped ViT maps before the pyramid: ``[B, in_chans, H, W] -> 4 x [B, D, ceil(H/p), ceil(W/p)]``."""
-        return extract_feature_maps(self.backbone.vit, self.pad(self.check_input(x)), self.feature_indices)
+        return self.tapped_maps(self.pad(self.check_input(x)))
+
+    def tapped_maps(self, padded: torch.Tensor) -> List[torch.Tensor]:
+        """The backbone's 4 tapped maps of a padded input, computed in the backbone's storage dtype
+        (``backbone_dtype``) and returned in the input's."""
+        dtype = self.backbone.patch_embed_dtype
+        maps = extract_feature_maps(self.backbone.vit, padded.to(dtype), self.feature_indices)
+        return [m.to(padded.dtype) for m in maps]
 
     def forward(
         self, x: torch.Tensor, return_aux: bool = False
@@ -195,7 +215,7 @@ class UperNetViT(nn.Module):
         With ``return_aux=True`` (needs ``aux_head=True``): ``(logits, aux_logits)``, both ``[B, K, H, W]``.
         """
         padded = self.pad(self.check_input(x))
-        levels = self.adapter(extract_feature_maps(self.backbone.vit, padded, self.feature_indices))
+        levels = self.adapter(self.tapped_maps(padded))
         if not return_aux:
             return self.to_input_size(self.upsampler, self.head(levels), padded, x)
         logits, aux = self.head(levels, return_aux=True)

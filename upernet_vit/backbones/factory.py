@@ -33,6 +33,11 @@ class ViTBackbone(nn.Module):
         self.mean = tuple(mean)
         self.std = tuple(std)
 
+    @property
+    def patch_embed_dtype(self) -> torch.dtype:
+        """The dtype the backbone stores its weights in (its input is cast to it)."""
+        return self.vit.patch_embed.proj.weight.dtype
+
 
 def channel_stats(rgb: Tuple[float, ...], in_chans: int) -> Tuple[float, ...]:
     """Per-channel stats for ``in_chans`` inputs from RGB stats: the RGB mean for 1 channel

@@ -175,7 +175,9 @@ class _Member:
 def _load_member(model_path: str, checkpoint: str, device: torch.device,
                  fast: Optional[Mapping[str, bool]]) -> _Member:
     folder = resolve_model_dir(model_path, checkpoint)
-    model = UperNetViT.from_pretrained(folder).to(device).eval()
+    model = UperNetViT.from_pretrained(folder)
+    model.check_device(device)
+    model = model.to(device).eval()
     if fast is not None:
         from ..fast import optimize
 

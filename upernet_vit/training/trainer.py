@@ -110,6 +110,12 @@ class Trainer:
     def _build_model(self, fast: Optional[Mapping[str, bool]]) -> UperNetViT:
         """The model for the dataset's classes and channels, on the device, with the fast paths."""
         info, cfg = self.data.info, self.cfg
+        if cfg.model.backbone_dtype != "float32" and not (cfg.model.freeze_backbone or cfg.lora.enabled):
+            raise ValueError(
+                f"model.backbone_dtype {cfg.model.backbone_dtype} stores a backbone that cannot train itself: set "
+                f"model.freeze_backbone: true or lora.enabled: true, or keep backbone_dtype float32 for full "
+                f"fine-tuning"
+            )
         if cfg.model.num_classes is not None and cfg.model.num_classes != info.num_classes:
             raise ValueError(
                 f"model.num_classes is {cfg.model.num_classes} but the dataset has {info.num_classes} labels "
@@ -125,6 +131,7 @@ class Trainer:
             )
         if cfg.model.decoder.norm == "batchnorm" and self.dist.enabled and self.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model.check_device(self.device)
         model.to(self.device)
         if fast is not None:
             from ..fast import optimize

@@ -1,0 +1,79 @@
+"""``backbone_dtype`` (issue 18, part 1): a frozen or LoRA backbone stored in bfloat16, the decoder and the
+LoRA adapters in float32, features equal to the float32 model's with its backbone cast."""
+import pytest
+import torch
+
+from upernet_vit import UperNetViT
+from upernet_vit.vit_adapter import extract_feature_maps
+from helpers import TINY, tiny_train_config
+
+OPTIONS = dict(backbone="vit_small_patch16_224", num_classes=3, in_chans=3, hidden_size=16, backbone_kwargs=dict(TINY))
+
+
+def _pair(**extra):
+    torch.manual_seed(0)
+    stored = UperNetViT(**OPTIONS, backbone_dtype="bfloat16", **extra).eval()
+    torch.manual_seed(0)
+    cast = UperNetViT(**OPTIONS, **extra).eval()
+    cast.backbone.to(torch.bfloat16)
+    return stored, cast
+
+
+def test_a_bfloat16_backbone_gives_the_features_of_the_cast_float32_model():
+    stored, cast = _pair()
+    assert {p.dtype for p in stored.backbone.parameters()} == {torch.bfloat16}
+    assert {p.dtype for m in (stored.adapter, stored.head, stored.upsampler) for p in m.parameters()} == {torch.float32}
+    x = torch.randn(2, 3, 45, 70)
+    with torch.no_grad():
+        features, reference = stored.backbone_features(x), cast.backbone_features(x)
+        by_hand = extract_feature_maps(cast.backbone.vit, cast.pad(x).bfloat16(), cast.feature_indices)
+        assert all(f.dtype == torch.float32 for f in features)  # the decoder gets float32 maps
+        assert all(torch.equal(a, b) and torch.equal(a, c.float()) for a, b, c in zip(features, reference, by_hand))
+        logits = stored(x)
+    assert logits.dtype == torch.float32 and logits.shape == (2, 3, 45, 70) and torch.isfinite(logits).all()
+
+
+def test_lora_adapters_train_in_float32_beside_a_bfloat16_backbone():
+    stored, _ = _pair()
+    assert not any(p.requires_grad for p in stored.backbone.parameters())  # bf16 storage does not train itself
+    stored.enable_lora(rank=2)
+    trainable = {n: p for n, p in stored.backbone.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n and p.dtype == torch.float32 for n, p in trainable.items())
+    stored.train()
+    stored(torch.randn(2, 3, 32, 32)).square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in trainable.values())
+    assert all(p.grad is None for n, p in stored.backbone.named_parameters() if "lora_" not in n)
+
+
+def test_save_and_load_keep_the_storage_dtype(tmp_path):
+    stored, _ = _pair()
+    stored.save_pretrained(tmp_path / "m")
+    loaded = UperNetViT.from_pretrained(tmp_path / "m").eval()
+    assert loaded.config.backbone_dtype == "bfloat16"
+    assert next(loaded.backbone.parameters()).dtype == torch.bfloat16
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), stored(x))
+
+
+def test_dtypes_a_device_or_the_training_cannot_use_are_one_line_errors(tmp_path):
+    from upernet_vit.training.trainer import Trainer
+
+    with pytest.raises(ValueError, match=r"backbone_dtype float16 needs a GPU; on the CPU use bfloat16 or float32"):
+        UperNetViT(**OPTIONS, backbone_dtype="float16").check_device(torch.device("cpu"))
+    UperNetViT(**OPTIONS, backbone_dtype="bfloat16").check_device(torch.device("cpu"))  # bf16 runs on the CPU
+    config = tiny_train_config(model={"backbone_dtype": "bfloat16"})
+    with pytest.raises(ValueError, match=r"backbone_dtype bfloat16 stores a backbone that cannot train itself: set "
+                                         r"model.freeze_backbone: true or lora.enabled: true"):
+        Trainer(config, str(tmp_path / "run"))
+
+
+def test_a_lora_run_with_a_bfloat16_backbone_trains_and_predicts(tmp_path):
+    from upernet_vit.training.trainer import Trainer
+
+    config = tiny_train_config(model={"backbone_dtype": "bfloat16"}, lora={"enabled": True, "r": 2},
+                               train={"num_epochs": 1})
+    history = Trainer(config, str(tmp_path / "run")).run()
+    assert len(history) == 1 and torch.isfinite(torch.tensor(history[0]["train_loss"]))
+    loaded = UperNetViT.from_pretrained(tmp_path / "run" / "checkpoint_latest")
+    assert next(p for n, p in loaded.backbone.named_parameters() if "lora_" not in n).dtype == torch.bfloat16
