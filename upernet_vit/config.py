@@ -177,6 +177,7 @@ class TrainConfig(_Checked):
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     val_every: int = option(1, check=_positive, must=">= 1")  # whole-image validation every N epochs (and the last)
+    check_memory: bool = True  # refuse, before training, a run whose memory estimate exceeds the device (training/memory.py)
     val_mirror: bool = False  # mirror TTA in validation
     val_scales: List[float] = option(  # multi-scale TTA in validation (as predict --scales)
         factory=lambda: [1.0], check=lambda v: len(v) > 0 and TTA_SCALES[0] <= min(v) and max(v) <= TTA_SCALES[1],

@@ -69,6 +69,7 @@ class Trainer:
             )
         self.data = prepare_data(config.data)
         self.model = self._build_model(fast)
+        self._check_memory()
         self.patch_size = list(config.data.patch_size)
         self.normalizer = Normalizer(self.model.mean, self.model.std, config.data.normalization,
                                      self.data.intensity_scale)
@@ -138,6 +139,19 @@ class Trainer:
 
             optimize(model.train(), **fast)  # its defaults for this device, in training
         return model
+
+    def _check_memory(self) -> None:
+        """Log the memory estimate of a training step; refuse a run that will not fit (``train.check_memory``)."""
+        from .memory import available_memory, check_fits, estimate_training_memory
+
+        tcfg = self.cfg.train
+        estimate = estimate_training_memory(self.model, self.cfg.data.batch_size // self.dist.world_size,
+                                            self.cfg.data.patch_size, tcfg.amp, tcfg.optimizer)
+        logger.info("memory estimate per process: %.2f GB (weights %.2f, gradients and optimizer %.2f, "
+                    "activations %.2f)", *(b / 2**30 for b in (estimate.total, estimate.weights,
+                                                               estimate.optimizer, estimate.activations)))
+        if tcfg.check_memory:
+            check_fits(estimate, available_memory(self.device), self.model, self.cfg.lora.enabled)
 
     def release(self) -> None:
         """Close the logger and give up the run folder's lock (``run`` does at its end; a Trainer that is not
