@@ -3,6 +3,7 @@ new one, never half of one. Used by ``save_pretrained``, the trainer's run files
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import uuid
@@ -119,8 +120,6 @@ def write_text(path: str, text: str) -> None:
 def read_json(path: str) -> Any:
     """A JSON file's content; malformed JSON (or text that is not UTF-8) is a ValueError naming the file,
     the line and the column."""
-    import json
-
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)

@@ -119,9 +119,11 @@ def read_preprocessing(model_dir: str) -> Optional[Dict]:
     label values, patch size); None for a bare ``save_pretrained`` folder. A record without the keys predict
     needs is a ValueError naming the file and the keys."""
     path = os.path.join(model_dir, PREPROCESSING_NAME)
-    if not os.path.isfile(path):
-        return None
-    prep = read_json(path)
+    return check_preprocessing(read_json(path), path) if os.path.isfile(path) else None
+
+
+def check_preprocessing(prep: object, path: str) -> Dict:
+    """``prep`` (the record read from ``path``) if it holds every key predict needs, else a ValueError."""
     missing = [k for k in ("mean", "std", "normalization", "label_values", "patch_size", "intensity_scale",
                            "intensity_range") if not isinstance(prep, dict) or k not in prep]
     if missing:
@@ -130,7 +132,7 @@ def read_preprocessing(model_dir: str) -> Optional[Dict]:
             f"to treat inputs as in training. Train the model again, or add them: intensity_scale is 255 for a "
             f"model trained on 8-bit images, intensity_range the [min, max] of its training pixel values"
         )
-    return prep
+    return prep  # type: ignore[return-value]
 
 
 def check_output_folder(input_path: str, output_dir: str, outputs: Sequence[str]) -> None:
@@ -182,10 +184,12 @@ def _load_member(model_path: str, checkpoint: str, device: torch.device,
         from ..fast import optimize
 
         optimize(model, **fast)  # its defaults for this device, in eval mode
-    prep = read_preprocessing(folder)
-    if prep is None:  # a bare save_pretrained folder: 8-bit inputs, the backbone's stats, labels 0..K-1
+    record = os.path.join(folder, PREPROCESSING_NAME)
+    if model.preprocessing is not None:  # from_pretrained read it
+        prep = check_preprocessing(model.preprocessing, record)
+    else:  # a bare save_pretrained folder: 8-bit inputs, the backbone's stats, labels 0..K-1
         logger.warning("%s not found: taking 8-bit inputs (values / 255, then the backbone's mean/std), labels "
-                       "0..K-1 and whole-image inference", os.path.join(folder, PREPROCESSING_NAME))
+                       "0..K-1 and whole-image inference", record)
         prep = {"mean": list(model.mean), "std": list(model.std), "normalization": "preset",
                 "label_values": list(range(model.num_classes)), "patch_size": None, "intensity_scale": 255.0,
                 "intensity_range": [0.0, 255.0]}
