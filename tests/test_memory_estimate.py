@@ -49,3 +49,14 @@ def test_a_run_that_will_not_fit_names_the_settings_to_change(tmp_path, monkeypa
     check_fits(estimate_training_memory(frozen, 2, (64, 64)), 1 << 40, frozen, lora=False)  # fits: no error
     check_fits(estimate_training_memory(frozen, 2, (64, 64)), None, frozen, lora=False)  # unknown: no check
     assert torch.cuda.is_available() or memory.available_memory(torch.device("cpu")) is not None
+
+
+def test_the_check_may_be_switched_off_at_resume(tmp_path):
+    """``train.check_memory`` changes nothing that is computed, so a run resumes with it changed."""
+    from upernet_vit.training.trainer import Trainer
+
+    Trainer(tiny_train_config(train={"num_epochs": 1}), str(tmp_path / "run")).run()
+    resumed = Trainer(tiny_train_config(train={"num_epochs": 1, "check_memory": False}), str(tmp_path / "run"),
+                      resume=True)
+    assert resumed.start_epoch == 1
+    resumed.release()

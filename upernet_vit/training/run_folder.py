@@ -31,7 +31,8 @@ from .checkpoints import BEST, LATEST, STATE_NAME, RunLock, latest_checkpoint, r
 logger = logging.getLogger(__name__)
 
 # keys that may differ between a run and its --resume (they do not change what is computed)
-RESUME_FREE_KEYS = {"data.num_workers", "train.device", "train.output_dir", "train.num_overlays", "train.logger"}
+RESUME_FREE_KEYS = {"data.num_workers", "train.device", "train.output_dir", "train.num_overlays", "train.logger",
+                    "train.check_memory"}
 
 
 def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
