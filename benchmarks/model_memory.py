@@ -28,6 +28,7 @@ import resource
 import subprocess
 import sys
 import time
+from typing import Callable, Dict, List
 
 VARIANTS = ("hf head", "reference", "train default", "train default + winograd", "train default + checkpointing",
             "train default, layernorm")
@@ -36,6 +37,23 @@ VARIANTS = ("hf head", "reference", "train default", "train default + winograd",
 def _rss_mb() -> float:
     with open("/proc/self/statm", encoding="ascii") as f:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def measure(step: Callable[[], object]) -> Dict[str, float]:
+    """Run ``step`` once: its peak resident memory beyond what was resident before (MB), and its time (s)."""
+    before = _rss_mb()
+    start = time.perf_counter()
+    step()
+    elapsed = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"step_mb": peak - before, "seconds": elapsed}
+
+
+def run_child(cmd: List[str]) -> Dict[str, float]:
+    """The JSON row a child process prints last, run so that freed tensors go back to the OS at once."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def one_step(args: argparse.Namespace) -> None:
@@ -69,12 +87,7 @@ def one_step(args: argparse.Namespace) -> None:
         from upernet_vit.fast import optimize
         optimize(model.train(), winograd=args.variant.endswith("winograd"))
     x = torch.randn(args.batch, 3, args.image, args.image)
-    before = _rss_mb()
-    start = time.perf_counter()
-    model(x).square().mean().backward()
-    elapsed = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"step_mb": peak - before, "seconds": elapsed}))
+    print(json.dumps(measure(lambda: model(x).square().mean().backward())))
 
 
 def main() -> None:
@@ -94,9 +107,7 @@ def main() -> None:
     for variant in VARIANTS:
         cmd = [sys.executable, __file__, "--variant", variant, "--backbone", args.backbone,
                "--image", str(args.image), "--batch", str(args.batch)] + (["--size", args.size] if args.size else [])
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
-        rows[variant] = row = json.loads(out.strip().splitlines()[-1])
+        rows[variant] = row = run_child(cmd)
         print(f"| {variant} | {row['step_mb']:.0f} | {row['step_mb'] / rows['hf head']['step_mb']:.2f} "
               f"| {row['seconds']:.1f} |", flush=True)
 

@@ -19,6 +19,8 @@ def test_the_parts_follow_the_settings():
     assert estimate_training_memory(model, 2, (64, 64), amp="bf16").activations == base.activations // 2
     assert estimate_training_memory(model, 2, (128, 128)).activations > 3 * base.activations
     assert estimate_training_memory(model, 2, (64, 64), optimizer="sgd").optimizer == base.optimizer * 2 // 3
+    vitdet = estimate_training_memory(UperNetViT(**OPTIONS, pyramid="vitdet"), 2, (64, 64))
+    assert vitdet.activations != base.activations and vitdet.weights != base.weights
     checkpointed = estimate_training_memory(UperNetViT(**OPTIONS, gradient_checkpointing=True), 2, (64, 64))
     assert checkpointed.activations < base.activations and checkpointed.weights == base.weights
     lora = UperNetViT(**OPTIONS, backbone_dtype="bfloat16")

@@ -49,6 +49,7 @@ ROWS = {
     "norm": ({"norm": "groupnorm"}, None),
     "dropout": ({"dropout": 0.3}, None),
     "upsampler": ({"upsampler": "progressive"}, None),
+    "pyramid": ({"pyramid": "vitdet"}, None),
     "aux_head": ({"aux_head": True}, None),
     "aux_channels": ({"aux_head": True, "aux_channels": 8}, None),
 }

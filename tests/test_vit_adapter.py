@@ -57,3 +57,30 @@ def test_extract_matches_manual_block_loop():
     assert [g.shape for g in got] == [(2, 32, 3, 5)] * 4
     for g, w in zip(got, want):
         assert torch.allclose(g, w, atol=1e-6)
+
+
+def test_the_vitdet_pyramid_has_the_strides_and_fewer_parameters_at_large_widths():
+    from upernet_vit.vit_adapter import SimpleFeaturePyramid, ViTDetFeaturePyramid
+
+    pyramid = ViTDetFeaturePyramid(64, 24).eval()
+    maps = [torch.randn(2, 64, 5, 7) for _ in range(4)]
+    shapes = [tuple(m.shape) for m in pyramid(maps)]
+    assert shapes == [(2, 24, 20, 28), (2, 24, 10, 14), (2, 24, 5, 7), (2, 24, 3, 4)] and pyramid.out_channels == (24,) * 4
+    # the level-3 op is the max-pool; the projection follows it
+    down = pyramid.projections[3](torch.nn.functional.max_pool2d(maps[3], 2, ceil_mode=True))
+    assert torch.equal(pyramid(maps)[3], down)
+    with torch.device("meta"):  # DINOv3-7B's width, hidden 512: counted without allocating
+        wide = sum(p.numel() for p in ViTDetFeaturePyramid(4096, 512).parameters())
+        simple = sum(p.numel() for p in SimpleFeaturePyramid(4096).parameters())
+    assert wide < 0.5 * simple and 0.08e9 < wide < 0.1e9 and 0.19e9 < simple < 0.21e9
+
+
+def test_the_model_builds_and_trains_with_the_vitdet_pyramid():
+    from helpers import tiny_model
+
+    model = tiny_model(pyramid="vitdet", hidden_size=16)
+    assert type(model.adapter).__name__ == "ViTDetFeaturePyramid" and tuple(model.head.in_channels) == (16,) * 4
+    logits = model(torch.randn(2, 3, 40, 56))
+    assert logits.shape == (2, 3, 40, 56)
+    logits.square().mean().backward()
+    assert all(p.grad is not None for p in model.adapter.parameters())

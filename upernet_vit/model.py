@@ -4,6 +4,7 @@
       -> pad to multiples of the patch p      [B, C, p*h, p*w]         h = ceil(H/p), w = ceil(W/p)
       -> ViT, 4 tapped blocks                  4 x [B, D, h, w]         (backbones/, vit_adapter.py)
       -> SimpleFeaturePyramid                  [B, D, 4h, 4w], [B, D, 2h, 2w], [B, D, h, w], [B, D, h/2, w/2]
+         (or ViTDetFeaturePyramid: the same strides, C = hidden_size channels each)
       -> UperNetHead (PPM + FPN)               [B, K, 4h, 4w]           (head.py, ppm.py, fpn.py)
       -> upsampler, crop                       [B, K, H, W]             (upsampler.py)
 """
@@ -23,7 +24,7 @@ from .config import Config, LoraConfig, ModelConfig, config_to_yaml, load_config
 from .head import UperNetHead
 from .layers import resize
 from .upsampler import build_upsampler
-from .vit_adapter import SimpleFeaturePyramid, extract_feature_maps, prepare_vit_for_taps, resolve_feature_indices
+from .vit_adapter import build_feature_pyramid, extract_feature_maps, prepare_vit_for_taps, resolve_feature_indices
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -58,7 +59,8 @@ class UperNetViT(nn.Module):
       ``gradient_checkpointing`` (timm's, same results, less memory), ``drop_path_rate`` (stochastic depth).
     - decoder: ``hidden_size`` (the UperNet width), ``pool_scales``, ``norm``
       (``layernorm`` default: trains at batch size 1; ``batchnorm`` for mmseg/HF weights), ``dropout``,
-      ``upsampler`` (``bilinear`` or ``progressive``), ``aux_head``, ``aux_channels``.
+      ``upsampler`` (``bilinear`` or ``progressive``), ``aux_head``, ``aux_channels``, ``pyramid``
+      (``simple``, the default, or ``vitdet``).
 
     The model computes the reference math (resize, concat, conv); ``upernet_vit.fast.optimize(model)``
     swaps in faster, leaner equivalents.
@@ -105,7 +107,7 @@ class UperNetViT(nn.Module):
         prepare_vit_for_taps(self.backbone, self.feature_indices)
         self.backbone.to(dtype=getattr(torch, cfg.backbone_dtype))  # the decoder stays float32
         d = cfg.decoder
-        self.adapter = SimpleFeaturePyramid(self.backbone.embed_dim, norm=d.norm)
+        self.adapter = build_feature_pyramid(d.pyramid, self.backbone.embed_dim, d.hidden_size, d.norm)
         self.head = UperNetHead(
             self.adapter.out_channels, channels=d.hidden_size, num_classes=cfg.num_classes,
             pool_scales=d.pool_scales, norm=d.norm, dropout=d.dropout, aux_head=d.aux_head, aux_channels=d.aux_channels,

@@ -5,7 +5,8 @@
     activations  what backward keeps, per image of the batch:
                  ViT blocks, each ~ 17 N D values (N tokens, width D: layer norms, qkv, attention output,
                  MLP), or, with gradient checkpointing, N D per block plus one block's worth; the pyramid and the head ~ 2 D + 12 C values per stride-4 pixel
-                 (C = hidden_size: the 4x level, laterals, fpn convs, the fused levels, the bottleneck);
+                 (C = hidden_size: the 4x level, laterals, fpn convs, the fused levels, the bottleneck),
+                 D + 16 C with ``pyramid: vitdet`` (narrower upsampling, four projections);
                  4 bytes a value, 2 under bf16/fp16 autocast
 
 The activation rule is the usual transformer count (Korthikanti et al., 2022) without the attention
@@ -52,7 +53,9 @@ def estimate_training_memory(
     checkpointing = bool(getattr(model.backbone.vit, "grad_checkpointing", False))
     backbone = depth * tokens * width + block if checkpointing else depth * block
     stride4 = math.ceil(patch_size[0] / 4) * math.ceil(patch_size[1] / 4)
-    decoder = stride4 * (2 * width + 12 * model.config.decoder.hidden_size)
+    hidden = model.config.decoder.hidden_size
+    per_pixel = 2 * width + 12 * hidden if model.config.decoder.pyramid == "simple" else width + 16 * hidden
+    decoder = stride4 * per_pixel
     value = 2 if amp in ("bf16", "fp16") else 4
     return MemoryEstimate(weights, optimizer_bytes, batch_size * value * (backbone + decoder))
 
