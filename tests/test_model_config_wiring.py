@@ -14,15 +14,22 @@ BASE = dict(backbone="vit_small_patch16_224", num_classes=3, in_chans=3, hidden_
 
 
 def _checkpoint(folder) -> str:
-    """A timm-layout backbone file (.pth) with weights other than the seeded init, and the same weights
-    as timm's hub would hold them (``vit.safetensors``, for ``pretrained=True`` without the network)."""
+    """A timm-layout backbone file with weights other than the seeded init."""
+    torch.manual_seed(123)
+    torch.save(UperNetViT(**BASE).backbone.vit.state_dict(), folder / "vit.pth")
+    return str(folder / "vit.pth")
+
+
+def _hub_file(options, folder) -> str:
+    """The backbone of ``options`` with other weights, as timm's hub holds it (safetensors): the file
+    ``pretrained=True`` loads through ``pretrained_cfg_overlay``, without the network."""
     from safetensors.torch import save_file
 
     torch.manual_seed(123)
-    state = UperNetViT(**BASE).backbone.vit.state_dict()
-    torch.save(state, folder / "vit.pth")
-    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "vit.safetensors"))
-    return str(folder / "vit.pth")
+    kwargs = {k: v for k, v in options["backbone_kwargs"].items() if k != "pretrained_cfg_overlay"}
+    state = UperNetViT(**{**options, "pretrained": False, "backbone_kwargs": kwargs}).backbone.vit.state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "hub.safetensors"))
+    return str(folder / "hub.safetensors")
 
 
 # field -> (options changed from BASE, None: the model must differ | an error type the build must raise
@@ -55,8 +62,10 @@ ROWS = {
 }
 # with trust_checkpoint the base must hold a checkpoint too, else the row compares two random inits
 BASE_FOR = {"trust_checkpoint": {"checkpoint_path": "CKPT"}, "checkpoint_format": {"checkpoint_path": "CKPT"},
-            # timm's pretrained_cfg_overlay points pretrained=True at a local file: no network
-            "pretrained": {"backbone_kwargs": dict(TINY, pretrained_cfg_overlay={"file": "HUB"})},
+            # timm's pretrained_cfg_overlay points pretrained=True at a local file: no network; a tag
+            # whose hub file is safetensors in every timm CI installs (1.0.22 reads augreg tags as .npz)
+            "pretrained": {"backbone": "vit_base_patch16_clip_224.openai",
+                           "backbone_kwargs": dict(TINY, pretrained_cfg_overlay={"file": "HUB"})},
             "aux_channels": {"aux_head": True},
             "backbone_size": {"backbone": "dinov2", "backbone_size": "small", "backbone_kwargs": {"depth": 4}}}
 
@@ -94,7 +103,7 @@ def test_changing_a_field_changes_the_model(field, tmp_path_factory, monkeypatch
     def build(options):
         options = {k: checkpoint if v == "CKPT" else v for k, v in options.items()}
         if "pretrained_cfg_overlay" in options.get("backbone_kwargs", {}):
-            hub = checkpoint.replace(".pth", ".safetensors")
+            hub = _hub_file(options, tmp_path_factory.mktemp("hub"))
             options["backbone_kwargs"] = dict(options["backbone_kwargs"], pretrained_cfg_overlay={"file": hub})
         torch.manual_seed(0)
         return UperNetViT(**options)
