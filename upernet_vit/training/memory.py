@@ -13,7 +13,7 @@ The activation rule is the usual transformer count (Korthikanti et al., 2022) wi
 probabilities, which timm's fused attention (``scaled_dot_product_attention``, flash kernels on CPU and GPU)
 does not keep. It is an estimate for choosing settings, not a measurement (``benchmarks/model_memory.py``
 measures; for ViT-B/16 at 512 px, batch 2, the reference model's step kept 2.3 GB beyond the weights and
-their gradients, estimated 2.2 GB; with gradient checkpointing 0.77 GB, estimated 1.1 GB: it errs high);
+their gradients, estimated 2.2 GB; with gradient checkpointing 0.77 GB, estimated 1.1 GB);
 ``train.check_memory: false`` skips the check.
 """
 from __future__ import annotations
