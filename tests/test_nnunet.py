@@ -54,6 +54,9 @@ def test_recipe_trainers_have_valid_configs(name):
     config = getattr(trainers, name).recipe()
     assert config.model.backbone in ("dinov2", "dinov3", "retfound", "visionfm")
     assert config.train.optimizer == "adamw" and config.train.warmup_epochs > 0
+    if config.model.backbone_size == "7b":  # the large-model path: bf16 storage, LoRA, checkpointing
+        assert config.model.backbone_dtype == "bfloat16" and config.lora.enabled and config.model.gradient_checkpointing
+        assert config.model.decoder.pyramid == "vitdet"
 
 
 def test_class_weights_are_refused_not_dropped_inside_nnunet(tmp_path, monkeypatch):

@@ -218,6 +218,17 @@ class nnUNetTrainerUperNetViT_DINOv3_Large_LoRA(nnUNetTrainerUperNetViT):
     upernet_config = _recipe("dinov3", "large", 5e-4, lora=True)
 
 
+class nnUNetTrainerUperNetViT_DINOv3_7B_LoRA(nnUNetTrainerUperNetViT):
+    """DINOv3 ViT-7B/16 with LoRA on the path toward one 24 GB GPU: the backbone stored in bfloat16 with
+    gradient checkpointing, LoRA adapters and decoder in float32, the ViTDet pyramid (0.09B parameters
+    instead of 0.20B at width 4096). Not yet measured on a GPU, and the backbone is still built in float32
+    before the cast (about 28 GB of host memory while building; issue 18)."""
+
+    upernet_config = _recipe("dinov3", "7b", 5e-4, lora=True)
+    upernet_config["model"].update(backbone_dtype="bfloat16", gradient_checkpointing=True)
+    upernet_config["model"]["decoder"]["pyramid"] = "vitdet"
+
+
 class nnUNetTrainerUperNetViT_RETFound(nnUNetTrainerUperNetViT):
     """RETFound MAE ViT-L/16 (retinal images), full fine-tuning."""
 
@@ -235,6 +246,7 @@ __all__ = [
     "nnUNetTrainerUperNetViT_DINOv2_Base",
     "nnUNetTrainerUperNetViT_DINOv3_Large",
     "nnUNetTrainerUperNetViT_DINOv3_Large_LoRA",
+    "nnUNetTrainerUperNetViT_DINOv3_7B_LoRA",
     "nnUNetTrainerUperNetViT_RETFound",
     "nnUNetTrainerUperNetViT_VisionFM",
 ]
