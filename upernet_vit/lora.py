@@ -21,8 +21,8 @@ def set_backbone_trainable(model: "UperNetViT", trainable: bool) -> None:
     """Full fine-tuning (True) or a frozen backbone (False). With LoRA on, only LoRA weights train; a
     backbone stored in bfloat16/float16 (``backbone_dtype``) trains only through LoRA."""
     for name, p in model.backbone.named_parameters():
-        lora = "lora_" in name
-        p.requires_grad = trainable and (lora if model.lora_config is not None or p.dtype != torch.float32 else True)
+        lora_only = model.lora_config is not None or p.dtype != torch.float32
+        p.requires_grad = trainable and ("lora_" in name or not lora_only)
 
 
 _DEFAULT = LoraConfig()  # the defaults, declared once in config.LoraConfig

@@ -150,8 +150,7 @@ def tta_probabilities(
     Per scale: resize the image (bilinear, antialiased when shrinking), :func:`sliding_window_logits` with
     ``patch_size`` (None: the whole image), softmax, resize the probabilities back to ``H, W``. Scale 1.0
     alone is the plain prediction. ``progress``: as in :func:`sliding_window_logits`."""
-    check_scales(scales)
-    check_step(step)
+    check_scales(scales)  # the step: window_starts checks it
     height, width = image.shape[-2:]
     total: Optional[torch.Tensor] = None
     for scale in scales:

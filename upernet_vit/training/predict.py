@@ -8,7 +8,7 @@ import os
 import re
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -67,8 +67,15 @@ def group_input_files(path: str, in_chans: int) -> Dict[str, List[str]]:
     return read_inputs(path, in_chans)[0]
 
 
-def read_inputs(path: str, in_chans: int) -> Tuple[Dict[str, List[str]], Dict[str, Tuple[int, int, float, float]]]:
-    """``({case_id: channel files}, {file: (height, width, min, max)})`` for a model with ``in_chans`` input
+class InputStats(NamedTuple):
+    height: int
+    width: int
+    low: float  # the smallest pixel value
+    high: float  # the largest
+
+
+def read_inputs(path: str, in_chans: int) -> Tuple[Dict[str, List[str]], Dict[str, InputStats]]:
+    """``({case_id: channel files}, {file: InputStats})`` for a model with ``in_chans`` input
     channels, after reading every file once, so that an unreadable, non-finite or wrong-channel input fails
     before anything is written.
 
@@ -84,7 +91,7 @@ def read_inputs(path: str, in_chans: int) -> Tuple[Dict[str, List[str]], Dict[st
     for f in tqdm(files, desc="check inputs", unit="file", disable=None, leave=False):
         image = read_image(f)
         shapes[f] = image.shape
-        stats[f] = (image.shape[1], image.shape[2], float(image.min()), float(image.max()))
+        stats[f] = InputStats(image.shape[1], image.shape[2], float(image.min()), float(image.max()))
     channels = {f: shape[0] for f, shape in shapes.items()}
     cases: Dict[str, List[tuple]] = {}
     for f in files:
@@ -244,19 +251,19 @@ def predict(
     # rather than kept, since a test set need not fit in memory
     cases, stats = read_inputs(input_path, first.model.in_chans)
     for m in members:
-        check_input_range({f: s[2:] for f, s in stats.items()}, m.normalizer.mode, m.normalizer.scale,
+        check_input_range({f: (s.low, s.high) for f, s in stats.items()}, m.normalizer.mode, m.normalizer.scale,
                           m.intensity_range, os.path.join(m.folder, PREPROCESSING_NAME))
     outputs = {c: [f"{c}.png"] + ([f"{c}_probs.npz"] if save_probabilities else []) for c in cases}
     check_output_folder(input_path, output_dir, [n for names in outputs.values() for n in names])
-    tiles = {c: sum(window_count(*stats[files[0]][:2], m.patch_size, scales, step) for m in members)
-             for c, files in cases.items()}
-    logger.info("predicting %d case(s): %d windows of the model%s", len(cases), sum(tiles.values()),
+    windows = sum(window_count(stats[files[0]].height, stats[files[0]].width, m.patch_size, scales, step)
+                  for files in cases.values() for m in members)
+    logger.info("predicting %d case(s): %d windows of the model%s", len(cases), windows,
                 " (x4 with --mirror)" if mirror else "")
     os.makedirs(output_dir, exist_ok=True)
     _record_outputs(output_dir, [n for names in outputs.values() for n in names], {
         "models": [m.folder for m in members], "step": step, "scales": list(scales), "mirror": mirror})
     written = []
-    with tqdm(total=sum(tiles.values()), desc="predict", unit="window", disable=None) as bar:
+    with tqdm(total=windows, desc="predict", unit="window", disable=None) as bar:
         for case_id, files in cases.items():
             bar.set_postfix(case=case_id)
             image = torch.from_numpy(read_case_image(files))
