@@ -101,11 +101,10 @@ class UperNetViT(nn.Module):
         self.backbone = create_backbone(
             cfg.backbone, cfg.backbone_size, cfg.in_chans, cfg.checkpoint_path, cfg.backbone_kwargs,
             checkpoint_format=cfg.checkpoint_format, trust_checkpoint=cfg.trust_checkpoint, norm_stats=cfg.norm_stats,
-            pretrained=cfg.pretrained, drop_path_rate=cfg.drop_path_rate,
-        )
+            pretrained=cfg.pretrained, drop_path_rate=cfg.drop_path_rate, dtype=getattr(torch, cfg.backbone_dtype),
+        )  # in backbone_dtype, filled straight from its weights file; the decoder stays float32
         self.feature_indices = resolve_feature_indices(self.backbone.depth, cfg.feature_indices)
         prepare_vit_for_taps(self.backbone, self.feature_indices)
-        self.backbone.to(dtype=getattr(torch, cfg.backbone_dtype))  # the decoder stays float32
         d = cfg.decoder
         self.adapter = build_feature_pyramid(d.pyramid, self.backbone.embed_dim, d.hidden_size, d.norm)
         self.head = UperNetHead(

@@ -8,10 +8,11 @@ import hashlib
 import json
 import os
 import re
-from typing import TYPE_CHECKING, List, Mapping, Type, TypeVar, Union
+from typing import TYPE_CHECKING, List, Mapping, Optional, Type, TypeVar, Union
 
 import torch
 
+from .backbones.meta import build_on_meta, check_materialized
 from .config import config_to_yaml, load_config
 from .fileio import atomic_write, read_json, write_text
 
@@ -39,15 +40,19 @@ def non_finite_tensors(state: Mapping[str, torch.Tensor]) -> List[str]:
     return [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
-def save_pretrained(model: "UperNetViT", directory: Union[str, os.PathLike]) -> None:
+def save_pretrained(model: "UperNetViT", directory: Union[str, os.PathLike],
+                    state_dict: Optional[Mapping[str, torch.Tensor]] = None) -> None:
     """Write ``model.safetensors``, its ``.sha256``, ``config.yaml`` and, when the model has a record of its
     training data (``model.preprocessing``), ``preprocessing.json`` (each atomically) into ``directory``.
-    Non-finite weights are refused (a ValueError naming a tensor): such a model predicts nothing."""
+    ``state_dict``: the weights to write instead of ``model.state_dict()`` (a sharded model's, gathered:
+    ``training/fsdp.py``). Non-finite weights are refused (a ValueError naming a tensor): such a model
+    predicts nothing."""
     from safetensors.torch import save_file
 
     directory = os.fspath(directory)
     text = config_to_yaml(model.to_config(), ("model", "lora"))  # before any file changes
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    weights = model.state_dict() if state_dict is None else state_dict
+    state = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
     bad = non_finite_tensors(state)
     if bad:
         raise ValueError(f"save_pretrained: {len(bad)} weight tensor(s) hold NaN or infinity (e.g. {bad[0]}); not saved")
@@ -108,25 +113,27 @@ def from_pretrained(cls: Type[M], directory: Union[str, os.PathLike], device: Un
     cfg = load_config(config_path)
     original = cfg.model.checkpoint_path, cfg.model.pretrained
     cfg.model.checkpoint_path, cfg.model.pretrained = None, False  # the weights come from model.safetensors
-    model = cls.from_config(cfg)
-    model.config.checkpoint_path, model.config.pretrained = original
     try:
-        state = load_file(weights)
+        state = load_file(weights)  # memory-mapped
     except Exception as err:  # safetensors raises its own error type
         raise ValueError(f"cannot read {weights}: {err}; the file is damaged or truncated") from err
-    try:
-        result = model.load_state_dict(state, strict=False)
-    except RuntimeError as err:  # shape mismatches
-        shapes = [line.strip() for line in str(err).splitlines() if "size mismatch" in line]
-        raise ValueError(
-            f"{weights} does not match {config_path}: {'; '.join(shapes[:5]) or err}. The config.yaml was "
-            f"edited or comes from another model; restore the pair saved together"
-        ) from err
+    with build_on_meta():  # no random init, no second copy: the file's tensors become the weights
+        model = cls.from_config(cfg)
+        model.config.checkpoint_path, model.config.pretrained = original
+        try:
+            result = model.load_state_dict(state, strict=False)
+        except RuntimeError as err:  # shape mismatches
+            shapes = [line.strip() for line in str(err).splitlines() if "size mismatch" in line]
+            raise ValueError(
+                f"{weights} does not match {config_path}: {'; '.join(shapes[:5]) or err}. The config.yaml was "
+                f"edited or comes from another model; restore the pair saved together"
+            ) from err
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(
             f"{weights} does not match {config_path}: missing {result.missing_keys[:10]}, "
             f"unexpected {result.unexpected_keys[:10]}"
         )
+    check_materialized(model, weights)
     record = os.path.join(directory, PREPROCESSING_NAME)
     if os.path.isfile(record):
         model.preprocessing = read_json(record)

@@ -39,7 +39,8 @@ def read_checkpoint(path: str, trust_checkpoint: bool = False) -> Any:
     """The object stored in ``path``. Torch files load with ``weights_only=True`` (tensors, containers
     and ``argparse.Namespace``, which MAE-style trainers save as ``args``); a file that stores other
     Python objects needs ``trust_checkpoint=True``, because full unpickling can run code from the file.
-    A file that is no checkpoint at all (empty, text, truncated) is a ValueError saying so."""
+    A file that is no checkpoint at all (empty, text, truncated) is a ValueError saying so. Tensors are
+    memory-mapped from the file (torch zip files and safetensors), not read into memory up front."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint_path {path!r} does not exist or is not a file")
     with open(path, "rb") as f:
@@ -64,11 +65,14 @@ def read_checkpoint(path: str, trust_checkpoint: bool = False) -> Any:
             f"checkpoint_path {path!r} is a zip archive but not a PyTorch checkpoint (no data.pkl inside; an .npz "
             f"or a zipped folder?); give the .pth/.pt/.safetensors weights file itself"
         )
+    # memory-mapped: a tensor's bytes are read when it is used, so a file is never held twice (the zip format
+    # only; a legacy pickle is read whole)
+    mmap = head[:4] == b"PK\x03\x04"
     try:
         if trust_checkpoint:
-            return torch.load(path, map_location="cpu", weights_only=False)
+            return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # pickle and zip errors come in several types
         if "Unsupported global" in str(err):  # torch's weights-only unpickler refused a Python object
             raise ValueError(

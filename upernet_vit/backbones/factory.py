@@ -1,6 +1,7 @@
 """Build a plain ViT backbone with timm: presets, any timm ViT name, local checkpoints."""
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import timm
@@ -8,6 +9,7 @@ import torch
 from torch import nn
 
 from .checkpoint import first_line, load_backbone_checkpoint
+from .meta import build_on_meta, check_materialized
 from .pos_embed import use_pos_embed_interpolation
 from .presets import IMAGENET_MEAN, IMAGENET_STD, BackbonePreset, resolve_norm_stats, resolve_preset
 
@@ -95,6 +97,7 @@ def create_backbone(
     norm_stats: Optional[str] = None,
     pretrained: bool = False,
     drop_path_rate: float = 0.0,
+    dtype: torch.dtype = torch.float32,
 ) -> ViTBackbone:
     """A timm ViT for a preset (``"dinov2"``, ``"dinov2_reg4"``, ``"dinov3"``, ``"retfound"``,
     ``"visionfm"`` with a ``backbone_size``) or any timm ViT name (``backbone_size=None``).
@@ -108,6 +111,10 @@ def create_backbone(
     timm's weights (:func:`pretrained_timm_name`): timm takes them from the Hugging Face cache, downloading
     them when online. ``norm_stats`` picks named input statistics (e.g. ``"visionfm_oct"``); default: the
     preset's.
+
+    ``dtype``: the storage dtype of the weights. Below float32, a backbone with weights to load is built on
+    the meta device and filled from the file or tag in ``dtype`` (:mod:`.meta`), so no float32 copy of it
+    is ever in memory; without weights it is built in float32 and cast.
     """
     if not isinstance(in_chans, int) or in_chans < 1:
         raise ValueError(f"in_chans must be a positive int, got {in_chans!r}")
@@ -131,6 +138,27 @@ def create_backbone(
             + (f"; similar timm names: {', '.join(matches)}" if matches else "")
         )
     source = pretrained_timm_name(backbone, timm_name, preset) if pretrained else timm_name
+    on_meta = dtype != torch.float32 and (pretrained or bool(checkpoint_path))
+    with build_on_meta(dtype) if on_meta else nullcontext():
+        vit = _create_and_load(source, timm_name, preset, in_chans, kwargs, pretrained, checkpoint_path,
+                               checkpoint_format, trust_checkpoint)
+    if on_meta:
+        check_materialized(vit, checkpoint_path or f"timm's pretrained weights {source!r}")
+    vit.to(dtype)  # what the file did not hold (RoPE periods timm computed, a random patch embedding's buffers)
+    if norm_stats is not None or preset is not None:
+        mean, std = resolve_norm_stats(norm_stats or preset.norm_stats)  # type: ignore[union-attr]
+    else:
+        mean = tuple(vit.pretrained_cfg.get("mean", IMAGENET_MEAN))
+        std = tuple(vit.pretrained_cfg.get("std", IMAGENET_STD))
+    return ViTBackbone(vit, timm_name, channel_stats(mean, in_chans), channel_stats(std, in_chans))
+
+
+def _create_and_load(
+    source: str, timm_name: str, preset: Optional[BackbonePreset], in_chans: int, kwargs: Dict[str, Any],
+    pretrained: bool, checkpoint_path: Optional[str], checkpoint_format: str, trust_checkpoint: bool,
+) -> nn.Module:
+    """The timm ViT ``source`` with the family's RoPE and pos-embed rules, its weights loaded from timm's
+    hub (``pretrained``) or ``checkpoint_path``."""
     try:
         vit = timm.create_model(
             source, pretrained=pretrained, in_chans=in_chans, num_classes=0, dynamic_img_size=True, **kwargs
@@ -161,9 +189,4 @@ def create_backbone(
             preset.pos_embed_interpolation if preset else "timm",
             expected_format=preset.checkpoint_format if preset else None,
         )
-    if norm_stats is not None or preset is not None:
-        mean, std = resolve_norm_stats(norm_stats or preset.norm_stats)  # type: ignore[union-attr]
-    else:
-        mean = tuple(vit.pretrained_cfg.get("mean", IMAGENET_MEAN))
-        std = tuple(vit.pretrained_cfg.get("std", IMAGENET_STD))
-    return ViTBackbone(vit, timm_name, channel_stats(mean, in_chans), channel_stats(std, in_chans))
+    return vit

@@ -219,10 +219,10 @@ class nnUNetTrainerUperNetViT_DINOv3_Large_LoRA(nnUNetTrainerUperNetViT):
 
 
 class nnUNetTrainerUperNetViT_DINOv3_7B_LoRA(nnUNetTrainerUperNetViT):
-    """DINOv3 ViT-7B/16 with LoRA on the path toward one 24 GB GPU: the backbone stored in bfloat16 with
-    gradient checkpointing, LoRA adapters and decoder in float32, the ViTDet pyramid (0.09B parameters
-    instead of 0.20B at width 4096). Not yet measured on a GPU, and the backbone is still built in float32
-    before the cast (about 28 GB of host memory while building; issue 18)."""
+    """DINOv3 ViT-7B/16 with LoRA for one 24 GB GPU: the backbone stored in bfloat16 (built on the meta
+    device and filled from the official file, 13.4 GB, never a float32 copy) with gradient checkpointing,
+    LoRA adapters and decoder in float32, the ViTDet pyramid (0.09B parameters instead of 0.20B at width
+    4096). README "Large backbones" has its measured step memory (on the CPU; not yet on a GPU)."""
 
     upernet_config = _recipe("dinov3", "7b", 5e-4, lora=True)
     upernet_config["model"].update(backbone_dtype="bfloat16", gradient_checkpointing=True)
