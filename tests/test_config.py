@@ -53,6 +53,8 @@ def test_every_shipped_config_builds_a_model(path):
         ({"lora": {"r": 0}}, r"lora\.r: must be >= 1"),
         ({"data": {"patch_size": [64]}}, r"data\.patch_size: must be \[height, width\]"),
         ({"data": {"fold": "last"}}, r"data\.fold: expected an integer or one of 'all'"),
+        ({"train": {"distributed": "fdsp"}},
+         r"^config: train\.distributed: expected one of 'ddp', 'fsdp', got 'fdsp' \(did you mean 'fsdp'\?\)$"),
     ],
 )
 def test_config_errors_name_the_key(data, message):
@@ -82,6 +84,11 @@ def test_defaults_and_round_trip(tmp_path):
     assert isinstance(cfg, Config) and cfg.model.decoder.norm == "layernorm" and cfg.train.num_epochs == 1000
     save_config(cfg, tmp_path / "c.yaml")
     assert load_config(str(tmp_path / "c.yaml")) == cfg
+
+
+def test_train_distributed_defaults_to_ddp():
+    assert load_config({}).train.distributed == "ddp"
+    assert load_config({"train": {"distributed": "fsdp"}}).train.distributed == "fsdp"
 
 
 def test_from_config_needs_num_classes():

@@ -165,6 +165,9 @@ class TrainConfig(_Checked):
     num_iterations_per_epoch: int = option(250, check=_positive, must=">= 1")
     num_val_iterations_per_epoch: int = option(50, check=_non_negative, must=">= 0")  # validation-loss batches
     optimizer: Literal["adamw", "sgd"] = "adamw"  # sgd = SGD with Nesterov momentum
+    # under torchrun: ddp (a whole model per GPU) or fsdp (weights, gradients and optimizer state sharded
+    # across the GPUs: full fine-tuning of a model one GPU cannot train); one process without torchrun
+    distributed: Literal["ddp", "fsdp"] = "ddp"
     momentum: float = option(0.99, check=_fraction, must="in [0, 1)")  # sgd only
     warmup_epochs: float = option(5.0, check=_non_negative, must=">= 0")  # linear warmup, then poly decay
     poly_exponent: float = option(0.9, check=_non_negative, must=">= 0")

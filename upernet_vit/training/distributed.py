@@ -1,9 +1,9 @@
-"""Device choice, and DDP setup under torchrun (one plain process without it)."""
+"""Device choice, and the process group under torchrun for DDP or FSDP (one plain process without it)."""
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -69,6 +69,15 @@ def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if info.enabled:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def broadcast_object(obj: Any, info: DistInfo) -> Any:
+    """Rank 0's ``obj`` on every rank (picklable; for small things such as a verdict)."""
+    if not info.enabled:
+        return obj
+    shared = [obj]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
 
 
 def barrier(info: DistInfo) -> None:

@@ -8,7 +8,7 @@
 
 :class:`RunFolder` opens a folder for a new run or a resumed one, writes each epoch's checkpoint and
 metrics row in crash-safe order, and reads a checkpoint back for ``--resume`` after checking that the
-config still describes it. Only the main process of a DDP run writes.
+config still describes it. Only the main process of a DDP or FSDP run writes.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import csv
 import json
 import logging
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import yaml
@@ -83,15 +83,17 @@ class RunFolder:
         text = json.dumps(splits, indent=1)
         atomic_write(os.path.join(self.path, "splits_final.json"), lambda p: write_text(p, text))
 
-    def save_epoch(self, model: UperNetViT, state: Dict[str, Any], best: bool, history: List[Dict[str, float]]) -> None:
-        """``checkpoint_latest`` (the model and ``state``), then its copy as ``checkpoint_best`` when ``best``,
+    def save_epoch(self, model: UperNetViT, state: Dict[str, Any], best: bool, history: List[Dict[str, float]],
+                   weights: Optional[Dict[str, torch.Tensor]] = None) -> None:
+        """``checkpoint_latest`` (``model.save_pretrained``, of ``weights`` when given: a sharded model's,
+        gathered; and ``state``), then its copy as ``checkpoint_best`` when ``best``,
         then the metrics row. ``state["best_epoch"]`` is on disk before the best copy starts, so a crash
         between the two is repaired at resume (:func:`~.checkpoints.repair_best`); the row comes last, so
         ``metrics.csv`` never shows an epoch that no checkpoint holds."""
         state = {**state, "config": config_to_yaml(self.config)}
 
         def write(folder: str) -> None:
-            model.save_pretrained(folder)  # with preprocessing.json
+            model.save_pretrained(folder, state_dict=weights)  # with preprocessing.json
             save_torch(state, os.path.join(folder, STATE_NAME))
 
         latest = os.path.join(self.path, LATEST)
@@ -100,10 +102,12 @@ class RunFolder:
             checkpoints.copy_checkpoint(latest, os.path.join(self.path, BEST))
         self.write_metrics(history)
 
-    def read_for_resume(self, model: UperNetViT, device: torch.device) -> Dict[str, Any]:
-        """Load ``checkpoint_latest``'s weights into ``model`` and return its training state. The config is
-        compared first, so a changed architecture is named as such, not as a ``load_state_dict`` traceback.
-        On the main process the best checkpoint is repaired and ``metrics.csv`` rewritten from the state."""
+    def read_for_resume(self, model: UperNetViT, device: torch.device,
+                        load: Optional[Callable[[Dict[str, torch.Tensor]], Any]] = None) -> Dict[str, Any]:
+        """Load ``checkpoint_latest``'s weights into ``model`` (with ``load``, default
+        ``model.load_state_dict``; a sharded model passes its own) and return its training state. The config
+        is compared first, so a changed architecture is named as such, not as a ``load_state_dict``
+        traceback. On the main process the best checkpoint is repaired and ``metrics.csv`` rewritten."""
         path = self.latest()
         if path is None:
             raise FileNotFoundError(f"--resume: no {LATEST} with {STATE_NAME} in {self.path}")
@@ -121,7 +125,7 @@ class RunFolder:
         verify_checksum(path)
         weights = os.path.join(path, WEIGHTS_NAME)
         try:
-            model.load_state_dict(load_file(weights, device=str(device)))
+            (load or model.load_state_dict)(load_file(weights, device=str(device)))
         except Exception as err:
             raise ValueError(f"--resume: cannot load {weights} into the model: {str(err).strip().splitlines()[0]}") from err
         if self.writes:

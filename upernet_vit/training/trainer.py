@@ -3,11 +3,18 @@ AMP, gradient clipping), a validation of whole images by sliding window, and ``r
 hands each epoch to the run folder.
 
 What it builds on, one file each: the data (``prepare.py``), the run folder with its checkpoints and
-metrics rows (``run_folder.py``), the device and DDP helpers (``distributed.py``), the loss
-(``losses.py``), the optimizer and schedule (``optim.py``), sliding-window inference (``inference.py``).
+metrics rows (``run_folder.py``), the device and process-group helpers (``distributed.py``), sharded
+training (``fsdp.py``), the loss (``losses.py``), the optimizer and schedule (``optim.py``), sliding-window
+inference (``inference.py``).
+
+Under torchrun (``WORLD_SIZE`` > 1) ``train.distributed`` picks how the processes share the work: ``ddp``
+(each holds the whole model, gradients are averaged) or ``fsdp`` (weights, gradients and optimizer state
+sharded; :mod:`.fsdp`). Either way each process trains on its part of the global batch, and the run
+folder is the same: rank 0 writes the full weights and a one-process optimizer state.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -15,7 +22,7 @@ import time
 import warnings
 from contextlib import nullcontext
 from types import MappingProxyType
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, ContextManager, Dict, List, Mapping, Optional
 
 import numpy as np
 import torch
@@ -28,7 +35,10 @@ from ..model import UperNetViT
 from ..pretrained import non_finite_tensors
 from .augment import Normalizer, PatchDataset
 from .checkpoints import LATEST
-from .distributed import all_reduce_sum, barrier, cleanup, init_distributed, resolve_device
+from .data import Case
+from .distributed import all_reduce_sum, barrier, broadcast_object, cleanup, init_distributed, resolve_device
+from .fsdp import (full_weights, gather_model_state, gather_optimizer_state, global_grad_norm,
+                   load_model_state, load_optimizer_state, shard_model)
 from .inference import amp_dtype, tta_probabilities
 from .loggers import RunLogger, create_logger
 from .losses import DiceCELoss, class_weights, segmentation_loss
@@ -60,8 +70,17 @@ class Trainer:
     ) -> None:
         self.cfg, self.output_dir = config, output_dir
         tcfg = config.train
+        if tcfg.distributed == "fsdp" and tcfg.amp == "fp16":  # before any process starts its group
+            raise ValueError(
+                "train.amp fp16 does not work with train.distributed fsdp (the GradScaler would judge each "
+                "rank's gradient shards alone and the ranks could skip different steps); use train.amp bf16"
+            )
         self.dist = init_distributed(resolve_device(tcfg.device).type)
         self.device = resolve_device(tcfg.device, self.dist.local_rank if self.dist.enabled else None)
+        self.fsdp = tcfg.distributed == "fsdp" and self.dist.enabled  # the model is sharded (fsdp.py)
+        if tcfg.distributed == "fsdp" and not self.dist.enabled:
+            logger.info("train.distributed fsdp: one process trains the whole model, as without it; fsdp "
+                        "shards only under torchrun with several processes")
         self.amp_dtype = amp_dtype(tcfg.amp, self.device)  # fails early for fp16 without CUDA
         if config.data.batch_size % self.dist.world_size:
             raise ValueError(
@@ -70,6 +89,8 @@ class Trainer:
         self.data = prepare_data(config.data)
         self.model = self._build_model(fast)
         self._check_memory()
+        if self.fsdp:  # before the optimizer, which must hold the sharded parameters
+            shard_model(self.model, self.device, self.dist.world_size, torch.bfloat16 if tcfg.amp == "bf16" else None)
         self.patch_size = list(config.data.patch_size)
         self.normalizer = Normalizer(self.model.mean, self.model.std, config.data.normalization,
                                      self.data.intensity_scale)
@@ -80,9 +101,9 @@ class Trainer:
         weights = class_weights(tcfg.class_weights, self.data.info.label_names,
                                 [c.label for c in self.data.train_cases])
         self.criterion = DiceCELoss(class_weights=weights).to(self.device)
-        self.net: nn.Module = (
+        self.net: nn.Module = (  # what training calls: FSDP's sharded model is its own wrapper
             DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-            if self.dist.enabled else self.model
+            if self.dist.enabled and not self.fsdp else self.model
         )
         batches = config.data.batch_size
         self.train_set = PatchDataset(self.data.train_cases, self.patch_size, self.normalizer,
@@ -147,6 +168,10 @@ class Trainer:
         tcfg = self.cfg.train
         estimate = estimate_training_memory(self.model, self.cfg.data.batch_size // self.dist.world_size,
                                             self.cfg.data.patch_size, tcfg.amp, tcfg.optimizer)
+        if self.fsdp:  # each process keeps 1/N of the weights, gradients and optimizer state
+            world = self.dist.world_size
+            estimate = dataclasses.replace(estimate, weights=estimate.weights // world,
+                                           optimizer=estimate.optimizer // world)
         logger.info("memory estimate per process: %.2f GB (weights %.2f, gradients and optimizer %.2f, "
                     "activations %.2f)", *(b / 2**30 for b in (estimate.total, estimate.weights,
                                                                estimate.optimizer, estimate.activations)))
@@ -177,8 +202,15 @@ class Trainer:
         }
 
     def _resume(self) -> None:
-        state = self.folder.read_for_resume(self.model, self.device)
-        self.optimizer.load_state_dict(state["optimizer"])
+        """Weights, optimizer, scheduler, scaler, RNG and history from ``checkpoint_latest``; under FSDP the
+        full tensors (read by every rank, on the CPU) go into each rank's shards."""
+        if self.fsdp:
+            state = self.folder.read_for_resume(self.model, torch.device("cpu"),
+                                                lambda weights: load_model_state(self.model, weights))
+            load_optimizer_state(self.model, self.optimizer, state["optimizer"])
+        else:
+            state = self.folder.read_for_resume(self.model, self.device)
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng_torch"])
@@ -188,10 +220,17 @@ class Trainer:
         self.history = list(state["history"])
         self.best_ema, self.best_epoch, self.ema = float(state["best_ema"]), state["best_epoch"], state["ema"]
 
-    def _training_state(self, next_epoch: int) -> Dict[str, Any]:
+    def _optimizer_state(self) -> Dict[str, Any]:
+        """The optimizer's ``state_dict()``; under FSDP gathered from the shards on every rank (collective),
+        numbered as one process numbers it, and kept on rank 0 only (``{}`` elsewhere)."""
+        if self.fsdp:
+            return gather_optimizer_state(self.model, self.optimizer)
+        return self.optimizer.state_dict()
+
+    def _training_state(self, next_epoch: int, optimizer_state: Dict[str, Any]) -> Dict[str, Any]:
         return {
             "epoch": next_epoch,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng_torch": torch.get_rng_state(),
@@ -202,9 +241,12 @@ class Trainer:
             "ema": self.ema,
         }
 
-    def _check_weights_finite(self, next_epoch: int) -> None:
-        """A NaN model is never written, never as best (on every DDP process: the weights are the same)."""
-        bad = non_finite_tensors(self.model.state_dict())
+    def _check_weights_finite(self, next_epoch: int, weights: Optional[Mapping[str, torch.Tensor]] = None) -> None:
+        """A NaN model is never written, never as best. Checked on every DDP process (the weights are the
+        same), or on FSDP's ``weights`` gathered on rank 0, whose verdict every rank then acts on."""
+        bad = non_finite_tensors(self.model.state_dict() if weights is None else weights)
+        if self.fsdp:
+            bad = broadcast_object(bad, self.dist)
         if bad:
             raise TrainingDiverged(
                 f"training stopped: after epoch {next_epoch} {len(bad)} weight tensor(s) hold NaN or infinity "
@@ -216,6 +258,15 @@ class Trainer:
         if self.amp_dtype is None:
             return nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def _evaluation_weights(self) -> ContextManager[None]:
+        """Around the evaluation passes. Under FSDP a forward of the sharded model is collective (each unit
+        all-gathers its weights), so ranks that run different numbers of forwards would wait on each other
+        for ever, and whole-image validation does: each rank has its own cases (their number need not
+        divide by the ranks), each cut into as many windows as its size needs. So the full weights are
+        gathered once for the pass (:func:`~.fsdp.full_weights`: memory for the whole model's weights on
+        each GPU, as inference needs anyway) and every forward in it is local. DDP needs nothing."""
+        return full_weights(self.model) if self.fsdp else nullcontext()
 
     def _loader(self, dataset: PatchDataset, epoch: int) -> DataLoader:
         dataset.set_epoch(epoch)
@@ -262,7 +313,8 @@ class Trainer:
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)  # a no-op without fp16
             # the norm is needed for the finiteness check even when clipping is off (max_norm inf clips nothing)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip or math.inf)
+            # under FSDP over the gradient shards, and still the norm of all the gradients (global_grad_norm)
+            grad_norm = global_grad_norm(torch.nn.utils.clip_grad_norm_(params, clip or math.inf))
             finite = bool(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))
             if not finite and fp16:  # fp16 overflow: the GradScaler skips this step and lowers its scale
                 skipped += 1
@@ -318,38 +370,46 @@ class Trainer:
             return float("nan")
         self.net.eval()
         total, count = 0.0, 0
-        for images, labels in self._loader(self.val_set, epoch):
-            total += float(self._loss(images.to(self.device), labels.to(self.device)))
-            count += 1
+        with self._evaluation_weights():
+            for images, labels in self._loader(self.val_set, epoch):
+                total += float(self._loss(images.to(self.device), labels.to(self.device)))
+                count += 1
         stats = all_reduce_sum(torch.tensor([total, count], dtype=torch.float64), self.dist)
         return float(stats[0] / max(stats[1], 1))
 
     @torch.no_grad()
     def validate(self, write_overlays: bool = False) -> Dict[str, float]:
-        """Whole-image sliding-window Dice/IoU on this fold's validation cases (split across processes)."""
+        """Whole-image sliding-window Dice/IoU on this fold's validation cases (split across processes; under
+        FSDP with the full weights on every rank: :meth:`_evaluation_weights`)."""
         self.model.eval()
         info = self.data.info
         counts = torch.zeros(info.num_classes, 3, dtype=torch.int64)
         self.overlay_paths = []
         mine = self.data.val_cases[self.dist.rank :: self.dist.world_size]
-        for i, case in enumerate(mine):
-            image = self.normalizer(torch.from_numpy(case.image)).to(self.device)
-            probs = tta_probabilities(
-                self.model, image, self.patch_size, self.cfg.train.val_scales, mirror=self.cfg.train.val_mirror,
-                amp_dtype=self.amp_dtype,
-            )
-            pred = probs.argmax(0).cpu()
-            counts += confusion_counts(pred, torch.from_numpy(case.label), info.num_classes)
-            if write_overlays and self.dist.is_main and i < self.cfg.train.num_overlays:
-                from .plots import save_overlay
-
-                folder = os.path.join(self.output_dir, "overlays")
-                os.makedirs(folder, exist_ok=True)
-                path = os.path.join(folder, f"{case.case_id}.png")
-                save_overlay(case.image, case.label, pred.numpy(), info.num_classes, path, title=case.case_id)
-                self.overlay_paths.append(path)
+        with self._evaluation_weights():
+            for i, case in enumerate(mine):
+                self._validate_case(i, case, counts, write_overlays)
         counts = all_reduce_sum(counts, self.dist)
         return summarize(counts, info.label_names, exclude=self.data.absent)
+
+    def _validate_case(self, i: int, case: Case, counts: torch.Tensor, write_overlays: bool) -> None:
+        """Add case ``i`` of this rank's validation cases to ``counts`` ``[K, 3]``; write its overlay."""
+        info = self.data.info
+        image = self.normalizer(torch.from_numpy(case.image)).to(self.device)
+        probs = tta_probabilities(
+            self.model, image, self.patch_size, self.cfg.train.val_scales, mirror=self.cfg.train.val_mirror,
+            amp_dtype=self.amp_dtype,
+        )
+        pred = probs.argmax(0).cpu()
+        counts += confusion_counts(pred, torch.from_numpy(case.label), info.num_classes)
+        if write_overlays and self.dist.is_main and i < self.cfg.train.num_overlays:
+            from .plots import save_overlay
+
+            folder = os.path.join(self.output_dir, "overlays")
+            os.makedirs(folder, exist_ok=True)
+            path = os.path.join(folder, f"{case.case_id}.png")
+            save_overlay(case.image, case.label, pred.numpy(), info.num_classes, path, title=case.case_id)
+            self.overlay_paths.append(path)
 
     def _epoch_row(self, epoch: int, train_loss: float, val_loss: float, metrics: Dict[str, float], lr: float,
                    seconds: float) -> Dict[str, float]:
@@ -363,6 +423,17 @@ class Trainer:
         row.update({f"val_dice_{n}": metrics.get(f"dice_{n}", math.nan) for n in names})
         row.update({f"val_iou_{n}": metrics.get(f"iou_{n}", math.nan) for n in names})
         return row
+
+    def _save_epoch(self, epoch: int, improved: bool) -> None:
+        """Check and write the checkpoint of ``epoch`` (rank 0 writes). Under FSDP the weights and the
+        optimizer state are first gathered from the shards by every rank (collective), then rank 0 writes
+        them as one process would: the same model folder, the same ``training_state.pt``."""
+        weights = gather_model_state(self.model) if self.fsdp else None  # None: the model's own
+        self._check_weights_finite(epoch + 1, weights)
+        optimizer_state = self._optimizer_state()
+        if self.dist.is_main:
+            self.folder.save_epoch(self.model, self._training_state(epoch + 1, optimizer_state), improved,
+                                   self.history, weights)
 
     def run(self) -> List[Dict[str, float]]:
         """Train from ``start_epoch`` to ``num_epochs``; returns the per-epoch history."""
@@ -384,9 +455,8 @@ class Trainer:
                 improved = self.ema is not None and self.ema > self.best_ema
                 if improved:
                     self.best_ema, self.best_epoch = float(self.ema), epoch + 1
-                self._check_weights_finite(epoch + 1)
+                self._save_epoch(epoch, improved)
                 if self.dist.is_main:
-                    self.folder.save_epoch(self.model, self._training_state(epoch + 1), improved, self.history)
                     self._log_to_run_logger(epoch + 1, row)
                     logger.info(
                         "epoch %d/%d  train_loss %.4f  val_loss %.4f  val_dice %.4f  ema_dice %.4f%s  lr %.2e  %.1f s",
