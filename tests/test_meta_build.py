@@ -146,6 +146,35 @@ def test_parameters_no_file_filled_are_named():
     assert not nn.Linear(2, 2).weight.is_meta  # the context is over: modules are built as usual again
 
 
+def test_build_on_meta_is_this_threads_and_the_innermost_block_decides():
+    """Another thread builds as usual meanwhile; a nested block without a dtype keeps the declared one; torch's
+    methods are back once the last block closes."""
+    import threading
+
+    from upernet_vit.backbones import meta
+
+    other, entered, built = {}, threading.Event(), threading.Event()
+
+    def build_elsewhere():
+        entered.wait(5)
+        other["layer"] = nn.Linear(2, 2)
+        built.set()
+
+    thread = threading.Thread(target=build_elsewhere)
+    thread.start()
+    with build_on_meta(torch.bfloat16):
+        entered.set()
+        assert built.wait(5)
+        with build_on_meta():
+            inner = nn.Linear(2, 2)
+        outer = nn.Linear(2, 2)
+    thread.join()
+    assert not other["layer"].weight.is_meta
+    assert inner.weight.is_meta and inner.weight.dtype == torch.float32
+    assert outer.weight.is_meta and outer.weight.dtype == torch.bfloat16
+    assert nn.Module.register_parameter is meta._REGISTER and nn.Module.load_state_dict is meta._LOAD
+
+
 @pytest.mark.slow
 def test_building_a_bfloat16_backbone_from_a_float32_file_holds_no_float32_copy(tmp_path):
     """Measured, not inferred: a 24-block, 512-wide ViT (76M parameters: 302 MB in float32, 151 MB in

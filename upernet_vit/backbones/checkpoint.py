@@ -35,12 +35,13 @@ def _file_kind(head: bytes) -> str:
     return "unknown"
 
 
-def read_checkpoint(path: str, trust_checkpoint: bool = False) -> Any:
+def read_checkpoint(path: str, trust_checkpoint: bool = False, mmap: bool = False) -> Any:
     """The object stored in ``path``. Torch files load with ``weights_only=True`` (tensors, containers
     and ``argparse.Namespace``, which MAE-style trainers save as ``args``); a file that stores other
     Python objects needs ``trust_checkpoint=True``, because full unpickling can run code from the file.
-    A file that is no checkpoint at all (empty, text, truncated) is a ValueError saying so. Tensors are
-    memory-mapped from the file (torch zip files and safetensors), not read into memory up front."""
+    A file that is no checkpoint at all (empty, text, truncated) is a ValueError saying so. ``mmap``: a torch
+    zip file's tensors are memory-mapped (read when used, so a large file is never held in memory twice; a
+    file system that cannot map files falls back to reading); safetensors files are always mapped."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint_path {path!r} does not exist or is not a file")
     with open(path, "rb") as f:
@@ -65,14 +66,13 @@ def read_checkpoint(path: str, trust_checkpoint: bool = False) -> Any:
             f"checkpoint_path {path!r} is a zip archive but not a PyTorch checkpoint (no data.pkl inside; an .npz "
             f"or a zipped folder?); give the .pth/.pt/.safetensors weights file itself"
         )
-    # memory-mapped: a tensor's bytes are read when it is used, so a file is never held twice (the zip format
-    # only; a legacy pickle is read whole)
-    mmap = head[:4] == b"PK\x03\x04"
     try:
-        if trust_checkpoint:
-            return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        if mmap and head[:4] == b"PK\x03\x04":  # the zip format only: a legacy pickle is read whole
+            try:
+                return _torch_load(path, trust_checkpoint, mmap=True)
+            except Exception:  # e.g. a mount that cannot map files: read it instead (a damaged file fails again)
+                pass
+        return _torch_load(path, trust_checkpoint, mmap=False)
     except Exception as err:  # pickle and zip errors come in several types
         if "Unsupported global" in str(err):  # torch's weights-only unpickler refused a Python object
             raise ValueError(
@@ -91,6 +91,13 @@ def read_checkpoint(path: str, trust_checkpoint: bool = False) -> Any:
         raise ValueError(  # e.g. a class that full unpickling needs but cannot import
             f"could not read checkpoint_path {path!r}: {type(err).__name__}: {first_line(err)}"
         ) from err
+
+
+def _torch_load(path: str, trust_checkpoint: bool, mmap: bool) -> Any:
+    if trust_checkpoint:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 
 def _is_zip_without_pickle(path: str) -> bool:
@@ -162,7 +169,7 @@ def load_backbone_checkpoint(
     periods are taken from the file. Any other mismatch is an error that names the format, the missing
     and unexpected keys (grouped) and the likely cause.
     """
-    state, fmt, extras = to_timm(read_checkpoint(path, trust_checkpoint), vit, checkpoint_format)
+    state, fmt, extras = to_timm(read_checkpoint(path, trust_checkpoint, mmap=True), vit, checkpoint_format)
     own = vit.state_dict()
     if "rope.periods" in own:
         # the file's periods are bf16-rounded; recomputing them in fp32 would shift every RoPE angle

@@ -14,9 +14,11 @@ What is sharded, in which units, and why:
 - the whole model, the root unit: the rest (patch embedding, tokens, final norm, pyramid, head,
   upsampler) is gathered once per forward and kept until backward, which needs it first.
 
-Mixed precision: with ``train.amp: bf16`` the gathered weights (and so the compute) are bfloat16 and the
-gradients are reduced in float32 into the float32 shards, which stay the optimizer's master weights; with
-``none`` everything is float32 and the results match DDP's up to the order of the sums.
+Mixed precision: with ``train.amp: bf16`` the blocks' gathered weights (and so their compute, the residual
+stream included) are bfloat16, and their gradients are reduced in float32 into the float32 shards, which
+stay the optimizer's master weights; the root unit is gathered in float32 and autocast computes it as under
+DDP (the decoder's norms and output in float32). With ``none`` everything is float32 and the results match
+DDP's up to the order of the sums.
 
 Checkpoints are those of one process: :func:`gather_model_state` and :func:`gather_optimizer_state`
 collect full tensors on rank 0 (on the CPU, one tensor at a time), in ``model.state_dict()`` keys and
@@ -58,9 +60,10 @@ def vit_blocks(model: nn.Module) -> List[nn.Module]:
 def shard_model(model: nn.Module, device: torch.device, world_size: int,
                 mixed_precision: Optional[torch.dtype] = None) -> nn.Module:
     """Shard ``model`` in place across the ``world_size`` processes of the default group, on ``device``:
-    each ViT block, then the root (module docstring). ``mixed_precision``: the dtype weights are gathered
-    and computed in (``torch.bfloat16`` for ``train.amp: bf16``; gradients are reduced in float32), None
-    for float32. Returns ``model``, now also an ``FSDPModule``; build the optimizer after this call."""
+    each ViT block, then the root (module docstring). ``mixed_precision``: the dtype the blocks' weights are
+    gathered and computed in (``torch.bfloat16`` for ``train.amp: bf16``; their gradients are reduced in
+    float32), None for float32; the root's are gathered in float32 (autocast computes it as under DDP).
+    Returns ``model``, now also an ``FSDPModule``; build the optimizer after this call."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -72,8 +75,10 @@ def shard_model(model: nn.Module, device: torch.device, world_size: int,
         logger.warning("fsdp: no ViT blocks found in the backbone; sharding the model as one unit")
     for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=RESHARD_BLOCKS)
-    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=RESHARD_ROOT)
-    logger.info("fsdp: %d blocks and the root sharded across %d processes (%s weights in compute)",
+    # the root in float32: the decoder, the norms outside the blocks and the model's output keep the float32
+    # weights (autocast picks each op's dtype, as under DDP and in predict)
+    fully_shard(model, mesh=mesh, mp_policy=MixedPrecisionPolicy(), reshard_after_forward=RESHARD_ROOT)
+    logger.info("fsdp: %d blocks and the root sharded across %d processes (blocks' weights in %s in compute)",
                 len(blocks), world_size, mixed_precision or torch.float32)
     return model
 

@@ -31,8 +31,9 @@ from .checkpoints import BEST, LATEST, STATE_NAME, RunLock, latest_checkpoint, r
 logger = logging.getLogger(__name__)
 
 # keys that may differ between a run and its --resume (they do not change what is computed)
+# train.distributed: a checkpoint is one process's under DDP and FSDP alike (a run out of memory may switch)
 RESUME_FREE_KEYS = {"data.num_workers", "train.device", "train.output_dir", "train.num_overlays", "train.logger",
-                    "train.check_memory"}
+                    "train.check_memory", "train.distributed"}
 
 
 def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:

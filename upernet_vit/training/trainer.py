@@ -154,7 +154,8 @@ class Trainer:
         if cfg.model.decoder.norm == "batchnorm" and self.dist.enabled and self.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model.check_device(self.device)
-        model.to(self.device)
+        if not self.fsdp:  # fully_shard moves each process's shards there: the whole model need not fit one GPU
+            model.to(self.device)
         if fast is not None:
             from ..fast import optimize
 
@@ -168,9 +169,9 @@ class Trainer:
         tcfg = self.cfg.train
         estimate = estimate_training_memory(self.model, self.cfg.data.batch_size // self.dist.world_size,
                                             self.cfg.data.patch_size, tcfg.amp, tcfg.optimizer)
-        if self.fsdp:  # each process keeps 1/N of the weights, gradients and optimizer state
-            world = self.dist.world_size
-            estimate = dataclasses.replace(estimate, weights=estimate.weights // world,
+        if self.fsdp:  # each process keeps 1/N of the weights, gradients and optimizer state, and validation
+            world = self.dist.world_size  # gathers all the weights (full_weights): counted in full, erring high
+            estimate = dataclasses.replace(estimate, weights=estimate.weights // world + estimate.weights,
                                            optimizer=estimate.optimizer // world)
         logger.info("memory estimate per process: %.2f GB (weights %.2f, gradients and optimizer %.2f, "
                     "activations %.2f)", *(b / 2**30 for b in (estimate.total, estimate.weights,
