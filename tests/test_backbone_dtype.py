@@ -68,6 +68,17 @@ def test_dtypes_a_device_or_the_training_cannot_use_are_one_line_errors(tmp_path
         Trainer(config, str(tmp_path / "run"))
 
 
+def test_bfloat16_on_a_gpu_without_it_is_a_one_line_error(monkeypatch):
+    # no GPU here: the card is one whose capability check says no (a pre-Ampere card, e.g. a V100 or T4)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla V100-SXM2-16GB")
+    model = UperNetViT(**OPTIONS, backbone_dtype="bfloat16")
+    with pytest.raises(ValueError, match=r"^model.backbone_dtype bfloat16: Tesla V100-SXM2-16GB has no bfloat16 "
+                                         r"support; use float16 or float32$"):
+        model.check_device(torch.device("cuda", 0))
+    UperNetViT(**OPTIONS, backbone_dtype="float16").check_device(torch.device("cuda", 0))  # float16 runs there
+
+
 def test_a_lora_run_with_a_bfloat16_backbone_trains_and_predicts(tmp_path):
     from upernet_vit.training.trainer import Trainer
 
