@@ -81,7 +81,7 @@ LARGE_ROWS = {
 }
 LARGE_SETUPS = ("LoRA + ckpt + bf16", "LoRA + ckpt + bf16, vitdet pyramid", "fp32 default")
 # an fp32 default runs only where its estimate is at most this share of the available memory: ViT-L at 1024 px,
-# batch 2, estimated 23.3 of 23 GiB available, was killed by the kernel (the estimate is not a bound)
+# batch 2, estimated at 22.0 GiB with 22.3 available, was killed by the kernel (the estimate is not a bound)
 FP32_MARGIN = 0.8
 
 

@@ -1,5 +1,7 @@
 """The memory estimate before training (issue 18): its parts follow the settings, and a run that will not
 fit is refused with the settings to change, not the allocator's message."""
+import logging
+
 import pytest
 import torch
 
@@ -51,6 +53,24 @@ def test_a_run_that_will_not_fit_names_the_settings_to_change(tmp_path, monkeypa
     check_fits(estimate_training_memory(frozen, 2, (64, 64)), 1 << 40, frozen, lora=False)  # fits: no error
     check_fits(estimate_training_memory(frozen, 2, (64, 64)), None, frozen, lora=False)  # unknown: no check
     assert torch.cuda.is_available() or memory.available_memory(torch.device("cpu")) is not None
+
+
+def test_a_run_near_the_limit_is_warned_of_with_the_settings_to_change(caplog):
+    from upernet_vit.training.memory import NEAR_LIMIT
+
+    model = UperNetViT(**OPTIONS)
+    estimate = estimate_training_memory(model, 2, (64, 64))
+    with caplog.at_level(logging.WARNING, logger="upernet_vit.training.memory"):
+        check_fits(estimate, int(estimate.total / ((1 + NEAR_LIMIT) / 2)), model, lora=False)  # runs, warned
+        assert len(caplog.records) == 1
+        message = caplog.records[0].getMessage()
+        assert message.startswith("this run needs about ") and "the run may run out of memory" in message
+        assert "model.gradient_checkpointing: true" in message and "a smaller data.batch_size" in message
+        caplog.clear()
+        check_fits(estimate, int(estimate.total / NEAR_LIMIT) + 1, model, lora=False)  # clear of the band: quiet
+        assert not caplog.records
+    with pytest.raises(ValueError, match="but the device has"):
+        check_fits(estimate, estimate.total - 1, model, lora=False)
 
 
 def test_the_check_may_be_switched_off_at_resume(tmp_path):
