@@ -32,8 +32,10 @@ DINOv3-7B at 512 px, batch 1. Each is built from a weights file as a user's run 
   row gives the estimate.
 Figures per row, in a child process each: the build's peak (the process's own, anonymous memory, sampled
 every 2 ms, beyond what it held before: the file's memory-mapped pages are page cache, which the
-kernel drops under pressure, and are left out), the step's peak (the whole process: weights, optimizer
-state, activations), the step's time, and the estimate. ``--device cuda`` reports
+kernel drops under pressure, and are left out), the step's peak (the whole process: weights, gradients,
+activations; it is the first step, so AdamW's moments, made at its end, are not yet held during forward and
+backward: a full fine-tuning's later steps hold 8 bytes more per trained parameter, LoRA's a few MB), the
+step's time, and the estimate. ``--device cuda`` reports
 ``torch.cuda.max_memory_allocated`` for the step instead.
 """
 from __future__ import annotations
