@@ -24,18 +24,18 @@ downloaded.
 The large backbones (issue 18): ViT-L/16 (DINOv3) at 1024 px, batch 2; DINOv2 ViT-g/14 at 518 px, batch 2;
 DINOv3-7B at 512 px, batch 1. Each is built from a weights file as a user's run builds it
 (``checkpoint_path``: a timm-layout safetensors file of random bfloat16 values, written once into
-``--weights-dir``), then trains one step (forward, backward, AdamW step) in two set-ups:
+``--weights-dir``), then trains two steps (forward, backward, AdamW step) in these set-ups:
 - ``LoRA + ckpt + bf16``: ``backbone_dtype: bfloat16`` (built on the meta device and filled from the file),
   LoRA r=8 on qkv, gradient checkpointing, bf16 autocast; the decoder and LoRA weights train in float32;
+- ``LoRA + ckpt + bf16, vitdet pyramid``: the same with ``pyramid: vitdet`` (the 7B recipe's);
 - ``fp32 default``: full fine-tuning in float32, no checkpointing; run only where the memory estimate
   (``training/memory.py``) is at most ``FP32_MARGIN`` of the machine's available memory, otherwise the
   row gives the estimate.
 Figures per row, in a child process each: the build's peak (the process's own, anonymous memory, sampled
 every 2 ms, beyond what it held before: the file's memory-mapped pages are page cache, which the
-kernel drops under pressure, and are left out), the step's peak (the whole process: weights, gradients,
-activations; it is the first step, so AdamW's moments, made at its end, are not yet held during forward and
-backward: a full fine-tuning's later steps hold 8 bytes more per trained parameter, LoRA's a few MB), the
-step's time, and the estimate. ``--device cuda`` reports
+kernel drops under pressure, and are left out), the second step's peak (the whole process: weights,
+gradients, AdamW's moments, which the first step makes at its end and every later step holds, activations)
+and time, and the estimate. ``--device cuda`` reports
 ``torch.cuda.max_memory_allocated`` for the step instead.
 """
 from __future__ import annotations
@@ -192,7 +192,9 @@ def large_step(args: argparse.Namespace) -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    step()  # the first step makes AdamW's moments; from the second on, every step holds them throughout
     if device.type == "cuda":
+        torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     with PeakAnonMemory() as stepping:
