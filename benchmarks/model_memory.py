@@ -213,7 +213,7 @@ def large_table(args: argparse.Namespace) -> None:
     from timing import device_name
 
     os.makedirs(args.weights_dir, exist_ok=True)
-    print(f"# large backbones, one training step; {device_name(torch.device(args.device))}; "
+    print(f"# large backbones, the second training step; {device_name(torch.device(args.device))}; "
           f"memory in GiB ({'torch.cuda.max_memory_allocated' if args.device == 'cuda' else 'peak RssAnon'})")
     print("| backbone, input | set-up | estimate | build peak (backbone size) | step peak | build time (s) "
           "| step time (s) |\n|---|---|---|---|---|---|---|")

@@ -114,5 +114,5 @@ def check_fits(estimate: MemoryEstimate, available: Optional[int], model: UperNe
     change = "; ".join(_settings_to_change(model, lora))
     if estimate.total > available:
         raise ValueError(f"{needs} but the device has {_gb(available)}; change: {change}")
-    logger.warning("%s of the device's %s: the estimate errs by about 10%% either way, so the run may run out of "
+    logger.warning("%s, close to the device's %s; the estimate can be about 10%% low, so the run may run out of "
                    "memory; if it does, change: %s", needs, _gb(available), change)
