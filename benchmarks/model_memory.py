@@ -29,8 +29,9 @@ DINOv3-7B at 512 px, batch 1. Each is built from a weights file as a user's run 
   LoRA r=8 on qkv, gradient checkpointing, bf16 autocast; the decoder and LoRA weights train in float32;
 - ``LoRA + ckpt + bf16, vitdet pyramid``: the same with ``pyramid: vitdet`` (the 7B recipe's);
 - ``fp32 default``: full fine-tuning in float32, no checkpointing; run only where the memory estimate
-  (``training/memory.py``) is at most ``FP32_MARGIN`` of the machine's available memory, otherwise the
-  row gives the estimate.
+  (``training/memory.py``) is at most ``NEAR_LIMIT`` of the machine's available memory, the share above
+  which ``upernet-vit train`` warns that a run may not fit (ViT-L at 1024 px, batch 2, estimated at
+  22.0 GiB with 22.3 available, was killed by the kernel); otherwise the row gives the estimate.
 Figures per row, in a child process each: the build's peak (the process's own, anonymous memory, sampled
 every 2 ms, beyond what it held before: the file's memory-mapped pages are page cache, which the
 kernel drops under pressure, and are left out), the second step's peak (the whole process: weights,
@@ -82,9 +83,6 @@ LARGE_ROWS = {
     "dinov3_7b": ("DINOv3-7B/16, 512 px, batch 1", "dinov3", "7b", 512, 1),
 }
 LARGE_SETUPS = ("LoRA + ckpt + bf16", "LoRA + ckpt + bf16, vitdet pyramid", "fp32 default")
-# an fp32 default runs only where its estimate is at most this share of the available memory: ViT-L at 1024 px,
-# batch 2, estimated at 22.0 GiB with 22.3 available, was killed by the kernel (the estimate is not a bound)
-FP32_MARGIN = 0.8
 
 
 def _status_mb(field: str) -> float:
@@ -152,7 +150,7 @@ def large_step(args: argparse.Namespace) -> None:
 
     from upernet_vit import UperNetViT
     from upernet_vit.backbones.meta import build_on_meta
-    from upernet_vit.training.memory import available_memory, estimate_training_memory
+    from upernet_vit.training.memory import NEAR_LIMIT, available_memory, estimate_training_memory
 
     _, backbone, size, image, batch = LARGE_ROWS[args.row]
     lean = args.setup != "fp32 default"
@@ -170,7 +168,7 @@ def large_step(args: argparse.Namespace) -> None:
         estimate = estimate_training_memory(build(), batch, [image, image], "bf16" if lean else "none").total / 2**30
     available = available_memory(device)
     row = {"estimate_gb": estimate, "available_gb": (available or 0) / 2**30}
-    if not lean and available is not None and estimate * 2**30 > FP32_MARGIN * available:
+    if not lean and available is not None and estimate * 2**30 > NEAR_LIMIT * available:
         print(json.dumps(row))  # the fp32 default does not fit this machine (or too narrowly to risk it)
         return
     before = _status_mb("RssAnon")
@@ -211,6 +209,7 @@ def large_table(args: argparse.Namespace) -> None:
     import torch
 
     from timing import device_name
+    from upernet_vit.training.memory import NEAR_LIMIT
 
     os.makedirs(args.weights_dir, exist_ok=True)
     print(f"# large backbones, the second training step; {device_name(torch.device(args.device))}; "
@@ -227,7 +226,7 @@ def large_table(args: argparse.Namespace) -> None:
             row = run_child([sys.executable, __file__, "--row", name, "--setup", setup, "--weights", weights,
                              "--device", args.device])
             if "step_gb" not in row:
-                print(f"| {label} | {setup} | {row['estimate_gb']:.1f} | not run: over {FP32_MARGIN:.0%} of the "
+                print(f"| {label} | {setup} | {row['estimate_gb']:.1f} | not run: over {NEAR_LIMIT:.0%} of the "
                       f"{row['available_gb']:.1f} available | | | |", flush=True)
                 continue
             print(f"| {label} | {setup} | {row['estimate_gb']:.1f} | {row['build_gb']:.1f} ({row['backbone_gb']:.1f}) "
