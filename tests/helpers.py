@@ -43,6 +43,25 @@ def tiny_model(**overrides) -> UperNetViT:
     return UperNetViT(**kwargs)
 
 
+def tiny_backbone_file(folder) -> str:
+    """A timm-layout weights file of the :data:`TINY` ``vit_small_patch16_224`` (RGB) in ``folder``; its path.
+    A run with ``backbone_dtype: bfloat16`` needs weights to fill its frozen backbone."""
+    import timm
+
+    path = str(folder / "tiny_vit.pth")
+    torch.manual_seed(0)
+    torch.save(timm.create_model("vit_small_patch16_224", num_classes=0, **TINY).state_dict(), path)
+    return path
+
+
+def record_8bit(model: UperNetViT) -> dict:
+    """A ``preprocessing.json`` record for ``model`` as if trained on 8-bit images (preset normalization,
+    labels 0..K-1, whole-image inference)."""
+    return {"mean": list(model.mean), "std": list(model.std), "normalization": "preset",
+            "label_values": list(range(model.num_classes)), "patch_size": None, "intensity_scale": 255.0,
+            "intensity_range": [0.0, 255.0]}
+
+
 def randomize_bn(module: torch.nn.Module, seed: int = 1) -> None:
     """Non-trivial BN statistics and affine params, so a wrong mapping or fold cannot pass by accident."""
     g = torch.Generator().manual_seed(seed)

@@ -5,7 +5,7 @@ import torch
 
 from upernet_vit import UperNetViT
 from upernet_vit.vit_adapter import extract_feature_maps
-from helpers import TINY, tiny_train_config
+from helpers import TINY, tiny_backbone_file, tiny_train_config
 
 OPTIONS = dict(backbone="vit_small_patch16_224", num_classes=3, in_chans=3, hidden_size=16, backbone_kwargs=dict(TINY))
 
@@ -66,6 +66,13 @@ def test_dtypes_a_device_or_the_training_cannot_use_are_one_line_errors(tmp_path
     with pytest.raises(ValueError, match=r"backbone_dtype bfloat16 stores a backbone that cannot train itself: set "
                                          r"model.freeze_backbone: true or lora.enabled: true"):
         Trainer(config, str(tmp_path / "run"))
+    # issue 25: a frozen bfloat16 backbone without weights (the 7B recipe before its download) is refused
+    # before anything is built: it was built in float32 first and killed for memory, without a word
+    config = tiny_train_config(model={"backbone_dtype": "bfloat16"}, lora={"enabled": True})
+    with pytest.raises(ValueError, match=r"keeps the backbone frozen, but it has no weights \(model.checkpoint_path is "
+                                         r"empty and model.pretrained is false\).*Set model.checkpoint_path"):
+        Trainer(config, str(tmp_path / "run2"))
+    assert not (tmp_path / "run2").exists()
 
 
 def test_bfloat16_on_a_gpu_without_it_is_a_one_line_error(monkeypatch):
@@ -82,8 +89,8 @@ def test_bfloat16_on_a_gpu_without_it_is_a_one_line_error(monkeypatch):
 def test_a_lora_run_with_a_bfloat16_backbone_trains_and_predicts(tmp_path):
     from upernet_vit.training.trainer import Trainer
 
-    config = tiny_train_config(model={"backbone_dtype": "bfloat16"}, lora={"enabled": True, "r": 2},
-                               train={"num_epochs": 1})
+    config = tiny_train_config(model={"backbone_dtype": "bfloat16", "checkpoint_path": tiny_backbone_file(tmp_path)},
+                               lora={"enabled": True, "r": 2}, train={"num_epochs": 1})
     history = Trainer(config, str(tmp_path / "run")).run()
     assert len(history) == 1 and torch.isfinite(torch.tensor(history[0]["train_loss"]))
     loaded = UperNetViT.from_pretrained(tmp_path / "run" / "checkpoint_latest")

@@ -73,10 +73,10 @@ def test_missing_onnx_packages_name_the_extra(monkeypatch, tmp_path):
 def test_cli_export_of_a_run_folder(tmp_path, capsys):
     model = _model("dinov2", "small", backbone_kwargs=ONE_BLOCK)
     run = tmp_path / "run"
-    model.save_pretrained(run / "checkpoint_best")
     prep = {"mean": [0.5], "std": [0.25], "normalization": "preset", "label_values": [0, 1, 2], "patch_size": [42, 56],
             "intensity_scale": 255.0, "intensity_range": [0.0, 255.0]}
-    (run / "checkpoint_best" / "preprocessing.json").write_text(json.dumps(prep))
+    model.preprocessing = prep
+    model.save_pretrained(run / "checkpoint_best")
     out = str(tmp_path / "new" / "folder" / "model.onnx")  # the folder is created
     assert main(["export", str(run), "--checkpoint", "best", "--format", "onnx", "--output", out, "--static"]) == 0
     assert "wrote" in capsys.readouterr().out

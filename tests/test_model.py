@@ -145,7 +145,7 @@ def test_save_pretrained_round_trip(tmp_path, lora):
                 m.running_mean.uniform_(-1, 1)
     model.eval()
     model.save_pretrained(tmp_path / "run")
-    assert sorted(os.listdir(tmp_path / "run")) == ["config.yaml", "model.safetensors", "model.safetensors.sha256"]
+    assert sorted(os.listdir(tmp_path / "run")) == ["SHA256SUMS", "config.yaml", "model.safetensors"]
     loaded = UperNetViT.from_pretrained(tmp_path / "run").eval()
     assert loaded.lora_enabled == (lora == "enabled")
     x = torch.randn(2, 1, 35, 29)
@@ -211,7 +211,7 @@ def test_saved_files_follow_umask(tmp_path):
         tiny_model().save_pretrained(tmp_path / "run")
     finally:
         os.umask(old)
-    names = ["config.yaml", "model.safetensors", "model.safetensors.sha256"]
+    names = ["SHA256SUMS", "config.yaml", "model.safetensors"]
     for name in names:
         assert (tmp_path / "run" / name).stat().st_mode & 0o777 == 0o644
     assert sorted(os.listdir(tmp_path / "run")) == names  # no temp files left

@@ -17,7 +17,7 @@ def test_the_weights_checksum_is_recorded_and_verified(tmp_path):
     model = tiny_model()
     folder = tmp_path / "m"
     model.save_pretrained(folder)
-    digest, name = (folder / "model.safetensors.sha256").read_text().split()
+    digest, name = (folder / "SHA256SUMS").read_text().splitlines()[0].split()
     assert name == "model.safetensors" and len(digest) == 64
     UperNetViT.from_pretrained(folder)
 
@@ -27,20 +27,21 @@ def test_the_weights_checksum_is_recorded_and_verified(tmp_path):
     assert load_file(folder / "model.safetensors").keys() == model.state_dict().keys()
     with pytest.raises(ValueError, match=r"model.safetensors is damaged or was changed.*sha256"):
         UperNetViT.from_pretrained(folder)
-    (folder / "model.safetensors.sha256").unlink()  # as written before checksums existed: loads
+    (folder / "SHA256SUMS").unlink()  # as written before checksums existed: loads
     UperNetViT.from_pretrained(folder)
 
 
 def test_a_truncated_weights_file_or_a_mismatched_config_names_the_files(tmp_path):
     folder = tmp_path / "m"
     tiny_model().save_pretrained(folder)
-    (folder / "model.safetensors.sha256").unlink()
+    (folder / "SHA256SUMS").unlink()
     data = (folder / "model.safetensors").read_bytes()
     (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match=r"cannot read .*model.safetensors.*damaged or truncated"):
         UperNetViT.from_pretrained(folder)
 
     tiny_model().save_pretrained(folder)
+    (folder / "SHA256SUMS").unlink()  # an older folder: the edit is not caught by a digest, but by the shapes
     config = (folder / "config.yaml").read_text()
     (folder / "config.yaml").write_text(config.replace("hidden_size: 32", "hidden_size: 48"))
     with pytest.raises(ValueError, match=r"model.safetensors does not match .*config.yaml: size mismatch"):

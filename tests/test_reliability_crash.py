@@ -145,14 +145,14 @@ def test_a_crash_between_weights_and_checksum_leaves_no_stale_checksum(tmp_path,
     real_write = pretrained.atomic_write
 
     def crash_at_checksum(path, write):
-        if path.endswith(".sha256"):
+        if path.endswith("SHA256SUMS"):
             raise KeyboardInterrupt  # the process dies here
         real_write(path, write)
 
     monkeypatch.setattr(pretrained, "atomic_write", crash_at_checksum)
     with pytest.raises(KeyboardInterrupt):
         tiny_model(hidden_size=32).save_pretrained(folder)  # new weights, same architecture
-    assert not (folder / "model.safetensors.sha256").exists()
+    assert not (folder / "SHA256SUMS").exists()
     UperNetViT.from_pretrained(folder)  # the new weights load; no false "damaged" report
 
 

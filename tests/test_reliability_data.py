@@ -76,7 +76,9 @@ def test_the_demo_data_in_memory_equals_the_written_pngs(tmp_path):
         assert np.array_equal(written.image, memory.image) and written.full_scale == memory.full_scale == 255.0
 
 
-def test_predict_refuses_values_outside_the_training_range_and_warns_for_rescaled_copies(tmp_path, demo_run, caplog):
+def test_predict_refuses_values_outside_the_training_range_and_rescaled_copies_unless_accepted(tmp_path, demo_run, caplog):
+    """Issue 25: a float TIFF in [0, 1] given to a model trained on 8-bit images was predicted with exit 0 and
+    one warning line (probabilities off by 0.61); now it is an error, unless the user accepts it."""
     from upernet_vit.training.predict import predict
 
     inputs = tmp_path / "in"
@@ -88,9 +90,14 @@ def test_predict_refuses_values_outside_the_training_range_and_warns_for_rescale
     assert not (tmp_path / "out").exists()
     (inputs / "deep.png").unlink()
     Image.fromarray(np.linspace(0, 1, 32 * 32, dtype=np.float32).reshape(32, 32)).save(inputs / "unit.tif")
-    with caplog.at_level(logging.WARNING):
+    with pytest.raises(ValueError, match=r"unit.tif' \(1 such\) has every value in \[0, 1\] but the training images "
+                                         r"reached .*confirm with accept_intensity=True \(--accept-intensity\)"):
         predict(demo_run, str(inputs), str(tmp_path / "out"), device="cpu")
+    assert not (tmp_path / "out").exists()
+    with caplog.at_level(logging.WARNING):
+        predict(demo_run, str(inputs), str(tmp_path / "out"), device="cpu", accept_intensity=True)
     assert "unit.tif' (1 such) has every value in [0, 1] but the training images reached" in caplog.text
+    assert (tmp_path / "out" / "unit.png").is_file()
     check_input_range({"x": (-5.0, 900.0)}, "zscore", 1.0, [0.0, 1.0], "p.json")  # zscore: any range
 
 

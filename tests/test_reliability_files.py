@@ -20,12 +20,12 @@ from helpers import tiny_model, tiny_train_config
 def test_a_damaged_checksum_file_is_blamed_not_the_weights(tmp_path, content, shown):
     folder = tmp_path / "m"
     tiny_model().save_pretrained(folder)
-    (folder / "model.safetensors.sha256").write_bytes(content)
+    (folder / "SHA256SUMS").write_bytes(content)
     with pytest.raises(ValueError) as info:
         UperNetViT.from_pretrained(folder)
     message = str(info.value)
-    assert message.startswith(f"{folder / 'model.safetensors.sha256'} is damaged: it should hold the sha256")
-    assert f"holds {shown}" in message and "delete model.safetensors.sha256 to load model.safetensors unchecked" in message
+    assert message.startswith(f"{folder / 'SHA256SUMS'} is damaged: it should hold the sha256")
+    assert f"holds {shown}" in message and "delete SHA256SUMS to load model.safetensors unchecked" in message
 
 
 def test_a_full_disk_while_copying_the_best_names_the_folder_being_written(tmp_path, monkeypatch):

@@ -11,13 +11,15 @@ from PIL import Image
 from upernet_vit.training.checkpoints import checkpoint_epoch
 from upernet_vit.training.trainer import Trainer
 from helpers import config_file as _config_file, float_tiff as _float_tiff, gray as _gray
-from helpers import one_error_line as _one_error_line, tiny_model, tiny_train_config
+from helpers import one_error_line as _one_error_line, record_8bit, tiny_model, tiny_train_config
 
 
 @pytest.fixture(scope="module")
 def bare_model(tmp_path_factory):
     folder = tmp_path_factory.mktemp("model") / "m"
-    tiny_model(in_chans=1, num_classes=2).save_pretrained(folder)
+    model = tiny_model(in_chans=1, num_classes=2)
+    model.preprocessing = record_8bit(model)  # a trained model's record, as the trainer writes it
+    model.save_pretrained(folder)
     return str(folder)
 
 
@@ -97,7 +99,7 @@ def test_predict_never_replaces_a_file_it_did_not_write(tmp_path, bare_model, im
     for _ in range(2):
         assert main(["predict", "--model", bare_model, "--input", str(images), "--output", str(out),
                      "--probabilities"]) == 0
-    assert sorted(os.listdir(out)) == ["a.png", "a_probs.npz", "b.png", "b_probs.npz", "predictions.json"]
+    assert sorted(os.listdir(out)) == [".predict.lock", "a.png", "a_probs.npz", "b.png", "b_probs.npz", "predictions.json"]
 
 
 def test_a_large_image_shows_progress_over_its_windows(tmp_path, monkeypatch):
@@ -160,6 +162,10 @@ def test_best_of_a_run_without_one_is_an_error_saying_why(tmp_path, capsys):
         line = _one_error_line(capsys.readouterr().err, command[0])
         assert "has no best checkpoint: it stopped at epoch 1 before its first validation (train.val_every 5" in line
         assert "Use --checkpoint latest (epoch 1), or finish the run (train --resume) for final" in line
+    # issue 25: the hint for final named best, which this run does not have
+    assert main(["predict", "--model", str(stopped), "--input", str(images), "--output", str(tmp_path / "o")]) == 2
+    line = _one_error_line(capsys.readouterr().err, "predict")
+    assert line.endswith("or pass --checkpoint latest (epoch 1)") and " or best" not in line
     assert not (tmp_path / "o").exists() and not (tmp_path / "m.onnx").exists()
 
     nan = tmp_path / "nan"

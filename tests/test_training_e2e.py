@@ -28,7 +28,7 @@ def test_train_writes_run_folder(tmp_path):
         assert os.path.isfile(os.path.join(run, name)), name
     for ckpt in ("checkpoint_latest", "checkpoint_best"):
         assert sorted(os.listdir(os.path.join(run, ckpt))) == [
-            "config.yaml", "model.safetensors", "model.safetensors.sha256", "preprocessing.json", "training_state.pt"
+            "SHA256SUMS", "config.yaml", "model.safetensors", "preprocessing.json", "training_state.pt"
         ]
     assert len(os.listdir(os.path.join(run, "overlays"))) == 2
     with open(os.path.join(run, "metrics.csv")) as f:
@@ -183,12 +183,15 @@ def test_predict_input_grouping_and_bare_model_folder(tmp_path):
     assert len(group_input_files(str(nn), 1)) == 2  # a 1-channel model: two images
 
     model = UperNetViT("vit_small_patch16_224", None, 3, in_chans=1, hidden_size=8, backbone_kwargs=TINY)
-    model.save_pretrained(tmp_path / "bare")  # no preprocessing.json: backbone stats, whole images
-    written = predict(str(tmp_path / "bare"), str(folder), str(tmp_path / "out"))
+    model.save_pretrained(tmp_path / "bare")  # no preprocessing.json: the user states the scale
+    with pytest.raises(FileNotFoundError, match=r"preprocessing.json not found .*give intensity_scale=S"):
+        predict(str(tmp_path / "bare"), str(folder), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+    written = predict(str(tmp_path / "bare"), str(folder), str(tmp_path / "out"), intensity_scale=255.0)
     assert len(written) == 3 and read_label(written[0]).shape == (20, 24)
     # the reference model (no fast paths) and Winograd give the same masks
     for name, fast in (("reference", None), ("winograd", {"winograd": True})):
-        other = predict(str(tmp_path / "bare"), str(folder), str(tmp_path / name), fast=fast)
+        other = predict(str(tmp_path / "bare"), str(folder), str(tmp_path / name), fast=fast, intensity_scale=255.0)
         assert all(np.array_equal(read_label(a), read_label(b)) for a, b in zip(written, other))
 
 

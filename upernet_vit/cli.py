@@ -25,7 +25,12 @@ def _apply_overrides(data: dict, overrides: List[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ValueError(f"--override {item!r}: {part!r} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            where = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ValueError(f"--override {key}: the value {raw!r} is not valid YAML ({where}); close its brackets "
+                             f"and quotes, e.g. -o '{key}={{background: 0, lesion: 1}}' for a mapping") from None
     return data
 
 
@@ -73,6 +78,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     name = os.path.splitext(os.path.basename(config_path))[0]
     output = args.output or config.train.output_dir or os.path.join("runs", name)
     if int(os.environ.get("RANK", "0")) == 0:
+        from .training.run_folder import claim_run_folder
+
+        claim_run_folder(output)  # before train.log: never into a folder of the user's files
         _setup_logging(output)
     logging.getLogger(__name__).info("run folder: %s", os.path.abspath(output))
     trainer = Trainer(config, output, resume=args.resume, fast=_fast_paths(args))
@@ -92,15 +100,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
     _setup_logging()
     written = predict(
         args.model, args.input, args.output, args.device, args.step, args.mirror, args.probabilities, args.amp,
-        fast=_fast_paths(args), checkpoint=args.checkpoint, scales=args.scales,
+        fast=_fast_paths(args), checkpoint=args.checkpoint, scales=args.scales, overwrite=args.overwrite,
+        intensity_scale=args.intensity_scale, accept_intensity=args.accept_intensity,
     )
     print(f"wrote {len(written)} mask(s) to {args.output}")
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .fileio import atomic_write, read_json, write_text
-    from .training.evaluate import evaluate
+    from .fileio import read_json
+    from .training.evaluate import SUMMARY_NAME, evaluate, write_summary
 
     labels = None
     ignore = None
@@ -111,9 +120,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             raise ValueError(f"--labels {args.labels}: expected a dataset.json or a JSON object of name: integer value")
         labels = dict(labels)
         ignore = labels.pop("ignore", None)
+    out = args.output or os.path.join(args.pred, SUMMARY_NAME)
+    write_summary({}, out, args.pred, args.gt, args.labels, check_only=True)  # before the work, not after
     summary = evaluate(args.pred, args.gt, labels, ignore)
-    out = args.output or os.path.join(args.pred, "summary.json")
-    atomic_write(out, lambda p: write_text(p, json.dumps(summary, indent=1)))
+    write_summary(summary, out, args.pred, args.gt, args.labels)
     def fmt(value):
         return "   n/a" if value is None else f"{value:.4f}"
 
@@ -126,13 +136,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
     from .export import export_onnx
+    from .export.onnx import check_export_path
     from .model import UperNetViT
+    from .outputs import refuse_overlap
     from .training.predict import read_preprocessing, resolve_model_dir
 
     _setup_logging()
     model_dir = resolve_model_dir(args.model, args.checkpoint)
+    refuse_overlap(args.output, {"model folder": model_dir}, "--output", ": export would write among its files")
+    check_export_path(args.output)
     model = UperNetViT.from_pretrained(model_dir)
+    if any(p.dtype != torch.float32 for p in model.parameters()):
+        logging.getLogger(__name__).info("exporting in float32: the model stores its backbone in %s, which "
+                                         "onnxruntime's CPU convolutions do not take", model.config.backbone_dtype)
+        model.float()
     prep = read_preprocessing(model_dir) or {}
     # normalization and label values travel in the file's metadata
     metadata = {"upernet_vit.preprocessing": json.dumps(prep)} if prep else {}
@@ -145,6 +165,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     axes = f"fixed [1, {model.in_chans}, {height}, {width}]" if args.static else "dynamic batch, height, width"
     worst = f", max |onnxruntime - pytorch| {max(diffs.values()):.1e}" if diffs else ""
     print(f"wrote {args.output} (input 'image': {axes}{worst})")
+    return 0
+
+
+def cmd_accept_edits(args: argparse.Namespace) -> int:
+    from .pretrained import CHECKSUMS_NAME, accept_edits
+
+    changed = accept_edits(args.model)
+    print(f"{os.path.join(args.model, CHECKSUMS_NAME)}: " + (f"accepted the edits of {', '.join(changed)}" if changed
+                                                            else "nothing had changed"))
     return 0
 
 
@@ -218,6 +247,15 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--probabilities", action="store_true", help="also write <case>_probs.npz")
     pred.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none",
                       help="autocast dtype (bf16: CPU or CUDA; fp16: CUDA only)")
+    pred.add_argument("--overwrite", action="store_true",
+                      help="replace the earlier prediction set of other models or inputs in --output (only the files "
+                           "its predictions.json lists)")
+    pred.add_argument("--intensity-scale", type=float, metavar="S",
+                      help="for a model folder without preprocessing.json: its training inputs were divided by S "
+                           "(e.g. 255 for 8-bit images) before the backbone's mean/std")
+    pred.add_argument("--accept-intensity", action="store_true",
+                      help="predict inputs whose value range does not match the model's training record (a warning "
+                           "instead of an error)")
     _add_fast_flags(pred)
     pred.set_defaults(func=cmd_predict)
 
@@ -241,6 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
     exp.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison with PyTorch")
     exp.set_defaults(func=cmd_export)
+
+    accept = sub.add_parser("accept-edits", parents=[common],
+                            help="record a model folder's files as they are now, after a deliberate edit")
+    accept.add_argument("model", metavar="MODEL_DIR", help="a save_pretrained folder (e.g. RUN/checkpoint_latest)")
+    accept.set_defaults(func=cmd_accept_edits)
 
     demo = sub.add_parser("make-demo", parents=[common], help="write the built-in demo data as an nnU-Net raw dataset")
     demo.add_argument("output")

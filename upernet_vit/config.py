@@ -404,3 +404,26 @@ def model_config(base: Optional[ModelConfig] = None, **options: Any) -> ModelCon
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise TypeError(f"unknown model option {key!r}{hint}; options: {', '.join(model_option_names())}")
     return _build(ModelConfig, data)
+
+
+def check_training_storage(config: Config) -> None:
+    """The rules a training run holds ``model.backbone_dtype`` to, checked before anything is built: a
+    backbone stored below float32 does not train itself (it is frozen or LoRA-adapted), and it is filled
+    from weights (``model.checkpoint_path`` or ``model.pretrained``): a random frozen backbone trains nothing,
+    and one built without weights is initialized in float32 first (4 bytes a weight: 27 GB for a 7B ViT)."""
+    model = config.model
+    if model.backbone_dtype == "float32":
+        return
+    if not (model.freeze_backbone or config.lora.enabled):
+        raise ConfigError(
+            f"model.backbone_dtype {model.backbone_dtype} stores a backbone that cannot train itself: set "
+            f"model.freeze_backbone: true or lora.enabled: true, or keep backbone_dtype float32 for full "
+            f"fine-tuning"
+        )
+    if not (model.checkpoint_path or model.pretrained):
+        raise ConfigError(
+            f"model.backbone_dtype {model.backbone_dtype} keeps the backbone frozen, but it has no weights "
+            f"(model.checkpoint_path is empty and model.pretrained is false): the run would train on a random "
+            f"backbone. Set model.checkpoint_path to the downloaded weights file, or model.pretrained: true for "
+            f"timm's weights"
+        )

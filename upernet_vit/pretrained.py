@@ -1,14 +1,20 @@
 """``save_pretrained`` / ``from_pretrained``: a model folder is ``model.safetensors`` (the weights),
-``model.safetensors.sha256`` (its checksum, ``sha256sum -c`` format: safetensors has none of its own),
-``config.yaml`` (the ``model`` and ``lora`` sections that rebuild the architecture) and, for a trained
-model, ``preprocessing.json`` (``model.preprocessing``: what the model was trained on; predict reads it)."""
+``config.yaml`` (the ``model`` and ``lora`` sections that rebuild the architecture), for a trained model
+``preprocessing.json`` (``model.preprocessing``: what the model was trained on; predict reads it), and
+``SHA256SUMS``, the digest of each of them (``sha256sum -c`` format), written last.
+
+The folder is checked whole before it is used: an edited ``config.yaml`` (``num_heads: 2`` -> ``4`` keeps
+every shape and changes every output) is refused as surely as damaged weights, naming the file. An edit
+made on purpose is accepted by :func:`accept_edits`, which checks that the folder still loads and records
+the new digests. Folders from before ``SHA256SUMS`` carry ``model.safetensors.sha256`` (the weights only),
+which is still checked, or nothing, and load."""
 from __future__ import annotations
 
 import hashlib
 import json
 import os
 import re
-from typing import TYPE_CHECKING, List, Mapping, Optional, Type, TypeVar, Union
+from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Type, TypeVar, Union
 
 import torch
 
@@ -21,8 +27,10 @@ if TYPE_CHECKING:
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.yaml"
-CHECKSUM_NAME = WEIGHTS_NAME + ".sha256"
+CHECKSUMS_NAME = "SHA256SUMS"
+CHECKSUM_NAME = WEIGHTS_NAME + ".sha256"  # before SHA256SUMS: the weights' digest alone
 PREPROCESSING_NAME = "preprocessing.json"
+CHECKED_NAMES = (WEIGHTS_NAME, CONFIG_NAME, PREPROCESSING_NAME)  # what SHA256SUMS covers, when present
 
 M = TypeVar("M", bound="UperNetViT")
 
@@ -42,8 +50,9 @@ def non_finite_tensors(state: Mapping[str, torch.Tensor]) -> List[str]:
 
 def save_pretrained(model: "UperNetViT", directory: Union[str, os.PathLike],
                     state_dict: Optional[Mapping[str, torch.Tensor]] = None) -> None:
-    """Write ``model.safetensors``, its ``.sha256``, ``config.yaml`` and, when the model has a record of its
-    training data (``model.preprocessing``), ``preprocessing.json`` (each atomically) into ``directory``.
+    """Write ``model.safetensors``, ``config.yaml``, when the model has a record of its training data
+    (``model.preprocessing``) ``preprocessing.json``, and last ``SHA256SUMS`` (each atomically) into
+    ``directory``; a ``preprocessing.json`` of an earlier save is removed when the model has none.
     ``state_dict``: the weights to write instead of ``model.state_dict()`` (a sharded model's, gathered:
     ``training/fsdp.py``). Non-finite weights are refused (a ValueError naming a tensor): such a model
     predicts nothing."""
@@ -61,45 +70,109 @@ def save_pretrained(model: "UperNetViT", directory: Union[str, os.PathLike],
 
     def write_weights(tmp: str) -> None:
         save_file(state, tmp, metadata={"format": "pt"})
-        checksum[0] = file_sha256(tmp)  # of the bytes on disk, before the rename
+        digests[WEIGHTS_NAME] = file_sha256(tmp)  # of the bytes on disk, before the rename
 
-    checksum = [""]
-    sidecar = os.path.join(directory, CHECKSUM_NAME)
-    if os.path.exists(sidecar):  # a crash before the new one is written must not leave the old one behind
-        os.remove(sidecar)
+    digests: Dict[str, str] = {}
+    for stale in (CHECKSUMS_NAME, CHECKSUM_NAME):  # a crash before the new sums are written must not leave old ones
+        if os.path.exists(os.path.join(directory, stale)):
+            os.remove(os.path.join(directory, stale))
     atomic_write(weights, write_weights)
-    atomic_write(sidecar, lambda p: write_text(p, f"{checksum[0]}  {WEIGHTS_NAME}\n"))
-    atomic_write(os.path.join(directory, CONFIG_NAME), lambda p: write_text(p, text))
+    texts = {CONFIG_NAME: text}
     if model.preprocessing is not None:
-        record = json.dumps(model.preprocessing, indent=1)
-        atomic_write(os.path.join(directory, PREPROCESSING_NAME), lambda p: write_text(p, record))
+        texts[PREPROCESSING_NAME] = json.dumps(model.preprocessing, indent=1)
+    elif os.path.exists(os.path.join(directory, PREPROCESSING_NAME)):
+        os.remove(os.path.join(directory, PREPROCESSING_NAME))  # another model's record would pass for this one's
+    for name, content in texts.items():
+        atomic_write(os.path.join(directory, name), lambda p, c=content: write_text(p, c))
+        digests[name] = hashlib.sha256(content.encode("utf-8")).hexdigest()
+    _write_sums(directory, digests)
+
+
+def _write_sums(directory: str, digests: Mapping[str, str]) -> None:
+    text = "".join(f"{digests[n]}  {n}\n" for n in CHECKED_NAMES if n in digests)
+    atomic_write(os.path.join(directory, CHECKSUMS_NAME), lambda p: write_text(p, text))
+
+
+def _read_sums(path: str) -> Dict[str, str]:
+    """``{file name: sha256}`` of a ``SHA256SUMS`` or ``.sha256`` file; a ValueError when it is damaged."""
+    with open(path, "rb") as f:
+        lines = [line.split() for line in f.read(1 << 16).splitlines() if line.strip()]
+    sums = {}
+    for fields in lines:
+        if len(fields) != 2 or not re.fullmatch(rb"[0-9a-fA-F]{64}", fields[0]):
+            break
+        sums[fields[1].lstrip(b"*").decode("utf-8", "replace")] = fields[0].decode("ascii").lower()
+    else:
+        if sums:
+            return sums
+    shown = "nothing" if not lines else repr(lines[0][0][:40])
+    raise ValueError(
+        f"{path} is damaged: it should hold the sha256 of {WEIGHTS_NAME} (64 hex digits) but holds {shown}. "
+        f"Restore the folder from a copy, or delete {os.path.basename(path)} to load {WEIGHTS_NAME} unchecked"
+    )
+
+
+def recorded_digests(directory: str) -> Dict[str, str]:
+    """``{file name: sha256}`` as the folder records them (``SHA256SUMS``, else the older
+    ``model.safetensors.sha256``); empty for a folder saved before checksums existed."""
+    for name in (CHECKSUMS_NAME, CHECKSUM_NAME):
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            return _read_sums(path)
+    return {}
 
 
 def verify_checksum(directory: str) -> None:
-    """Compare ``model.safetensors`` with its recorded sha256; folders saved before checksums existed pass."""
-    path = os.path.join(directory, CHECKSUM_NAME)
-    if not os.path.isfile(path):
+    """Hold every file of the model folder against its recorded sha256 (:func:`recorded_digests`): a
+    changed, missing or unrecorded ``model.safetensors``, ``config.yaml`` or ``preprocessing.json`` is a
+    ValueError naming it. Folders saved before checksums existed pass."""
+    recorded = recorded_digests(directory)
+    if not recorded:
         return
-    with open(path, "rb") as f:
-        recorded = f.read(4096).split()[:1]
-    if not recorded or not re.fullmatch(rb"[0-9a-fA-F]{64}", recorded[0]):
-        raise ValueError(
-            f"{path} is damaged: it should hold the sha256 of {WEIGHTS_NAME} (64 hex digits) but holds "
-            f"{'nothing' if not recorded else repr(recorded[0][:40])}. Restore the folder "
-            f"from a copy, or delete {CHECKSUM_NAME} to load {WEIGHTS_NAME} unchecked"
-        )
-    actual = file_sha256(os.path.join(directory, WEIGHTS_NAME))
-    if recorded[0].decode("ascii").lower() != actual:
-        raise ValueError(
-            f"{os.path.join(directory, WEIGHTS_NAME)} is damaged or was changed after it was saved: its sha256 is "
-            f"{actual} but {path} records {recorded[0].decode('ascii')}. Restore the folder from a "
-            f"copy (or, if you changed the weights on purpose, delete {CHECKSUM_NAME})"
-        )
+    whole = os.path.isfile(os.path.join(directory, CHECKSUMS_NAME))
+    accept = (f"if you changed it on purpose, accept the edit: upernet_vit.pretrained.accept_edits({directory!r}) "
+              f"or the command upernet-vit accept-edits {directory}")
+    for name in CHECKED_NAMES if whole else (WEIGHTS_NAME,):
+        path = os.path.join(directory, name)
+        if name not in recorded:
+            if os.path.isfile(path):
+                raise ValueError(f"{path} was added after the model was saved ({CHECKSUMS_NAME} does not list "
+                                 f"it): remove it, or {accept}")
+            continue
+        if not os.path.isfile(path):
+            raise ValueError(f"{path} is missing, but {os.path.join(directory, CHECKSUMS_NAME)} lists it: restore "
+                             f"the folder from a copy")
+        actual = file_sha256(path)
+        if actual != recorded[name]:
+            raise ValueError(
+                f"{path} is damaged or was changed after it was saved: its sha256 is {actual} but "
+                f"{os.path.join(directory, CHECKSUMS_NAME if whole else CHECKSUM_NAME)} records {recorded[name]}. "
+                f"Restore the folder from a copy, or, {accept}"
+            )
 
 
-def from_pretrained(cls: Type[M], directory: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu") -> M:
-    """Rebuild a model written by :func:`save_pretrained`, on ``device``, after checking the weights'
-    sha256. The backbone's original ``checkpoint_path`` (or ``pretrained`` weights) is not read again (the weights come from
+def accept_edits(directory: Union[str, os.PathLike]) -> List[str]:
+    """Record the model folder's files as they are now (``SHA256SUMS``), after checking that they still
+    load together (``config.yaml`` describes the weights); the names whose digest changed. For a deliberate
+    edit, e.g. of ``preprocessing.json``'s label names; a damaged folder still fails to load."""
+    from .model import UperNetViT
+
+    directory = os.fspath(directory)
+    before = recorded_digests(directory)
+    from_pretrained(UperNetViT, directory, verify=False)
+    now = {n: file_sha256(os.path.join(directory, n)) for n in CHECKED_NAMES
+           if os.path.isfile(os.path.join(directory, n))}
+    _write_sums(directory, now)
+    legacy = os.path.join(directory, CHECKSUM_NAME)
+    if os.path.exists(legacy):
+        os.remove(legacy)
+    return sorted(n for n in now if before.get(n) != now[n])
+
+
+def from_pretrained(cls: Type[M], directory: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu",
+                    verify: bool = True) -> M:
+    """Rebuild a model written by :func:`save_pretrained`, on ``device``, after checking the folder's files
+    against ``SHA256SUMS`` (:func:`verify_checksum`; ``verify=False`` skips it). The backbone's original ``checkpoint_path`` (or ``pretrained`` weights) is not read again (the weights come from
     ``model.safetensors``). A damaged file or a ``config.yaml`` that does not describe the weights is a
     ValueError naming the files."""
     from safetensors.torch import load_file
@@ -109,7 +182,8 @@ def from_pretrained(cls: Type[M], directory: Union[str, os.PathLike], device: Un
     for path in (weights, config_path):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} not found; from_pretrained needs a folder written by save_pretrained()")
-    verify_checksum(directory)
+    if verify:
+        verify_checksum(directory)
     cfg = load_config(config_path)
     original = cfg.model.checkpoint_path, cfg.model.pretrained
     cfg.model.checkpoint_path, cfg.model.pretrained = None, False  # the weights come from model.safetensors

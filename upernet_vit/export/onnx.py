@@ -8,6 +8,7 @@ from typing import Dict, List, Mapping, Optional, Tuple
 import torch
 
 from ..fileio import atomic_write
+from ..outputs import refuse_foreign_file
 from ..model import UperNetViT
 from .program import export_program
 
@@ -27,6 +28,29 @@ def _import_onnxruntime():
             "install them with: pip install upernet-vit[export]"
         ) from err
     return onnxruntime
+
+
+WRITTEN_BY = "upernet-vit export"  # metadata_props["written_by"] of every file export_onnx writes
+
+
+def is_our_export(path: str) -> bool:
+    """Whether ``path`` is an ONNX file :func:`export_onnx` wrote (its ``written_by`` metadata)."""
+    try:
+        import onnx
+
+        return any(p.key == "written_by" and p.value == WRITTEN_BY
+                   for p in onnx.load(path, load_external_data=False).metadata_props)
+    except Exception:  # not ONNX, unreadable, or onnx missing: not known to be ours
+        return False
+
+
+def check_export_path(path: str) -> None:
+    """Refuse, before any work, an output that is a file export did not write (a user's file, a model
+    folder's weights, ...) or a ``<file>.data`` beside an output that is not its own."""
+    refuse_foreign_file(path, is_our_export, "--output", "export")
+    data = path + ".data"
+    if os.path.lexists(data) and not (os.path.isfile(path) and is_our_export(path)):
+        refuse_foreign_file(data, lambda _: False, "--output's weights file", "export")
 
 
 def check_shapes(model: UperNetViT, height: int, width: int, batch: int, dynamic: bool) -> List[Shape]:
@@ -72,6 +96,13 @@ def export_onnx(
         ``{(B, C, H, W): max |onnxruntime - PyTorch|}`` per checked input shape (empty without check).
     """
     ort = _import_onnxruntime()
+    stored = sorted({str(p.dtype).replace("torch.", "") for p in model.parameters() if p.dtype != torch.float32})
+    if stored:
+        raise ValueError(
+            f"export takes a float32 model, but parameters are stored in {', '.join(stored)} (backbone_dtype): "
+            f"onnxruntime's CPU convolutions have no bfloat16 kernels; export model.float() (upernet-vit export "
+            f"does this itself)"
+        )
     patch = model.patch_size
     smallest = 2 * patch + 1 if dynamic else 1
     if min(height, width) < smallest or batch < 1:
@@ -95,7 +126,7 @@ def export_onnx(
             expected = [model(x.to(device)).float().cpu() for x in inputs] if check else []
     finally:
         model.train(was_training)
-    program.model.metadata_props.update(metadata or {})
+    program.model.metadata_props.update({**(metadata or {}), "written_by": WRITTEN_BY})
     diffs: Dict[Shape, float] = {}
 
     def write_and_check(tmp: str) -> None:

@@ -20,6 +20,7 @@ import yaml
 
 from ..config import Config, load_config
 from ..fileio import as_os_error, fsync_path
+from ..outputs import FolderLock
 from ..pretrained import WEIGHTS_NAME
 
 logger = logging.getLogger(__name__)
@@ -91,35 +92,12 @@ def recover_run_folder(run_dir: str) -> None:
             os.remove(leftover)
 
 
-class RunLock:
-    """An exclusive lock on a run folder (``.lock``, ``flock``) for the life of a training process, so that
-    a second ``train`` into the same folder fails at once instead of racing for its files. Released when
-    the process ends, however it ends. A no-op where ``fcntl`` does not exist (Windows)."""
+class RunLock(FolderLock):
+    """The run folder's ``.lock`` (:class:`~upernet_vit.outputs.FolderLock`) for the life of a training
+    process: a second ``train`` into the same folder fails at once instead of racing for its files."""
 
     def __init__(self, run_dir: str) -> None:
-        self.path = os.path.join(run_dir, ".lock")
-        self._file = open(self.path, "a+", encoding="utf-8")
-        try:
-            import fcntl
-        except ImportError:
-            return
-        try:
-            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self._file.seek(0)
-            holder = self._file.read().strip() or "another process"
-            self._file.close()
-            raise FileExistsError(
-                f"{run_dir} is in use by another training process ({holder}); wait for it to end, or choose "
-                f"another --output"
-            ) from None
-        self._file.seek(0)
-        self._file.truncate()
-        self._file.write(f"pid {os.getpid()}\n")
-        self._file.flush()
-
-    def release(self) -> None:
-        self._file.close()
+        super().__init__(run_dir, ".lock", "training process", "--output")
 
 
 def latest_checkpoint(run_dir: str) -> Optional[str]:
@@ -175,7 +153,8 @@ def best_checkpoint(run_dir: str) -> Optional[str]:
             return folder
     raise ValueError(
         f"{run_dir}: the best epoch {recorded} is not on disk ({BEST} holds epoch {checkpoint_epoch(best)}, "
-        f"{LATEST} epoch {state['epoch']}): was {BEST} replaced by hand? Use --checkpoint final or latest"
+        f"{LATEST} epoch {state['epoch']}): was {BEST} replaced by hand? Use --checkpoint "
+        + ("final or latest" if int(state["epoch"]) >= _planned_epochs(state) else "latest")
     )
 
 
@@ -221,13 +200,16 @@ def run_checkpoint(run_dir: str, which: str = "final") -> Optional[str]:
     if latest is None or which == "latest":
         return latest
     state = read_state(latest)
+    has_best = os.path.isfile(os.path.join(run_dir, BEST, WEIGHTS_NAME))
     if state is None:
-        raise ValueError(f"{os.path.join(latest, STATE_NAME)} cannot be read; pass --checkpoint best or latest")
+        raise ValueError(f"{os.path.join(latest, STATE_NAME)} cannot be read; pass --checkpoint latest"
+                         + (" or best" if has_best else ""))
     epochs = _planned_epochs(state)
     if int(state["epoch"]) < epochs:
         raise ValueError(
             f"{run_dir} stopped at epoch {state['epoch']} of {epochs}: it has no final checkpoint; finish it "
-            f"(upernet-vit train ... --resume) or pass --checkpoint latest (epoch {state['epoch']}) or best"
+            f"(upernet-vit train ... --resume) or pass --checkpoint latest (epoch {state['epoch']})"
+            + (" or best" if has_best else "")
         )
     return latest
 

@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..fileio import read_json
-from .image_io import IMAGE_SUFFIXES, read_image_and_kind, read_label
+from .image_io import IMAGE_SUFFIXES, describe_orientation, read_image_and_kind, read_image_pages, read_label
 from .intensity import full_scale
 
 logger = logging.getLogger(__name__)
@@ -75,9 +75,14 @@ class DatasetInfo:
 
 def _check_pair(image: np.ndarray, label: np.ndarray, image_path: str, label_path: str) -> None:
     if image.shape[1:] != label.shape:
+        turned = image.shape[1:] == label.shape[::-1]
         raise ValueError(
             f"image {image_path!r} is {image.shape[1]}x{image.shape[2]} but its label {label_path!r} is "
             f"{label.shape[0]}x{label.shape[1]}; they must be the same size"
+            + (f". The sizes are each other's turn by 90°: files are read as a viewer shows them, with their "
+               f"EXIF orientation applied (the image has {describe_orientation(image_path)}, the label "
+               f"{describe_orientation(label_path)}); save the mask in the orientation the image is shown in"
+               if turned else "")
         )
 
 
@@ -145,6 +150,14 @@ def read_case(files: Sequence[str]) -> Tuple[np.ndarray, Optional[float]]:
         raise ValueError(f"the channel files of one case differ in size: {list(files)}")
     image = np.concatenate([a for a, _ in read], axis=0)
     return image, full_scale(image, all(integer for _, integer in read))
+
+
+def read_case_pages(files: Sequence[str]) -> np.ndarray:
+    """Channel files of one case, each of N pages (a stack), -> ``[N, C, H, W]`` pixel values as stored."""
+    stacks = [np.stack(read_image_pages(f)[0]) for f in files]
+    if len({s.shape[0] for s in stacks}) > 1 or len({s.shape[2:] for s in stacks}) > 1:
+        raise ValueError(f"the channel files of one case differ in size or page count: {list(files)}")
+    return np.concatenate(stacks, axis=1)
 
 
 def load_nnunet_raw(root: str) -> Tuple[DatasetInfo, List[Case]]:

@@ -1,16 +1,55 @@
 """``evaluate``: Dice and IoU of predicted label maps against ground truth, pooled over cases and as the
-mean over cases (nnU-Net's ``summary.json`` convention). Reads label files only; writes nothing."""
+mean over cases (nnU-Net's ``summary.json`` convention). Reads label files only (a multi-page mask, such as
+predict writes for a z-stack, is one case of N pages); :func:`write_summary` writes the result, never over a
+file it did not write."""
 from __future__ import annotations
 
+import json
+import logging
 import os
 from typing import Dict, Optional
 
 import numpy as np
 import torch
 
+from ..fileio import atomic_write, read_json, write_text
+from ..outputs import refuse_foreign_file, refuse_overlap
 from .data import IGNORE_INDEX
-from .image_io import IMAGE_SUFFIXES, read_label
+from .image_io import IMAGE_SUFFIXES, read_label_pages
 from .metrics import confusion_counts, dice_iou
+
+logger = logging.getLogger(__name__)
+
+SUMMARY_NAME = "summary.json"  # the default summary, in the prediction folder
+WRITTEN_BY = "upernet-vit evaluate"
+
+
+def is_evaluate_summary(path: str) -> bool:
+    """Whether ``path`` is a summary evaluate wrote (its ``written_by``, or, from before that key, the
+    keys every summary has)."""
+    try:
+        record = read_json(path)
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and (record.get("written_by") == WRITTEN_BY or {
+        "labels", "dice", "iou", "per_case", "mean_case_dice"} <= set(record))
+
+
+def write_summary(summary: Dict, path: str, pred_dir: str, gt_dir: str, labels_file: Optional[str] = None,
+                  check_only: bool = False) -> None:
+    """Write ``summary`` as JSON to ``path``, refusing (before writing) a path inside ``gt_dir``, one that
+    is an input, and any existing file that is not an earlier summary of evaluate's. ``check_only``: the
+    checks alone, before the evaluation."""
+    refuse_overlap(path, {"--gt": gt_dir, "--labels": labels_file}, "--output", ": evaluate would write among the "
+                   "ground truth")
+    stem = os.path.splitext(os.path.basename(path))[0]
+    if os.path.dirname(os.path.realpath(path)) == os.path.realpath(pred_dir) and path.lower().endswith(IMAGE_SUFFIXES):
+        raise ValueError(f"--output {path!r} is the prediction {stem!r} in --pred {pred_dir!r}; choose a .json file")
+    refuse_foreign_file(path, is_evaluate_summary, "--output", "evaluate")
+    if check_only:
+        return
+    text = json.dumps({"written_by": WRITTEN_BY, **summary}, indent=1)
+    atomic_write(path, lambda p: write_text(p, text))
 
 
 def evaluate(
@@ -21,18 +60,32 @@ def evaluate(
     cases where a class is absent from both prediction and truth left out), plus ``per_case``.
 
     ``labels`` (name -> value) defaults to every value found in the ground truth or the predictions.
-    Writes nothing; the CLI saves the returned dict as ``summary.json``.
+    Writes nothing (:func:`write_summary` does). Predictions of values that no ground truth holds are
+    warned of when ``labels`` is not given, and prediction files without ground truth are named and left out.
     """
-    gts = {os.path.splitext(n)[0]: os.path.join(gt_dir, n) for n in sorted(os.listdir(gt_dir)) if n.lower().endswith(IMAGE_SUFFIXES)}
+    gts = _label_files(gt_dir)
     if not gts:
         raise ValueError(f"no label files in --gt {gt_dir!r}")
-    missing = [c for c in gts if not os.path.isfile(os.path.join(pred_dir, c + ".png"))]
+    preds = _label_files(pred_dir)
+    missing = [c for c in gts if c not in preds]
     if missing:
         raise FileNotFoundError(f"--pred {pred_dir!r} has no prediction for {len(missing)} case(s), e.g. {missing[0]}.png")
-    arrays = {c: (read_label(os.path.join(pred_dir, c + ".png")), read_label(p)) for c, p in gts.items()}
+    extra = sorted(set(preds) - set(gts))
+    if extra:
+        logger.warning("--pred %s holds %d prediction(s) without ground truth in %s, left out: %s", pred_dir,
+                       len(extra), gt_dir, ", ".join(os.path.basename(preds[c]) for c in extra[:5]))
+    arrays = {c: (read_label_pages(preds[c]), read_label_pages(p)) for c, p in gts.items()}
+    gt_values = set().union(*(set(np.unique(g).tolist()) for _, g in arrays.values()))
+    pred_values = set().union(*(set(np.unique(p).tolist()) for p, _ in arrays.values()))
     if labels is None:
-        found = sorted(set().union(*(set(np.unique(g).tolist()) | set(np.unique(p).tolist()) for p, g in arrays.values())) - {ignore_value})
+        found = sorted((gt_values | pred_values) - {ignore_value})
         labels = {("background" if v == 0 else f"class_{v}"): v for v in found}
+        stray = sorted(pred_values - gt_values - {ignore_value})
+        if stray:
+            logger.warning(
+                "the predictions hold values %s that no ground-truth file in %s holds (it has %s): are they in "
+                "another label set (e.g. 0/255)? Their pixels count as wrong; pass --labels (dataset.json) to "
+                "name the classes, or convert the predictions", stray[:10], gt_dir, sorted(gt_values)[:10])
     names, label_values = list(labels), list(labels.values())
     lut = {v: i for i, v in enumerate(label_values)}
 
@@ -49,8 +102,9 @@ def evaluate(
     per_case = {}
     for case, (pred, gt) in arrays.items():
         if pred.shape != gt.shape:
-            raise ValueError(f"prediction {case}.png is {pred.shape} but its ground truth is {gt.shape}")
-        counts = confusion_counts(to_index(pred, os.path.join(pred_dir, case + ".png")), to_index(gt, gts[case]), len(names))
+            raise ValueError(
+                f"prediction {preds[case]!r} is {_size(pred)} but its ground truth {gts[case]!r} is {_size(gt)}")
+        counts = confusion_counts(to_index(pred, preds[case]), to_index(gt, gts[case]), len(names))
         total += counts
         scores = dice_iou(counts)
         per_case[case] = {f"dice_{n}": _num(d) for n, d in zip(names, scores["dice"])}
@@ -70,6 +124,22 @@ def evaluate(
         "foreground_mean_case_dice": float(np.mean(fg_case)) if fg_case else None,
         "per_case": per_case,
     }
+
+
+def _label_files(folder: str) -> Dict[str, str]:
+    """``{case: label file}`` of a folder (a case's ``.png`` before its ``.tif``, e.g. a stack's mask)."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"folder {folder!r} does not exist")
+    found: Dict[str, str] = {}
+    for name in sorted(os.listdir(folder), key=lambda n: (not n.lower().endswith(".png"), n)):
+        if name.lower().endswith(IMAGE_SUFFIXES):
+            found.setdefault(os.path.splitext(name)[0], os.path.join(folder, name))
+    return dict(sorted(found.items()))
+
+
+def _size(labels: np.ndarray) -> str:
+    pages, height, width = labels.shape
+    return f"{height}x{width}" + (f" with {pages} pages" if pages > 1 else "")
 
 
 def _num(value: float) -> Optional[float]:

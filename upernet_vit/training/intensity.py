@@ -90,28 +90,37 @@ def value_range(images: Sequence[np.ndarray]) -> Tuple[float, float]:
 
 def check_input_range(
     ranges: Dict[str, Tuple[float, float]], normalization: str, scale: float, trained: Sequence[float],
-    record: str,
+    record: str, accept: bool = False,
 ) -> None:
-    """Refuse (ValueError naming the file) inputs whose values lie outside what the model was trained on;
-    warn for inputs that look rescaled to [0, 1]. ``ranges``: ``{file: (min, max)}``; ``trained``: the
-    training images' ``[low, high]``; ``record``: the ``preprocessing.json`` the numbers come from."""
+    """Refuse (ValueError naming the file) inputs whose values do not match what the model was trained on:
+    values outside its range, or every value in [0, 1] for a model whose training images reached more (a
+    rescaled copy predicts nearly black). ``ranges``: ``{file: (min, max)}``; ``trained``: the training
+    images' ``[low, high]``; ``record``: the ``preprocessing.json`` the numbers come from. ``accept``: the
+    user confirms such inputs; each mismatch is then a warning."""
     if normalization == "zscore":
         return  # per-image statistics: the value range does not matter
     low, high = min(0.0, float(trained[0])), max(float(scale), float(trained[1]))
+    confirm = "; if these values are what you mean, confirm with accept_intensity=True (--accept-intensity)"
     bad = {f: r for f, r in ranges.items() if r[0] < low or r[1] > high}
     if bad:
         f, (lo, hi) = next(iter(bad.items()))
-        raise ValueError(
+        message = (
             f"input {f!r} ({len(bad)} such) has values {lo:g}..{hi:g}, outside the range {low:g}..{high:g} the "
             f"model was trained on (intensity_scale {scale:g}, {record}); pixel values are used as stored, so "
             f"convert the image to the training data's bit depth and range, e.g. 8-bit for a model trained "
             f"on 8-bit images"
         )
+        if not accept:
+            raise ValueError(message + confirm)
+        logger.warning("%s (accepted)", message)
     if high > 2:
         dark = [f for f, r in ranges.items() if r[1] <= 1 and r[1] > r[0]]
         if dark:
-            logger.warning(
-                "input %r (%d such) has every value in [0, 1] but the training images reached %g: if it is a "
-                "rescaled copy, give the original values (pixel values are used as stored)", dark[0], len(dark),
-                float(trained[1]),
+            message = (
+                f"input {dark[0]!r} ({len(dark)} such) has every value in [0, 1] but the training images reached "
+                f"{float(trained[1]):g} ({record}): a copy rescaled to [0, 1] predicts as a nearly black image; "
+                f"give the original values (pixel values are used as stored)"
             )
+            if not accept:
+                raise ValueError(message + confirm)
+            logger.warning("%s (accepted)", message)

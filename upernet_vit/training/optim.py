@@ -41,6 +41,15 @@ def param_groups(model: nn.Module, cfg: TrainConfig, depth: int) -> List[Dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, depth: int) -> torch.optim.Optimizer:
+    """AdamW or SGD over the trainable parameters (layer-wise LR decay groups). A trainable parameter stored
+    below float32 is a ValueError: its updates would be rounded away (bfloat16 keeps 8 bits of mantissa)."""
+    low = [(n, p.dtype) for n, p in model.named_parameters() if p.requires_grad and p.dtype != torch.float32]
+    if low:
+        raise ValueError(
+            f"{len(low)} trainable parameter(s) are stored in {str(low[0][1]).replace('torch.', '')} (e.g. {low[0][0]}): "
+            f"the optimizer would round most updates away. A backbone stored below float32 (backbone_dtype) "
+            f"trains through LoRA only: keep its weights frozen (requires_grad False), or build it in float32"
+        )
     groups = param_groups(model, cfg, depth)
     for g in groups:
         g["lr"] = cfg.initial_lr * g["lr_scale"]

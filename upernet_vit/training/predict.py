@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -15,19 +16,22 @@ import torch
 
 from ..fileio import atomic_write, read_json, write_text
 from ..model import UperNetViT
-from ..pretrained import PREPROCESSING_NAME, WEIGHTS_NAME
+from ..outputs import FolderLock, refuse_overlap
+from ..pretrained import PREPROCESSING_NAME, WEIGHTS_NAME, recorded_digests
 from .augment import Normalizer
 from .checkpoints import BEST, best_checkpoint, latest_checkpoint, run_checkpoint
-from .data import read_case_image
+from .data import read_case_pages
 from .distributed import resolve_device
-from .image_io import IMAGE_SUFFIXES, read_image, write_label_png
+from .evaluate import SUMMARY_NAME, is_evaluate_summary
+from .image_io import IMAGE_SUFFIXES, read_image_pages, write_label_png, write_label_stack
 from .inference import amp_dtype, check_scales, check_step, tta_probabilities, window_count
 from .intensity import check_input_range
 
 logger = logging.getLogger(__name__)
 
-# the record, in an output folder, of the files predict wrote there: only those may be replaced
+# the record, in an output folder, of the files predict wrote there and how: only those may be replaced
 MANIFEST_NAME = "predictions.json"
+LOCK_NAME = ".predict.lock"  # held while a predict writes the folder (outputs.FolderLock)
 
 
 def resolve_model_dir(path: str, checkpoint: str = "final") -> str:
@@ -72,6 +76,7 @@ class InputStats(NamedTuple):
     width: int
     low: float  # the smallest pixel value
     high: float  # the largest
+    pages: int = 1  # a multi-page file (a z-stack): predicted page by page
 
 
 def read_inputs(path: str, in_chans: int) -> Tuple[Dict[str, List[str]], Dict[str, InputStats]]:
@@ -83,16 +88,19 @@ def read_inputs(path: str, in_chans: int) -> Tuple[Dict[str, List[str]], Dict[st
     ``<case>_XXXX`` is channel XXXX of ``<case>`` (nnU-Net's imagesTs naming, numbered from 0000); a file
     with all the channels is a case of its own, named by its stem without a trailing ``_0000``
     (``img_0000.png`` -> ``img``, ``img_0001.png`` -> ``img_0001``). Two inputs with one case id are an error.
+    A multi-page file (every page as a viewer shows it) is a stack of 2D images; a case's channel files
+    must then have the same page count.
     """
     from tqdm.auto import tqdm
 
     files = _input_files(path)
     shapes, stats = {}, {}
     for f in tqdm(files, desc="check inputs", unit="file", disable=None, leave=False):
-        image = read_image(f)
-        shapes[f] = image.shape
-        stats[f] = InputStats(image.shape[1], image.shape[2], float(image.min()), float(image.max()))
-    channels = {f: shape[0] for f, shape in shapes.items()}
+        pages, _ = read_image_pages(f)
+        shapes[f] = (len(pages),) + pages[0].shape
+        stats[f] = InputStats(pages[0].shape[1], pages[0].shape[2], float(min(p.min() for p in pages)),
+                              float(max(p.max() for p in pages)), len(pages))
+    channels = {f: shape[1] for f, shape in shapes.items()}
     cases: Dict[str, List[tuple]] = {}
     for f in files:
         stem = os.path.splitext(os.path.basename(f))[0]
@@ -116,8 +124,8 @@ def read_inputs(path: str, in_chans: int) -> Tuple[Dict[str, List[str]], Dict[st
                 f"--input channel files {names} of case {case!r} must be numbered {case}_0000, {case}_0001, ... "
                 f"without gaps (nnU-Net naming)"
             )
-        if len({shapes[f][1:] for _, f in entries}) > 1:
-            raise ValueError(f"--input channel files {names} of case {case!r} differ in size")
+        if len({(shapes[f][0],) + shapes[f][2:] for _, f in entries}) > 1:
+            raise ValueError(f"--input channel files {names} of case {case!r} differ in size or page count")
     return {case: [f for _, f in sorted(entries)] for case, entries in sorted(cases.items())}, stats
 
 
@@ -142,31 +150,61 @@ def check_preprocessing(prep: object, path: str) -> Dict:
     return prep  # type: ignore[return-value]
 
 
-def check_output_folder(input_path: str, output_dir: str, outputs: Sequence[str]) -> None:
-    """Refuse, before anything is written, an output folder that is the input, contains it or lies inside
-    it, and one that holds a file of ``outputs`` (names) that predict did not write there (its
-    ``predictions.json`` lists what it wrote): predict never replaces the user's files."""
-    inp, out = os.path.realpath(input_path), os.path.realpath(output_dir)
-    if out == inp or inp.startswith(out.rstrip(os.sep) + os.sep) or (
-            os.path.isdir(inp) and out.startswith(inp.rstrip(os.sep) + os.sep)):
-        where = "is" if out == inp else ("contains" if inp.startswith(out) else "lies inside")
-        raise ValueError(
-            f"--output {output_dir!r} {where} the --input {input_path!r}: predict would write masks among the "
-            f"images; choose an output folder apart from the input"
-        )
-    ours = set(_manifest(output_dir).get("files", []))
-    foreign = [n for n in outputs if n not in ours and os.path.lexists(os.path.join(output_dir, n))]
-    if foreign:
-        raise ValueError(
-            f"--output {output_dir!r} already holds {foreign[0]!r} ({len(foreign)} such) that predict did not "
-            f"write (it is not in {MANIFEST_NAME}): predict never replaces files it did not create (is this a "
-            f"ground-truth or image folder?); choose an empty or new output folder"
-        )
+class PredictionSet(NamedTuple):
+    """What one predict call writes into its output folder: ``{file name: how it was made}`` (the input
+    files, the models with their weights' sha256, the checkpoint and the settings), as ``predictions.json``
+    records it."""
+
+    files: Dict[str, Dict]
 
 
 def _manifest(output_dir: str) -> Dict:
     path = os.path.join(output_dir, MANIFEST_NAME)
-    return read_json(path) if os.path.isfile(path) else {}
+    record = read_json(path) if os.path.isfile(path) else {}
+    if not isinstance(record, dict):
+        raise ValueError(f"{path} is not a record that predict wrote (a JSON {type(record).__name__}); move it away")
+    return record
+
+
+def _recorded_files(record: Dict) -> Dict[str, Optional[Dict]]:
+    """``{name: how it was made}`` of a record; an older record (a list of names) gives None for each."""
+    files = record.get("files", {})
+    return dict(files) if isinstance(files, dict) else {n: None for n in files}
+
+
+def check_output_folder(input_path: str, output_dir: str, planned: PredictionSet, overwrite: bool = False) -> List[str]:
+    """Check, before anything is written, that predict may write ``planned`` into ``output_dir``; return
+    the files of an earlier prediction set there that ``overwrite`` replaces (to remove first).
+
+    Refused: an output folder that is the input, contains it or lies inside it; a file of ``planned`` that
+    predict did not write there (its ``predictions.json`` lists what it wrote: predict never replaces the
+    user's files); and, unless ``overwrite``, an earlier prediction set of other models, checkpoint,
+    settings or inputs (one folder holds one prediction set; the same call again, e.g. after a crash,
+    replaces its own files)."""
+    refuse_overlap(output_dir, {"--input": input_path}, "--output", ": predict would write masks among the images")
+    earlier = _recorded_files(_manifest(output_dir))
+    foreign = [n for n in planned.files if n not in earlier and os.path.lexists(os.path.join(output_dir, n))]
+    if foreign:
+        raise FileExistsError(
+            f"--output {output_dir!r} already holds {foreign[0]!r} ({len(foreign)} such) that predict did not "
+            f"write (it is not in {MANIFEST_NAME}): predict never replaces files it did not create (is this a "
+            f"ground-truth or image folder?); choose an empty or new output folder"
+        )
+    present = {n: how for n, how in earlier.items() if os.path.lexists(os.path.join(output_dir, n))}
+    if not present or earlier == planned.files:
+        return []
+    if not overwrite:
+        made = next(iter(present.values())) or {}
+        by = ", ".join(m.get("folder", "?") for m in made.get("models", [])) or "an older upernet-vit"
+        raise FileExistsError(
+            f"--output {output_dir!r} already holds another prediction set: {len(present)} file(s) (e.g. "
+            f"{next(iter(present))!r}) made by {by}"
+            + (f" from {len(made.get('inputs', []))} input file(s) with other models, checkpoint, settings or inputs"
+               if made else "") +
+            f". One folder holds one prediction set, and {MANIFEST_NAME} says which model made each file: choose "
+            f"a new output folder, or pass --overwrite to replace that whole set"
+        )
+    return sorted(present)
 
 
 @dataclass
@@ -182,7 +220,7 @@ class _Member:
 
 
 def _load_member(model_path: str, checkpoint: str, device: torch.device,
-                 fast: Optional[Mapping[str, bool]]) -> _Member:
+                 fast: Optional[Mapping[str, bool]], intensity_scale: Optional[float]) -> _Member:
     folder = resolve_model_dir(model_path, checkpoint)
     model = UperNetViT.from_pretrained(folder)
     model.check_device(device)
@@ -194,12 +232,21 @@ def _load_member(model_path: str, checkpoint: str, device: torch.device,
     record = os.path.join(folder, PREPROCESSING_NAME)
     if model.preprocessing is not None:  # from_pretrained read it
         prep = check_preprocessing(model.preprocessing, record)
-    else:  # a bare save_pretrained folder: 8-bit inputs, the backbone's stats, labels 0..K-1
-        logger.warning("%s not found: taking 8-bit inputs (values / 255, then the backbone's mean/std), labels "
-                       "0..K-1 and whole-image inference", record)
+    elif intensity_scale is None:
+        raise FileNotFoundError(
+            f"{record} not found (a bare save_pretrained folder): predict cannot know how the model's training "
+            f"inputs were scaled and normalized, nor its label values. If it was trained on values divided by S, "
+            f"then the backbone's mean/std (data.normalization: preset), give intensity_scale=S (--intensity-scale, "
+            f"e.g. 255 for 8-bit images); labels are then written as 0..K-1"
+        )
+    else:  # the user's explicit statement of the preset normalization
+        if not (math.isfinite(intensity_scale) and intensity_scale > 0):
+            raise ValueError(f"--intensity-scale {intensity_scale}: give a positive number, e.g. 255 for 8-bit images")
+        logger.info("%s not found: inputs / %g, then the backbone's mean/std; labels 0..K-1; whole-image inference",
+                    record, intensity_scale)
         prep = {"mean": list(model.mean), "std": list(model.std), "normalization": "preset",
-                "label_values": list(range(model.num_classes)), "patch_size": None, "intensity_scale": 255.0,
-                "intensity_range": [0.0, 255.0]}
+                "label_values": list(range(model.num_classes)), "patch_size": None,
+                "intensity_scale": float(intensity_scale), "intensity_range": [0.0, float(intensity_scale)]}
     normalizer = Normalizer(prep["mean"], prep["std"], prep["normalization"], prep["intensity_scale"])
     return _Member(folder, model, normalizer, list(prep["label_values"]), prep["patch_size"],
                    list(prep["intensity_range"]))
@@ -217,9 +264,13 @@ def predict(
     fast: Optional[Mapping[str, bool]] = MappingProxyType({}),
     checkpoint: str = "final",
     scales: Sequence[float] = (1.0,),
+    overwrite: bool = False,
+    intensity_scale: Optional[float] = None,
+    accept_intensity: bool = False,
 ) -> List[str]:
     """Write ``<case>.png`` label maps (dataset label values) and, if asked, ``<case>_probs.npz``
-    (``probabilities [K, H, W]`` float16).
+    (``probabilities [K, H, W]`` float16). A multi-page input (a z-stack) is predicted page by page into
+    ``<case>.tif``, a mask of as many pages (probabilities ``[N, K, H, W]``).
 
     ``model_path``: a run or model folder, or several (an ensemble, e.g. the 5 cross-validation folds: their
     probabilities are averaged; they must share label values and input channels). ``checkpoint``: which
@@ -227,7 +278,12 @@ def predict(
     ``mirror``: test-time augmentation (:func:`~upernet_vit.training.inference.tta_probabilities`).
     ``amp``: ``"none"``, ``"bf16"`` or ``"fp16"`` (CUDA only) autocast. ``fast``: flags for
     :func:`upernet_vit.fast.optimize` over its defaults for the device, in eval mode (``None``: the reference model as
-    loaded). Every input is read and checked before anything is written. Returns the written mask paths."""
+    loaded). ``overwrite``: replace an earlier prediction set of other models or inputs in ``output_dir``
+    (its files, as its ``predictions.json`` lists them; :func:`check_output_folder`). ``intensity_scale``:
+    for a model folder without ``preprocessing.json``, the number its training inputs were divided by.
+    ``accept_intensity``: predict inputs whose value range does not match the training record (a warning
+    instead of an error). Every input is read and checked before anything is written; one predict at a
+    time writes a folder. Returns the written mask paths."""
     from tqdm.auto import tqdm
 
     paths = [model_path] if isinstance(model_path, (str, os.PathLike)) else list(model_path)
@@ -237,7 +293,7 @@ def predict(
     autocast_dtype = amp_dtype(amp, dev)
     check_scales(scales)
     check_step(step)
-    members = [_load_member(os.fspath(p), checkpoint, dev, fast) for p in paths]
+    members = [_load_member(os.fspath(p), checkpoint, dev, fast, intensity_scale) for p in paths]
     first = members[0]
     for other in members[1:]:
         if other.label_values != first.label_values or other.model.in_chans != first.model.in_chans:
@@ -252,42 +308,70 @@ def predict(
     cases, stats = read_inputs(input_path, first.model.in_chans)
     for m in members:
         check_input_range({f: (s.low, s.high) for f, s in stats.items()}, m.normalizer.mode, m.normalizer.scale,
-                          m.intensity_range, os.path.join(m.folder, PREPROCESSING_NAME))
-    outputs = {c: [f"{c}.png"] + ([f"{c}_probs.npz"] if save_probabilities else []) for c in cases}
-    check_output_folder(input_path, output_dir, [n for names in outputs.values() for n in names])
-    windows = sum(window_count(stats[files[0]].height, stats[files[0]].width, m.patch_size, scales, step)
-                  for files in cases.values() for m in members)
+                          m.intensity_range, os.path.join(m.folder, PREPROCESSING_NAME), accept_intensity)
+    pages = {c: stats[files[0]].pages for c, files in cases.items()}
+    outputs = {c: [f"{c}.tif" if pages[c] > 1 else f"{c}.png"] + ([f"{c}_probs.npz"] if save_probabilities else [])
+               for c in cases}
+    made = {"models": [{"folder": os.path.abspath(m.folder), "weights_sha256": recorded_digests(m.folder).get(WEIGHTS_NAME)}
+                       for m in members],
+            "checkpoint": checkpoint,
+            "settings": {"step": step, "scales": list(scales), "mirror": mirror, "amp": amp,
+                         "fast": None if fast is None else dict(fast), "intensity_scale": intensity_scale}}
+    planned = PredictionSet({name: {"inputs": [os.path.abspath(f) for f in cases[c]], **made}
+                             for c, names in outputs.items() for name in names})
+    check_output_folder(input_path, output_dir, planned, overwrite)  # nothing written yet: refusals leave no trace
+    windows = sum(pages[c] * window_count(stats[files[0]].height, stats[files[0]].width, m.patch_size, scales, step)
+                  for c, files in cases.items() for m in members)
     logger.info("predicting %d case(s): %d windows of the model%s", len(cases), windows,
                 " (x4 with --mirror)" if mirror else "")
     os.makedirs(output_dir, exist_ok=True)
-    _record_outputs(output_dir, [n for names in outputs.values() for n in names], {
-        "models": [m.folder for m in members], "step": step, "scales": list(scales), "mirror": mirror})
-    written = []
-    with tqdm(total=windows, desc="predict", unit="window", disable=None) as bar:
-        for case_id, files in cases.items():
-            bar.set_postfix(case=case_id)
-            image = torch.from_numpy(read_case_image(files))
-            probs = sum(
-                tta_probabilities(m.model, m.normalizer(image).to(dev), m.patch_size, scales, step, mirror,
-                                  autocast_dtype, progress=bar.update)
-                for m in members
-            ) / len(members)
-            out = os.path.join(output_dir, outputs[case_id][0])
-            write_label_png(out, values[probs.argmax(0).cpu().numpy()])
-            if save_probabilities:
-                array = probs.cpu().numpy().astype(np.float16)
-                atomic_write(os.path.join(output_dir, outputs[case_id][1]),
-                             lambda p: _save_npz(p, probabilities=array))
-            written.append(out)
+    with FolderLock(output_dir, LOCK_NAME, "predict", "--output"):
+        stale = check_output_folder(input_path, output_dir, planned, overwrite)  # again, now that it is ours
+        _replace_set(output_dir, stale, planned)
+        written = []
+        with tqdm(total=windows, desc="predict", unit="window", disable=None) as bar:
+            for case_id, files in cases.items():
+                bar.set_postfix(case=case_id)
+                stack = torch.from_numpy(read_case_pages(files))  # [N, C, H, W]
+                probs = torch.stack([
+                    sum(tta_probabilities(m.model, m.normalizer(image).to(dev), m.patch_size, scales, step, mirror,
+                                          autocast_dtype, progress=bar.update) for m in members) / len(members)
+                    for image in stack
+                ])  # [N, K, H, W]
+                out = os.path.join(output_dir, outputs[case_id][0])
+                labels = values[probs.argmax(1).cpu().numpy()]
+                if pages[case_id] > 1:
+                    write_label_stack(out, labels)
+                else:
+                    write_label_png(out, labels[0])
+                if save_probabilities:
+                    array = probs.cpu().numpy().astype(np.float16)
+                    array = array if pages[case_id] > 1 else array[0]
+                    atomic_write(os.path.join(output_dir, outputs[case_id][1]),
+                                 lambda p: _save_npz(p, probabilities=array))
+                written.append(out)
+        _write_manifest(output_dir, planned, complete=True)
     logger.info("wrote %d masks to %s", len(written), output_dir)
     return written
 
 
-def _record_outputs(output_dir: str, names: Sequence[str], settings: Dict) -> None:
-    """Add ``names`` to the output folder's ``predictions.json`` before they are written (a crash leaves
-    them listed, so the next run may replace them)."""
-    files = sorted(set(_manifest(output_dir).get("files", [])) | set(names))
-    text = json.dumps({"written_by": "upernet-vit predict", **settings, "files": files}, indent=1)
+def _replace_set(output_dir: str, stale: Sequence[str], planned: PredictionSet) -> None:
+    """Record ``planned`` before its files are written (a crash leaves them listed, so the same call again
+    may replace them), after removing the earlier set's files that ``overwrite`` replaces (and the
+    ``summary.json`` that evaluate wrote about that set)."""
+    for name in stale:
+        os.remove(os.path.join(output_dir, name))
+    summary = os.path.join(output_dir, SUMMARY_NAME)
+    if stale and is_evaluate_summary(summary):
+        os.remove(summary)
+    if stale:
+        logger.warning("--overwrite: removed the %d file(s) of the earlier prediction set in %s", len(stale), output_dir)
+    _write_manifest(output_dir, planned, complete=False)
+
+
+def _write_manifest(output_dir: str, planned: PredictionSet, complete: bool) -> None:
+    text = json.dumps({"written_by": "upernet-vit predict", "version": 2, "complete": complete,
+                       "files": planned.files}, indent=1)
     atomic_write(os.path.join(output_dir, MANIFEST_NAME), lambda p: write_text(p, text))
 
 

@@ -1,5 +1,7 @@
 """A training run's folder: one process holds it, a crash leaves nothing that ``--resume`` cannot mend.
 
+    <run>/.upernet-vit-run      marks a folder train created: it writes only into such a folder (or a new
+                                or empty one), never among a user's files (claim_run_folder)
     <run>/.lock                 flock of the training process (checkpoints.RunLock)
     <run>/config.yaml           the run's whole config; splits_final.json, its folds
     <run>/checkpoint_latest/    save_pretrained files (preprocessing.json among them) + training_state.pt
@@ -27,13 +29,46 @@ from ..model import UperNetViT
 from ..pretrained import WEIGHTS_NAME, verify_checksum
 from . import checkpoints
 from .checkpoints import BEST, LATEST, STATE_NAME, RunLock, latest_checkpoint, recover_run_folder, repair_best
+from .loggers import TENSORBOARD_DIR, WANDB_ID_FILE
 
 logger = logging.getLogger(__name__)
+
+RUN_MARKER = ".upernet-vit-run"
+# what a run folder holds: a folder made before RUN_MARKER existed counts as a run when it has a .lock and
+# nothing else but these
+_RUN_ENTRIES = {".lock", "config.yaml", "splits_final.json", "metrics.csv", "progress.png", "train.log", "overlays",
+                TENSORBOARD_DIR, WANDB_ID_FILE, "wandb"}
 
 # keys that may differ between a run and its --resume (they do not change what is computed)
 # train.distributed: a checkpoint is one process's under DDP and FSDP alike (a run out of memory may switch)
 RESUME_FREE_KEYS = {"data.num_workers", "train.device", "train.output_dir", "train.num_overlays", "train.logger",
                     "train.check_memory", "train.distributed"}
+
+
+def _is_run_entry(name: str) -> bool:
+    return name in _RUN_ENTRIES or name.startswith((LATEST, BEST)) or (name.startswith(".") and ".tmp-" in name)
+
+
+def claim_run_folder(path: str) -> None:
+    """Make ``path`` a run folder (created, or new and empty, or a run's own), or refuse it: ``train``
+    writes ``config.yaml``, ``train.log``, ... only where they cannot replace a user's files. A
+    FileExistsError names a file of the folder that no run wrote."""
+    if os.path.isfile(os.path.join(path, RUN_MARKER)):
+        return
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise FileExistsError(f"--output {path!r} is a file, not a folder; choose a folder for the run")
+    entries = sorted(os.listdir(path)) if os.path.isdir(path) else []
+    legacy = ".lock" in entries and all(_is_run_entry(n) for n in entries)  # a run from before the marker
+    if entries and not legacy:
+        foreign = [n for n in entries if not _is_run_entry(n)] or entries
+        raise FileExistsError(
+            f"--output {path!r} holds files that no training run wrote there (e.g. {foreign[0]!r}, {len(entries)} "
+            f"entries): train writes its run files (config.yaml, train.log, checkpoints) only into a new or empty "
+            f"folder or one of its own runs, never among other files; choose a new folder, e.g. "
+            f"{os.path.join(path, 'runs', 'my_run')!r}"
+        )
+    os.makedirs(path, exist_ok=True)
+    write_text(os.path.join(path, RUN_MARKER), "a training run folder of upernet-vit: train writes here\n")
 
 
 def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
@@ -57,7 +92,7 @@ class RunFolder:
         self.lock: Optional[RunLock] = None
         if not writes:
             return
-        os.makedirs(path, exist_ok=True)
+        claim_run_folder(path)
         self.lock = RunLock(path)  # before touching any file of the run
         try:
             if not resume and latest_checkpoint(path):

@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from ..config import Config
+from ..config import Config, check_training_storage
 from ..model import UperNetViT
 from ..pretrained import non_finite_tensors
 from .augment import Normalizer, PatchDataset
@@ -70,6 +70,7 @@ class Trainer:
     ) -> None:
         self.cfg, self.output_dir = config, output_dir
         tcfg = config.train
+        check_training_storage(config)
         if tcfg.distributed == "fsdp" and tcfg.amp == "fp16":  # before any process starts its group
             raise ValueError(
                 "train.amp fp16 does not work with train.distributed fsdp (the GradScaler would judge each "
@@ -87,8 +88,8 @@ class Trainer:
                 f"data.batch_size {config.data.batch_size} is not divisible by the {self.dist.world_size} processes"
             )
         self.data = prepare_data(config.data)
+        self._check_memory()  # on the meta device: a run that will not fit fails before any weight exists
         self.model = self._build_model(fast)
-        self._check_memory()
         if self.fsdp:  # before the optimizer, which must hold the sharded parameters
             shard_model(self.model, self.device, self.dist.world_size, torch.bfloat16 if tcfg.amp == "bf16" else None)
         self.patch_size = list(config.data.patch_size)
@@ -132,12 +133,6 @@ class Trainer:
     def _build_model(self, fast: Optional[Mapping[str, bool]]) -> UperNetViT:
         """The model for the dataset's classes and channels, on the device, with the fast paths."""
         info, cfg = self.data.info, self.cfg
-        if cfg.model.backbone_dtype != "float32" and not (cfg.model.freeze_backbone or cfg.lora.enabled):
-            raise ValueError(
-                f"model.backbone_dtype {cfg.model.backbone_dtype} stores a backbone that cannot train itself: set "
-                f"model.freeze_backbone: true or lora.enabled: true, or keep backbone_dtype float32 for full "
-                f"fine-tuning"
-            )
         if cfg.model.num_classes is not None and cfg.model.num_classes != info.num_classes:
             raise ValueError(
                 f"model.num_classes is {cfg.model.num_classes} but the dataset has {info.num_classes} labels "
@@ -163,11 +158,15 @@ class Trainer:
         return model
 
     def _check_memory(self) -> None:
-        """Log the memory estimate of a training step; refuse a run that will not fit (``train.check_memory``)."""
+        """Log the memory estimate of a training step; refuse a run that will not fit (``train.check_memory``).
+        The model it counts is built on the meta device (shapes and dtypes, no storage, no weights read)."""
         from .memory import available_memory, check_fits, estimate_training_memory
 
         tcfg = self.cfg.train
-        estimate = estimate_training_memory(self.model, self.cfg.data.batch_size // self.dist.world_size,
+        with torch.device("meta"):
+            shape = UperNetViT.from_config(self.cfg, num_classes=self.data.info.num_classes,
+                                           in_chans=self.data.info.num_channels, checkpoint_path=None, pretrained=False)
+        estimate = estimate_training_memory(shape, self.cfg.data.batch_size // self.dist.world_size,
                                             self.cfg.data.patch_size, tcfg.amp, tcfg.optimizer)
         if self.fsdp:  # each process keeps 1/N of the weights, gradients and optimizer state, and validation
             world = self.dist.world_size  # gathers all the weights (full_weights): counted in full, erring high
@@ -177,7 +176,7 @@ class Trainer:
                     "activations %.2f)", *(b / 2**30 for b in (estimate.total, estimate.weights,
                                                                estimate.optimizer, estimate.activations)))
         if tcfg.check_memory:
-            check_fits(estimate, available_memory(self.device), self.model, self.cfg.lora.enabled)
+            check_fits(estimate, available_memory(self.device), shape, self.cfg.lora.enabled)
 
     def release(self) -> None:
         """Close the logger and give up the run folder's lock (``run`` does at its end; a Trainer that is not

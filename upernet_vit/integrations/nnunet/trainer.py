@@ -29,7 +29,7 @@ from torch import nn
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
-from ...config import Config, load_config
+from ...config import Config, check_training_storage, load_config
 from ...model import UperNetViT
 from ...training.optim import build_optimizer, warmup_poly
 from . import CHECKPOINT_ENV, CONFIG_ENV
@@ -68,7 +68,9 @@ def build_network(
 ) -> NnUNetUperNetViT:
     """The nnU-Net network for ``config``; ``load_pretrained`` reads ``model.checkpoint_path`` (training only)."""
     overrides: Dict[str, Any] = dict(num_classes=num_output_channels, in_chans=num_input_channels)
-    if not load_pretrained:
+    if load_pretrained:  # training: the same storage rules as upernet-vit train, before anything is built
+        check_training_storage(config)
+    else:
         overrides["checkpoint_path"] = None
         overrides["pretrained"] = False
     model = UperNetViT.from_config(config, **overrides)
