@@ -172,8 +172,9 @@ def main() -> None:
     def truncate(folder):
         weights = os.path.join(folder, "model.safetensors")
         open(weights, "wb").write(open(weights, "rb").read()[:5000])
-        if os.path.exists(weights + ".sha256"):
-            os.remove(weights + ".sha256")
+        for sums in ("SHA256SUMS", "model.safetensors.sha256"):  # the newer folders' and the older ones'
+            if os.path.exists(os.path.join(folder, sums)):
+                os.remove(os.path.join(folder, sums))
 
     def edit_config(folder):
         cfg_path = os.path.join(folder, "config.yaml")
@@ -452,8 +453,8 @@ def issue16(work, config, run_dir, case):
     for label, content in (("empty", b""), ("garbage", b"\x00\xffnot a checksum")):
         folder = os.path.join(work, "sha_" + label)
         shutil.copytree(model_dir, folder)
-        open(os.path.join(folder, "model.safetensors.sha256"), "wb").write(content)
-        case(f"16.E predict: {label} model.safetensors.sha256",
+        open(os.path.join(folder, "SHA256SUMS"), "wb").write(content)
+        case(f"16.E predict: {label} SHA256SUMS",
              run(cli("predict", "--model", folder, "--input", inputs, "--output", os.path.join(work, "pred_" + label)), work))
     if can_mount(work):
         size = sum(os.path.getsize(os.path.join(model_dir, n)) for n in os.listdir(model_dir))

@@ -59,6 +59,14 @@ def test_recipe_trainers_have_valid_configs(name):
         assert config.model.decoder.pyramid == "vitdet"
 
 
+def test_a_recipe_with_a_bfloat16_backbone_and_no_weights_is_refused_before_it_is_built():
+    """Issue 25, bad case 7: the 7B recipe without its weights file was built in float32 (27 GB) and killed."""
+    config = trainers.nnUNetTrainerUperNetViT_DINOv3_7B_LoRA.recipe()
+    assert not config.model.checkpoint_path
+    with pytest.raises(ValueError, match=r"keeps the backbone frozen, but it has no weights"):
+        trainers.build_network(config, ["zscore"], 1, 2, load_pretrained=True)
+
+
 def test_class_weights_are_refused_not_dropped_inside_nnunet(tmp_path, monkeypatch):
     from upernet_vit.integrations.nnunet import CONFIG_ENV
 

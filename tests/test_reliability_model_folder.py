@@ -145,3 +145,22 @@ def test_a_model_folder_without_its_record_needs_an_explicit_scale(tmp_path, cap
     assert main(args + ["--intensity-scale", "-1"]) == 2
     assert "--intensity-scale -1.0: give a positive number" in one_error_line(capsys.readouterr().err, "predict")
     assert main(args + ["--intensity-scale", "255"]) == 0 and (tmp_path / "o" / "x.png").is_file()
+
+
+@pytest.mark.slow  # two ONNX exports with onnxruntime checks: ~20-35 s on 2 cores
+def test_the_export_command_exports_a_bfloat16_lora_model_in_float32_and_may_replace_its_own_file(tmp_path, capsys):
+    """Issue 25, weak: onnxruntime's "InvalidGraph ... tensor(bfloat16) ... Conv" about a hidden temp file."""
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from upernet_vit.cli import main
+
+    model = UperNetViT("vit_small_patch16_224", None, 2, in_chans=1, hidden_size=8, backbone_kwargs=TINY,
+                       backbone_dtype="bfloat16")
+    model.enable_lora(rank=2)
+    model.save_pretrained(tmp_path / "m")
+    out = str(tmp_path / "m.onnx")
+    for _ in range(2):  # the second replaces the file the first wrote
+        assert main(["export", str(tmp_path / "m"), "--output", out, "--height", "48", "--width", "48"]) == 0
+    assert "max |onnxruntime - pytorch|" in capsys.readouterr().out
+    metadata = {p.key: p.value for p in onnx.load(out).metadata_props}
+    assert metadata["written_by"] == "upernet-vit export"
