@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 from upernet_vit.training.data import load_folders
-from upernet_vit.training.image_io import read_image, read_image_pages, read_label, read_label_pages
+from upernet_vit.training import image_io
+from upernet_vit.training.image_io import read_image, read_label
 from helpers import one_error_line, record_8bit, tiny_model
 
 ROTATE_180, ROTATE_90_CW = 3, 6  # EXIF Orientation values: how the stored pixels are to be turned for display
@@ -135,7 +136,7 @@ def test_predict_reads_a_z_stack_page_by_page_and_writes_a_multi_page_mask(tmp_p
     (mask,) = predict(model_folder, str(tmp_path / "stack"), str(tmp_path / "out"), device="cpu",
                       save_probabilities=True)
     assert mask.endswith("z.tif")
-    stack = read_label_pages(mask)
+    stack = image_io.read_label_pages(mask)
     singles = predict(model_folder, str(tmp_path / "single"), str(tmp_path / "out_single"), device="cpu")
     assert stack.shape == (3, 24, 40)
     assert all(np.array_equal(stack[i], read_label(singles[i])) for i in range(3))
@@ -151,7 +152,7 @@ def test_an_animated_png_is_a_stack_too_and_evaluate_scores_stacks_page_by_page(
     _stack(tmp_path / "a.png", [np.full((8, 8), v, np.uint8) for v in (0, 50, 100)])
     with pytest.raises(ValueError, match=r"a.png' has 3 pages"):
         read_image(str(tmp_path / "a.png"))
-    pages, integer = read_image_pages(str(tmp_path / "a.png"))
+    pages, integer = image_io.read_image_pages(str(tmp_path / "a.png"))
     assert integer and [p[0, 0, 0] for p in pages] == [0.0, 50.0, 100.0]
 
     (tmp_path / "gt").mkdir()

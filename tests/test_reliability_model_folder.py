@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from upernet_vit import UperNetViT
-from upernet_vit.pretrained import accept_edits
+from upernet_vit import pretrained
 from helpers import TINY, config_file, one_error_line, record_8bit, tiny_model, tiny_train_config
 
 
@@ -34,7 +34,7 @@ def test_an_edited_config_that_keeps_the_shapes_is_named_and_can_be_accepted(fol
     assert "accepted the edits of config.yaml" in capsys.readouterr().out
     loaded = UperNetViT.from_pretrained(folder)
     assert new.split(": ")[1] in (loaded.config.decoder.norm, str(loaded.config.backbone_kwargs.get("num_heads")))
-    assert accept_edits(folder) == []  # nothing changed since
+    assert pretrained.accept_edits(folder) == []  # nothing changed since
 
 
 def test_an_edited_missing_or_added_record_is_named(folder):
@@ -51,7 +51,7 @@ def test_an_edited_missing_or_added_record_is_named(folder):
     (bare / "preprocessing.json").write_text(json.dumps(prep))  # copied in from another model
     with pytest.raises(ValueError, match=r"preprocessing.json was added after the model was saved"):
         UperNetViT.from_pretrained(bare)
-    assert accept_edits(bare) == ["preprocessing.json"]
+    assert pretrained.accept_edits(bare) == ["preprocessing.json"]
     assert UperNetViT.from_pretrained(bare).preprocessing == prep
 
 
@@ -72,7 +72,7 @@ def test_older_folders_still_load_and_a_damaged_folder_is_not_accepted(folder):
     config = folder / "config.yaml"
     config.write_text(config.read_text().replace("hidden_size: 32", "hidden_size: 48"))
     with pytest.raises(ValueError, match=r"does not match .*config.yaml"):
-        accept_edits(folder)  # an edit that breaks the folder is not recorded
+        pretrained.accept_edits(folder)  # an edit that breaks the folder is not recorded
     assert not sums.exists()
 
 
