@@ -100,27 +100,25 @@ def check_input_range(
     if normalization == "zscore":
         return  # per-image statistics: the value range does not matter
     low, high = min(0.0, float(trained[0])), max(float(scale), float(trained[1]))
-    confirm = "; if these values are what you mean, confirm with accept_intensity=True (--accept-intensity)"
+    mismatches = []
     bad = {f: r for f, r in ranges.items() if r[0] < low or r[1] > high}
     if bad:
         f, (lo, hi) = next(iter(bad.items()))
-        message = (
+        mismatches.append(
             f"input {f!r} ({len(bad)} such) has values {lo:g}..{hi:g}, outside the range {low:g}..{high:g} the "
             f"model was trained on (intensity_scale {scale:g}, {record}); pixel values are used as stored, so "
             f"convert the image to the training data's bit depth and range, e.g. 8-bit for a model trained "
             f"on 8-bit images"
         )
-        if not accept:
-            raise ValueError(message + confirm)
+    dark = [f for f, r in ranges.items() if r[1] <= 1 and r[1] > r[0]] if high > 2 else []
+    if dark:
+        mismatches.append(
+            f"input {dark[0]!r} ({len(dark)} such) has every value in [0, 1] but the training images reached "
+            f"{float(trained[1]):g} ({record}): a copy rescaled to [0, 1] predicts as a nearly black image; "
+            f"give the original values (pixel values are used as stored)"
+        )
+    if mismatches and not accept:
+        raise ValueError(mismatches[0] + "; if these values are what you mean, confirm with accept_intensity=True "
+                                         "(--accept-intensity)")
+    for message in mismatches:
         logger.warning("%s (accepted)", message)
-    if high > 2:
-        dark = [f for f, r in ranges.items() if r[1] <= 1 and r[1] > r[0]]
-        if dark:
-            message = (
-                f"input {dark[0]!r} ({len(dark)} such) has every value in [0, 1] but the training images reached "
-                f"{float(trained[1]):g} ({record}): a copy rescaled to [0, 1] predicts as a nearly black image; "
-                f"give the original values (pixel values are used as stored)"
-            )
-            if not accept:
-                raise ValueError(message + confirm)
-            logger.warning("%s (accepted)", message)
