@@ -94,6 +94,22 @@ def test_an_older_record_and_an_evaluate_summary_of_the_replaced_set(tmp_path, m
         "predictions.json", "three0.png", "three1.png", "three2.png"]
 
 
+def test_a_record_predict_did_not_write_is_neither_replaced_nor_obeyed(tmp_path, models, images, capsys):
+    """A user's predictions.json (another tool's) listing their files must not make --overwrite delete them."""
+    (a, _), (three, _) = models, images
+    out = tmp_path / "P"
+    out.mkdir()
+    (out / "precious.png").write_bytes(b"mine")
+    (out / "predictions.json").write_text(json.dumps({"files": ["precious.png", "../outside.txt"]}))
+    assert _predict("--model", a, "--input", three, "--output", out, "--overwrite") == 2
+    assert "holds a predictions.json that predict did not write" in one_error_line(capsys.readouterr().err, "predict")
+    assert sorted(os.listdir(out)) == ["precious.png", "predictions.json"]
+    (tmp_path / "outside.txt").write_text("mine too")  # a crafted record of predict's own cannot reach it
+    (out / "predictions.json").write_text(json.dumps({"written_by": "upernet-vit predict", "files": ["../outside.txt"]}))
+    assert _predict("--model", a, "--input", three, "--output", out, "--overwrite") == 0
+    assert (tmp_path / "outside.txt").read_text() == "mine too" and (out / "precious.png").read_bytes() == b"mine"
+
+
 def test_two_predicts_into_one_folder_are_locked_out_and_a_killed_ones_lock_is_stale(tmp_path, models, images, capsys):
     (a, _), (three, _) = models, images
     out = tmp_path / "P"

@@ -159,17 +159,27 @@ class PredictionSet(NamedTuple):
 
 
 def _manifest(output_dir: str) -> Dict:
+    """The folder's ``predictions.json`` ({} if none); one that predict did not write is refused, since
+    predict would replace it and act on the files it lists."""
     path = os.path.join(output_dir, MANIFEST_NAME)
-    record = read_json(path) if os.path.isfile(path) else {}
-    if not isinstance(record, dict):
-        raise ValueError(f"{path} is not a record that predict wrote (a JSON {type(record).__name__}); move it away")
+    if not os.path.lexists(path):
+        return {}
+    record = read_json(path) if os.path.isfile(path) else None
+    if not (isinstance(record, dict) and record.get("written_by") == "upernet-vit predict"):
+        raise FileExistsError(
+            f"--output {output_dir!r} holds a {MANIFEST_NAME} that predict did not write; predict never replaces "
+            f"files it did not create: choose an empty or new output folder"
+        )
     return record
 
 
 def _recorded_files(record: Dict) -> Dict[str, Optional[Dict]]:
-    """``{name: how it was made}`` of a record; an older record (a list of names) gives None for each."""
+    """``{name: how it was made}`` of a record; an older record (a list of names) gives None for each. Only
+    plain file names count: a record never sends predict outside its folder."""
     files = record.get("files", {})
-    return dict(files) if isinstance(files, dict) else {n: None for n in files}
+    files = dict(files) if isinstance(files, dict) else {n: None for n in files}
+    return {n: how for n, how in files.items()
+            if isinstance(n, str) and os.path.basename(n) == n and n not in ("", ".", "..")}
 
 
 def check_output_folder(input_path: str, output_dir: str, planned: PredictionSet, overwrite: bool = False) -> List[str]:
@@ -190,7 +200,7 @@ def check_output_folder(input_path: str, output_dir: str, planned: PredictionSet
             f"write (it is not in {MANIFEST_NAME}): predict never replaces files it did not create (is this a "
             f"ground-truth or image folder?); choose an empty or new output folder"
         )
-    present = {n: how for n, how in earlier.items() if os.path.lexists(os.path.join(output_dir, n))}
+    present = {n: how for n, how in earlier.items() if os.path.isfile(os.path.join(output_dir, n))}
     if not present or earlier == planned.files:
         return []
     if not overwrite:
