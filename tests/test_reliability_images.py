@@ -167,6 +167,14 @@ def test_an_animated_png_is_a_stack_too_and_evaluate_scores_stacks_page_by_page(
         evaluate(str(tmp_path / "pred"), str(tmp_path / "gt"))
 
 
+def test_a_camera_mpo_jpeg_is_one_photo_not_a_stack(tmp_path):
+    """Cameras and phones store previews (or an HDR gain map) as further frames of an MPO JPEG."""
+    photo = Image.fromarray(np.full((16, 24), 200, np.uint8))
+    photo.save(tmp_path / "p.jpg", format="MPO", save_all=True, append_images=[photo.resize((12, 8))])
+    assert Image.open(tmp_path / "p.jpg").n_frames == 2
+    assert read_image(str(tmp_path / "p.jpg")).shape == (1, 16, 24)
+
+
 def test_a_tiff_whose_orientation_turns_it_is_refused_not_garbled(tmp_path, capsys, model_folder):
     """Pillow reads the pixels of a TIFF with orientation 5-8 garbled: refused, naming the tag."""
     from upernet_vit.cli import main

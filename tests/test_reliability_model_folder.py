@@ -44,8 +44,10 @@ def test_an_edited_missing_or_added_record_is_named(folder):
     with pytest.raises(ValueError, match=r"preprocessing.json is damaged or was changed after it was saved"):
         UperNetViT.from_pretrained(folder)
     record.unlink()
-    with pytest.raises(ValueError, match=r"preprocessing.json is missing, but .*SHA256SUMS lists it"):
+    with pytest.raises(ValueError, match=r"preprocessing.json is missing, but .*SHA256SUMS lists it.*accept-edits"):
         UperNetViT.from_pretrained(folder)
+    assert pretrained.accept_edits(folder) == ["preprocessing.json"]  # removed on purpose
+    assert UperNetViT.from_pretrained(folder).preprocessing is None
     bare = folder.parent / "bare"
     tiny_model(in_chans=1, num_classes=2).save_pretrained(bare)
     (bare / "preprocessing.json").write_text(json.dumps(prep))  # copied in from another model
@@ -56,7 +58,7 @@ def test_an_edited_missing_or_added_record_is_named(folder):
 
 
 def test_older_folders_still_load_and_a_damaged_folder_is_not_accepted(folder):
-    from upernet_vit.pretrained import CHECKSUM_NAME, file_sha256
+    from upernet_vit.pretrained import LEGACY_CHECKSUM_NAME as CHECKSUM_NAME, file_sha256
 
     sums = folder / "SHA256SUMS"
     sums.unlink()  # a folder from before SHA256SUMS, with the weights' digest alone

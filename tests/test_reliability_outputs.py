@@ -223,3 +223,32 @@ def test_export_never_writes_over_a_file_it_did_not_write(tmp_path, models, caps
     (tmp_path / "new.onnx.data").write_bytes(b"someone's")
     with pytest.raises(FileExistsError, match=r"new.onnx.data' is a file that export did not write"):
         check_export_path(str(tmp_path / "new.onnx"))
+
+
+def test_make_demo_never_writes_among_a_users_files_and_predict_not_into_its_model(tmp_path, models, images, capsys):
+    from upernet_vit.cli import main
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "dataset.json").write_text('{"mine": 1}')
+    assert main(["make-demo", str(tmp_path / "mine"), "--num-train", "2", "--num-test", "1", "--size", "16"]) == 2
+    assert "is not a demo dataset that make-demo wrote" in one_error_line(capsys.readouterr().err, "make-demo")
+    assert os.listdir(tmp_path / "mine") == ["dataset.json"]
+    for _ in range(2):  # its own dataset it may write again
+        assert main(["make-demo", str(tmp_path / "demo"), "--num-train", "2", "--num-test", "1", "--size", "16"]) == 0
+    (a, _), (three, _) = models, images
+    assert _predict("--model", a, "--input", three, "--output", os.path.join(a, "pred")) == 2
+    assert "lies inside the --model" in one_error_line(capsys.readouterr().err, "predict")
+    assert not os.path.exists(os.path.join(a, "pred"))
+    assert _predict("--model", a, "--input", three, "--output", tmp_path / "o", "--intensity-scale", "255") == 2
+    assert "--intensity-scale 255 is for a model folder without preprocessing.json" in one_error_line(
+        capsys.readouterr().err, "predict")
+
+
+def test_train_never_writes_into_its_dataset(tmp_path, capsys):
+    from upernet_vit.cli import main
+
+    data = tmp_path / "Dataset001_Demo"
+    assert main(["make-demo", str(data), "--num-train", "6", "--num-test", "1", "--size", "32"]) == 0
+    assert main(["train", config_file(tmp_path), "--data", str(data), "--output", str(data / "run")]) == 2
+    assert "lies inside the data.root" in one_error_line(capsys.readouterr().err, "train")
+    assert not (data / "run").exists()

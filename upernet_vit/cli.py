@@ -80,7 +80,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         from .training.run_folder import claim_run_folder
 
-        claim_run_folder(output)  # before train.log: never into a folder of the user's files
+        claim_run_folder(output, {"data.root": config.data.root})  # before train.log: never among the user's files
         _setup_logging(output)
     logging.getLogger(__name__).info("run folder: %s", os.path.abspath(output))
     trainer = Trainer(config, output, resume=args.resume, fast=_fast_paths(args))

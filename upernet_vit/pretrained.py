@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.yaml"
 CHECKSUMS_NAME = "SHA256SUMS"
-CHECKSUM_NAME = WEIGHTS_NAME + ".sha256"  # before SHA256SUMS: the weights' digest alone
+LEGACY_CHECKSUM_NAME = WEIGHTS_NAME + ".sha256"  # before SHA256SUMS: the weights' digest alone
 PREPROCESSING_NAME = "preprocessing.json"
 CHECKED_NAMES = (WEIGHTS_NAME, CONFIG_NAME, PREPROCESSING_NAME)  # what SHA256SUMS covers, when present
 
@@ -73,7 +73,7 @@ def save_pretrained(model: "UperNetViT", directory: Union[str, os.PathLike],
         digests[WEIGHTS_NAME] = file_sha256(tmp)  # of the bytes on disk, before the rename
 
     digests: Dict[str, str] = {}
-    for stale in (CHECKSUMS_NAME, CHECKSUM_NAME):  # a crash before the new sums are written must not leave old ones
+    for stale in (CHECKSUMS_NAME, LEGACY_CHECKSUM_NAME):  # a crash before the new sums are written must not leave old ones
         if os.path.exists(os.path.join(directory, stale)):
             os.remove(os.path.join(directory, stale))
     atomic_write(weights, write_weights)
@@ -115,7 +115,7 @@ def _read_sums(path: str) -> Dict[str, str]:
 def recorded_digests(directory: str) -> Dict[str, str]:
     """``{file name: sha256}`` as the folder records them (``SHA256SUMS``, else the older
     ``model.safetensors.sha256``); empty for a folder saved before checksums existed."""
-    for name in (CHECKSUMS_NAME, CHECKSUM_NAME):
+    for name in (CHECKSUMS_NAME, LEGACY_CHECKSUM_NAME):
         path = os.path.join(directory, name)
         if os.path.isfile(path):
             return _read_sums(path)
@@ -130,43 +130,44 @@ def verify_checksum(directory: str) -> None:
     if not recorded:
         return
     whole = os.path.isfile(os.path.join(directory, CHECKSUMS_NAME))
-    accept = (f"if you changed it on purpose, accept the edit: upernet_vit.pretrained.accept_edits({directory!r}) "
-              f"or the command upernet-vit accept-edits {directory}")
+    accept = f"accept the edit: upernet-vit accept-edits {directory} (in Python upernet_vit.pretrained.accept_edits)"
     for name in CHECKED_NAMES if whole else (WEIGHTS_NAME,):
         path = os.path.join(directory, name)
         if name not in recorded:
             if os.path.isfile(path):
                 raise ValueError(f"{path} was added after the model was saved ({CHECKSUMS_NAME} does not list "
-                                 f"it): remove it, or {accept}")
+                                 f"it): remove it, or, if you added it on purpose, {accept}")
             continue
         if not os.path.isfile(path):
             raise ValueError(f"{path} is missing, but {os.path.join(directory, CHECKSUMS_NAME)} lists it: restore "
-                             f"the folder from a copy")
+                             f"the folder from a copy, or, if you removed it on purpose, {accept}")
         actual = file_sha256(path)
         if actual != recorded[name]:
             raise ValueError(
                 f"{path} is damaged or was changed after it was saved: its sha256 is {actual} but "
-                f"{os.path.join(directory, CHECKSUMS_NAME if whole else CHECKSUM_NAME)} records {recorded[name]}. "
-                f"Restore the folder from a copy, or, {accept}"
+                f"{os.path.join(directory, CHECKSUMS_NAME if whole else LEGACY_CHECKSUM_NAME)} records {recorded[name]}. "
+                f"Restore the folder from a copy, or, if you changed it on purpose, {accept}"
             )
 
 
 def accept_edits(directory: Union[str, os.PathLike]) -> List[str]:
     """Record the model folder's files as they are now (``SHA256SUMS``), after checking that they still
-    load together (``config.yaml`` describes the weights); the names whose digest changed. For a deliberate
-    edit, e.g. of ``preprocessing.json``'s label names; a damaged folder still fails to load."""
+    load together (``config.yaml`` describes the weights); the names of the files edited, removed or added
+    since the record (in a folder from before ``SHA256SUMS``, only the weights had a record). For a
+    deliberate edit, e.g. of ``preprocessing.json``'s label names; a damaged folder still fails to load."""
     from .model import UperNetViT
 
     directory = os.fspath(directory)
     before = recorded_digests(directory)
+    checked = CHECKED_NAMES if os.path.isfile(os.path.join(directory, CHECKSUMS_NAME)) else tuple(before)
     from_pretrained(UperNetViT, directory, verify=False)
     now = {n: file_sha256(os.path.join(directory, n)) for n in CHECKED_NAMES
            if os.path.isfile(os.path.join(directory, n))}
     _write_sums(directory, now)
-    legacy = os.path.join(directory, CHECKSUM_NAME)
+    legacy = os.path.join(directory, LEGACY_CHECKSUM_NAME)
     if os.path.exists(legacy):
         os.remove(legacy)
-    return sorted(n for n in now if before.get(n) != now[n])
+    return sorted(n for n in set(before) | set(now) if n in checked and before.get(n) != now.get(n))
 
 
 def from_pretrained(cls: Type[M], directory: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu",

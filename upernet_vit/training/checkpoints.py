@@ -200,7 +200,10 @@ def run_checkpoint(run_dir: str, which: str = "final") -> Optional[str]:
     if latest is None or which == "latest":
         return latest
     state = read_state(latest)
-    has_best = os.path.isfile(os.path.join(run_dir, BEST, WEIGHTS_NAME))
+    try:
+        has_best = best_checkpoint(run_dir) is not None  # a crash-stale or missing best is none
+    except ValueError:
+        has_best = False
     if state is None:
         raise ValueError(f"{os.path.join(latest, STATE_NAME)} cannot be read; pass --checkpoint latest"
                          + (" or best" if has_best else ""))

@@ -11,10 +11,12 @@ from typing import List, Tuple
 
 import numpy as np
 
+from ..fileio import atomic_write, read_json, write_text
 from .data import Case, DatasetInfo
 from .image_io import write_label_png
 
 DEMO_LABELS = {"background": 0, "disk": 1, "square": 2, "triangle": 3}
+DEMO_NAME = "UperNetViTDemo"  # dataset.json's name: make-demo writes again only into its own dataset
 
 
 def demo_info() -> DatasetInfo:
@@ -79,7 +81,14 @@ def _to_8bit(image: np.ndarray) -> np.ndarray:
 
 
 def write_demo_dataset(root: str, num_train: int = 48, num_test: int = 8, size: int = 96, seed: int = 0) -> str:
-    """Write the demo data as an nnU-Net v2 raw dataset (8-bit PNGs) with ``imagesTs``/``labelsTs``."""
+    """Write the demo data as an nnU-Net v2 raw dataset (8-bit PNGs) with ``imagesTs``/``labelsTs``, into a
+    new or empty folder or an earlier demo dataset (a FileExistsError for any other: never over a user's
+    files)."""
+    if os.path.isdir(root) and os.listdir(root) and not _is_demo(os.path.join(root, "dataset.json")):
+        raise FileExistsError(
+            f"{root!r} holds files and is not a demo dataset that make-demo wrote; it never writes among other "
+            f"files: choose a new or empty folder"
+        )
     for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
         os.makedirs(os.path.join(root, sub), exist_ok=True)
     for split, first, count in (("Tr", 0, num_train), ("Ts", num_train, num_test)):
@@ -93,8 +102,16 @@ def write_demo_dataset(root: str, num_train: int = 48, num_test: int = 8, size: 
         "labels": DEMO_LABELS,
         "numTraining": num_train,
         "file_ending": ".png",
-        "name": "UperNetViTDemo",
+        "name": DEMO_NAME,
     }
-    with open(os.path.join(root, "dataset.json"), "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=2)
+    text = json.dumps(meta, indent=2)
+    atomic_write(os.path.join(root, "dataset.json"), lambda p: write_text(p, text))
     return root
+
+
+def _is_demo(path: str) -> bool:
+    try:
+        meta = read_json(path)
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("name") == DEMO_NAME

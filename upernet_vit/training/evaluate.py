@@ -69,7 +69,8 @@ def evaluate(
     preds = _label_files(pred_dir)
     missing = [c for c in gts if c not in preds]
     if missing:
-        raise FileNotFoundError(f"--pred {pred_dir!r} has no prediction for {len(missing)} case(s), e.g. {missing[0]}.png")
+        raise FileNotFoundError(f"--pred {pred_dir!r} has no prediction for {len(missing)} case(s), e.g. {missing[0]!r} "
+                                f"(a label file named as {os.path.basename(gts[missing[0]])!r})")
     extra = sorted(set(preds) - set(gts))
     if extra:
         logger.warning("--pred %s holds %d prediction(s) without ground truth in %s, left out: %s", pred_dir,

@@ -63,9 +63,14 @@ _TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
 
 def _pages(path: str) -> List[Image.Image]:
     """Every page of ``path``, each turned as a viewer shows it (its orientation tag applied)."""
-    img = _open(path)
+    with _open(path) as img:
+        return _turned_pages(img, path)
+
+
+def _turned_pages(img: Image.Image, path: str) -> List[Image.Image]:
     pages = []
-    for index in range(getattr(img, "n_frames", 1)):
+    # a camera's MPO JPEG holds the photo, then previews or a gain map: one image
+    for index in range(1 if img.format == "MPO" else getattr(img, "n_frames", 1)):
         try:
             img.seek(index)
             before = _orientation(img) if hasattr(img, "tag_v2") else 1
@@ -81,7 +86,7 @@ def _pages(path: str) -> List[Image.Image]:
         except Exception as err:
             where = f"page {index + 1} of " if index else ""
             raise ValueError(f"cannot read {where}image file {path!r}: {err}") from err
-    return pages
+    return pages  # copies: the file is closed
 
 
 def _one_page(path: str, pages: Sequence[object], what: str) -> None:

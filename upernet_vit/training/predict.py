@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 # the record, in an output folder, of the files predict wrote there and how: only those may be replaced
 MANIFEST_NAME = "predictions.json"
 LOCK_NAME = ".predict.lock"  # held while a predict writes the folder (outputs.FolderLock)
+WRITTEN_BY = "upernet-vit predict"  # the record's mark: predict acts only on a record it wrote
 
 
 def resolve_model_dir(path: str, checkpoint: str = "final") -> str:
@@ -165,7 +166,7 @@ def _manifest(output_dir: str) -> Dict:
     if not os.path.lexists(path):
         return {}
     record = read_json(path) if os.path.isfile(path) else None
-    if not (isinstance(record, dict) and record.get("written_by") == "upernet-vit predict"):
+    if not (isinstance(record, dict) and record.get("written_by") == WRITTEN_BY):
         raise FileExistsError(
             f"--output {output_dir!r} holds a {MANIFEST_NAME} that predict did not write; predict never replaces "
             f"files it did not create: choose an empty or new output folder"
@@ -182,7 +183,8 @@ def _recorded_files(record: Dict) -> Dict[str, Optional[Dict]]:
             if isinstance(n, str) and os.path.basename(n) == n and n not in ("", ".", "..")}
 
 
-def check_output_folder(input_path: str, output_dir: str, planned: PredictionSet, overwrite: bool = False) -> List[str]:
+def check_output_folder(input_path: str, output_dir: str, planned: PredictionSet, overwrite: bool = False,
+                        models: Sequence[str] = ()) -> List[str]:
     """Check, before anything is written, that predict may write ``planned`` into ``output_dir``; return
     the files of an earlier prediction set there that ``overwrite`` replaces (to remove first).
 
@@ -191,7 +193,8 @@ def check_output_folder(input_path: str, output_dir: str, planned: PredictionSet
     user's files); and, unless ``overwrite``, an earlier prediction set of other models, checkpoint,
     settings or inputs (one folder holds one prediction set; the same call again, e.g. after a crash,
     replaces its own files)."""
-    refuse_overlap(output_dir, {"--input": input_path}, "--output", ": predict would write masks among the images")
+    refuse_overlap(output_dir, {"--input": input_path, **{f"--model {m}": m for m in models}}, "--output",
+                   ": predict would write among the files it reads")
     earlier = _recorded_files(_manifest(output_dir))
     foreign = [n for n in planned.files if n not in earlier and os.path.lexists(os.path.join(output_dir, n))]
     if foreign:
@@ -204,17 +207,26 @@ def check_output_folder(input_path: str, output_dir: str, planned: PredictionSet
     if not present or earlier == planned.files:
         return []
     if not overwrite:
-        made = next(iter(present.values())) or {}
-        by = ", ".join(m.get("folder", "?") for m in made.get("models", [])) or "an older upernet-vit"
         raise FileExistsError(
             f"--output {output_dir!r} already holds another prediction set: {len(present)} file(s) (e.g. "
-            f"{next(iter(present))!r}) made by {by}"
-            + (f" from {len(made.get('inputs', []))} input file(s) with other models, checkpoint, settings or inputs"
-               if made else "") +
-            f". One folder holds one prediction set, and {MANIFEST_NAME} says which model made each file: choose "
-            f"a new output folder, or pass --overwrite to replace that whole set"
+            f"{next(iter(present))!r}) {_difference(present, planned)}. One folder holds one prediction set, and "
+            f"{MANIFEST_NAME} says which model made each file: choose a new output folder, or pass --overwrite to "
+            f"replace that whole set"
         )
     return sorted(present)
+
+
+def _difference(present: Mapping[str, Optional[Dict]], planned: PredictionSet) -> str:
+    """What sets an earlier prediction set apart from ``planned``, for the refusal."""
+    made = [how for how in present.values() if how]
+    if not made:
+        return "written by an older upernet-vit, whose record does not say how"
+    first, new = made[0], next(iter(planned.files.values()))
+    models = ", ".join(m.get("folder", "?") for m in first.get("models", []))
+    differs = [key for key in ("models", "checkpoint", "settings") if first.get(key) != new.get(key)]
+    if {f for how in made for f in how.get("inputs", [])} != {f for how in planned.files.values() for f in how["inputs"]}:
+        differs.append("inputs")
+    return f"made by {models} (other {', '.join(differs) or 'outputs'})"
 
 
 @dataclass
@@ -242,6 +254,12 @@ def _load_member(model_path: str, checkpoint: str, device: torch.device,
     record = os.path.join(folder, PREPROCESSING_NAME)
     if model.preprocessing is not None:  # from_pretrained read it
         prep = check_preprocessing(model.preprocessing, record)
+        if intensity_scale is not None:
+            raise ValueError(
+                f"--intensity-scale {intensity_scale:g} is for a model folder without preprocessing.json, but "
+                f"{record} records how the model's inputs are scaled (intensity_scale {prep['intensity_scale']:g}); "
+                f"leave it out"
+            )
     elif intensity_scale is None:
         raise FileNotFoundError(
             f"{record} not found (a bare save_pretrained folder): predict cannot know how the model's training "
@@ -329,14 +347,15 @@ def predict(
                          "fast": None if fast is None else dict(fast), "intensity_scale": intensity_scale}}
     planned = PredictionSet({name: {"inputs": [os.path.abspath(f) for f in cases[c]], **made}
                              for c, names in outputs.items() for name in names})
-    check_output_folder(input_path, output_dir, planned, overwrite)  # nothing written yet: refusals leave no trace
+    folders = [m.folder for m in members]
+    check_output_folder(input_path, output_dir, planned, overwrite, folders)  # nothing written: a refusal leaves no trace
     windows = sum(pages[c] * window_count(stats[files[0]].height, stats[files[0]].width, m.patch_size, scales, step)
                   for c, files in cases.items() for m in members)
     logger.info("predicting %d case(s): %d windows of the model%s", len(cases), windows,
                 " (x4 with --mirror)" if mirror else "")
     os.makedirs(output_dir, exist_ok=True)
     with FolderLock(output_dir, LOCK_NAME, "predict", "--output"):
-        stale = check_output_folder(input_path, output_dir, planned, overwrite)  # again, now that it is ours
+        stale = check_output_folder(input_path, output_dir, planned, overwrite, folders)  # again, now that it is ours
         _replace_set(output_dir, stale, planned)
         written = []
         with tqdm(total=windows, desc="predict", unit="window", disable=None) as bar:
@@ -380,7 +399,7 @@ def _replace_set(output_dir: str, stale: Sequence[str], planned: PredictionSet) 
 
 
 def _write_manifest(output_dir: str, planned: PredictionSet, complete: bool) -> None:
-    text = json.dumps({"written_by": "upernet-vit predict", "version": 2, "complete": complete,
+    text = json.dumps({"written_by": WRITTEN_BY, "version": 2, "complete": complete,
                        "files": planned.files}, indent=1)
     atomic_write(os.path.join(output_dir, MANIFEST_NAME), lambda p: write_text(p, text))
 

@@ -26,6 +26,7 @@ import yaml
 from ..config import Config, config_to_yaml, load_config, save_config
 from ..fileio import atomic_write, save_torch, write_text
 from ..model import UperNetViT
+from ..outputs import refuse_overlap
 from ..pretrained import WEIGHTS_NAME, verify_checksum
 from . import checkpoints
 from .checkpoints import BEST, LATEST, STATE_NAME, RunLock, latest_checkpoint, recover_run_folder, repair_best
@@ -46,13 +47,16 @@ RESUME_FREE_KEYS = {"data.num_workers", "train.device", "train.output_dir", "tra
 
 
 def _is_run_entry(name: str) -> bool:
-    return name in _RUN_ENTRIES or name.startswith((LATEST, BEST)) or (name.startswith(".") and ".tmp-" in name)
+    return (name in _RUN_ENTRIES or name.startswith((LATEST, BEST)) or (name.startswith(".") and ".tmp-" in name)
+            or name.endswith(".tmp.png"))  # plots.py's temporary progress.png
 
 
-def claim_run_folder(path: str) -> None:
+def claim_run_folder(path: str, inputs: Optional[Dict[str, Optional[str]]] = None) -> None:
     """Make ``path`` a run folder (created, or new and empty, or a run's own), or refuse it: ``train``
-    writes ``config.yaml``, ``train.log``, ... only where they cannot replace a user's files. A
-    FileExistsError names a file of the folder that no run wrote."""
+    writes ``config.yaml``, ``train.log``, ... only where they cannot replace a user's files, and never
+    into, around or inside one of ``inputs`` (``{name: path}``, e.g. the dataset). A FileExistsError names
+    a file of the folder that no run wrote."""
+    refuse_overlap(path, inputs or {}, "--output", ": the run's files would go among the data")
     if os.path.isfile(os.path.join(path, RUN_MARKER)):
         return
     if os.path.lexists(path) and not os.path.isdir(path):
@@ -65,7 +69,8 @@ def claim_run_folder(path: str) -> None:
             f"--output {path!r} holds files that no training run wrote there (e.g. {foreign[0]!r}, {len(entries)} "
             f"entries): train writes its run files (config.yaml, train.log, checkpoints) only into a new or empty "
             f"folder or one of its own runs, never among other files; choose a new folder, e.g. "
-            f"{os.path.join(path, 'runs', 'my_run')!r}"
+            f"{os.path.join(path, 'runs', 'my_run')!r} (if it is a run folder of an older upernet-vit that you "
+            f"added files to, move them out, or mark it as a run: touch {os.path.join(path, RUN_MARKER)})"
         )
     os.makedirs(path, exist_ok=True)
     write_text(os.path.join(path, RUN_MARKER), "a training run folder of upernet-vit: train writes here\n")
@@ -92,7 +97,7 @@ class RunFolder:
         self.lock: Optional[RunLock] = None
         if not writes:
             return
-        claim_run_folder(path)
+        claim_run_folder(path, {"data.root": config.data.root})
         self.lock = RunLock(path)  # before touching any file of the run
         try:
             if not resume and latest_checkpoint(path):
