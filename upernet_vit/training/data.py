@@ -137,11 +137,6 @@ def nnunet_image_files(folder: str, file_ending: str) -> Dict[str, List[str]]:
     return {cid: [p for _, p in sorted(files)] for cid, files in sorted(cases.items())}
 
 
-def read_case_image(files: Sequence[str]) -> np.ndarray:
-    """Channel files of one case -> ``[C, H, W]`` pixel values as stored (an RGB file adds 3 channels)."""
-    return read_case(files)[0]
-
-
 def read_case(files: Sequence[str]) -> Tuple[np.ndarray, Optional[float]]:
     """``([C, H, W] values, full scale)`` of one case's channel files (:func:`.intensity.full_scale`)."""
     read = [read_image_and_kind(f) for f in files]

@@ -239,6 +239,7 @@ class _Member:
     label_values: List[int]
     patch_size: Optional[List[int]]
     intensity_range: List[float]
+    has_record: bool  # preprocessing.json, not the user's --intensity-scale
 
 
 def _load_member(model_path: str, checkpoint: str, device: torch.device,
@@ -254,12 +255,6 @@ def _load_member(model_path: str, checkpoint: str, device: torch.device,
     record = os.path.join(folder, PREPROCESSING_NAME)
     if model.preprocessing is not None:  # from_pretrained read it
         prep = check_preprocessing(model.preprocessing, record)
-        if intensity_scale is not None:
-            raise ValueError(
-                f"--intensity-scale {intensity_scale:g} is for a model folder without preprocessing.json, but "
-                f"{record} records how the model's inputs are scaled (intensity_scale {prep['intensity_scale']:g}); "
-                f"leave it out"
-            )
     elif intensity_scale is None:
         raise FileNotFoundError(
             f"{record} not found (a bare save_pretrained folder): predict cannot know how the model's training "
@@ -277,7 +272,7 @@ def _load_member(model_path: str, checkpoint: str, device: torch.device,
                 "intensity_scale": float(intensity_scale), "intensity_range": [0.0, float(intensity_scale)]}
     normalizer = Normalizer(prep["mean"], prep["std"], prep["normalization"], prep["intensity_scale"])
     return _Member(folder, model, normalizer, list(prep["label_values"]), prep["patch_size"],
-                   list(prep["intensity_range"]))
+                   list(prep["intensity_range"]), model.preprocessing is not None)
 
 
 def predict(
@@ -322,6 +317,12 @@ def predict(
     check_scales(scales)
     check_step(step)
     members = [_load_member(os.fspath(p), checkpoint, dev, fast, intensity_scale) for p in paths]
+    if intensity_scale is not None and all(m.has_record for m in members):
+        raise ValueError(
+            f"--intensity-scale {intensity_scale:g} is for a model folder without preprocessing.json, but "
+            f"{os.path.join(members[0].folder, PREPROCESSING_NAME)} records how the model's inputs are scaled "
+            f"(intensity_scale {members[0].normalizer.scale:g}); leave it out"
+        )
     first = members[0]
     for other in members[1:]:
         if other.label_values != first.label_values or other.model.in_chans != first.model.in_chans:
