@@ -294,7 +294,7 @@ def probs_of(folder, case):
 
 def issue16(work, config, run_dir, case):
     """The cases of issue 16 (reliability, round 2)."""
-    from upernet_vit.training.demo_data import demo_case
+    from upernet_vit.data.demo import demo_case
 
     model_dir = os.path.join(run_dir, "checkpoint_latest")
     # 1. the same pixels in another container
@@ -348,8 +348,9 @@ def issue16(work, config, run_dir, case):
     crash = f"""
         import os, sys
         from upernet_vit.config import load_config
-        from upernet_vit.training import checkpoints, trainer as t
-        from upernet_vit.training.checkpoints import checkpoint_epoch
+        from upernet_vit.runs import checkpoints
+    from upernet_vit.training import trainer as t
+        from upernet_vit.runs.checkpoints import checkpoint_epoch
         real = checkpoints.copy_checkpoint
         def copy(source, final):
             if checkpoint_epoch(source) == 2:
@@ -418,7 +419,7 @@ def issue16(work, config, run_dir, case):
     best = os.path.isdir(os.path.join(out, "checkpoint_best"))
     case("16.L train: data.labels declares 'nucleus', which no mask holds", result,
          f"warned: {'yes' if warned else 'no'}; checkpoint_best: {'yes' if best else 'no'}")
-    from upernet_vit.training.demo_data import write_demo_dataset
+    from upernet_vit.data.demo import write_demo_dataset
 
     demo = write_demo_dataset(os.path.join(work, "Dataset001_Demo"), num_train=6, num_test=0, size=32)
     meta = json.load(open(os.path.join(demo, "dataset.json")))
@@ -491,8 +492,9 @@ def issue16(work, config, run_dir, case):
          f"progress shown: {bar[-1].strip()[:70]!r}" if bar else "no progress within the image")
     kill = f"""
         from upernet_vit.config import load_config
-        from upernet_vit.training import checkpoints, trainer as t
-        from upernet_vit.training.checkpoints import checkpoint_epoch
+        from upernet_vit.runs import checkpoints
+    from upernet_vit.training import trainer as t
+        from upernet_vit.runs.checkpoints import checkpoint_epoch
         real = checkpoints.write_folder_atomically
         def write(final, content):
             if final.endswith("checkpoint_latest") and checkpoint_epoch(final) == 1:

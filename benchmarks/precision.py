@@ -24,10 +24,10 @@ import torch
 
 from upernet_vit import UperNetViT
 from upernet_vit.config import load_config
-from upernet_vit.training.augment import Normalizer
-from upernet_vit.training.inference import sliding_window_logits
-from upernet_vit.training.metrics import confusion_counts, summarize
-from upernet_vit.training.prepare import prepare_data
+from upernet_vit.data.normalization import Normalizer
+from upernet_vit.inference.sliding_window import sliding_window_logits
+from upernet_vit.inference.metrics import confusion_counts, summarize
+from upernet_vit.data.prepare import prepare_data
 from upernet_vit.training.trainer import Trainer
 
 from timing import device_name, timed  # benchmarks/timing.py

@@ -19,8 +19,9 @@ import torch
 
 from upernet_vit.config import load_config
 from upernet_vit.config import AugmentationConfig
-from upernet_vit.training.augment import Normalizer, PatchDataset
-from upernet_vit.training.demo_data import demo_cases
+from upernet_vit.data.augment import PatchDataset
+from upernet_vit.data.normalization import Normalizer
+from upernet_vit.data.demo import demo_cases
 from upernet_vit.training.losses import DiceCELoss
 from upernet_vit.training.optim import build_optimizer
 from upernet_vit import UperNetViT

@@ -8,9 +8,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from upernet_vit.cli import main
-from upernet_vit.training.checkpoints import checkpoint_epoch
-from upernet_vit.training.inference import sliding_window_logits, tta_probabilities
-from upernet_vit.training.predict import predict, resolve_model_dir
+from upernet_vit.runs.checkpoints import checkpoint_epoch
+from upernet_vit.inference.sliding_window import sliding_window_logits, tta_probabilities
+from upernet_vit.inference.predict import predict
+from upernet_vit.runs.checkpoints import resolve_model_dir
 from upernet_vit.training.trainer import Trainer
 from helpers import tiny_model, tiny_train_config
 

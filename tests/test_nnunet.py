@@ -15,8 +15,8 @@ from upernet_vit.cli import main  # noqa: E402
 from upernet_vit.config import load_config  # noqa: E402
 from upernet_vit.integrations.nnunet import EXT_TRAINER_DIR  # noqa: E402
 from upernet_vit.integrations.nnunet import trainer as trainers  # noqa: E402
-from upernet_vit.training.demo_data import write_demo_dataset  # noqa: E402
-from upernet_vit.training.image_io import read_label  # noqa: E402
+from upernet_vit.data.demo import write_demo_dataset  # noqa: E402
+from upernet_vit.data.image_io import read_label  # noqa: E402
 
 pytestmark = pytest.mark.nnunet
 

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from upernet_vit import UperNetViT
-from upernet_vit.training.checkpoints import checkpoint_epoch, recover_run_folder
+from upernet_vit.runs.checkpoints import checkpoint_epoch, recover_run_folder
 from upernet_vit.training.trainer import Trainer, TrainingDiverged
 from helpers import TINY_CONFIG, config_file as _config_file, one_error_line as _one_error_line, tiny_model, tiny_train_config
 
@@ -34,7 +34,8 @@ _KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys
     import yaml
     from upernet_vit.cli import main
-    from upernet_vit.training import checkpoints, trainer
+    from upernet_vit.runs import checkpoints
+    from upernet_vit.training import trainer
 
     kill_at = int(os.environ.get("KILL_AT_BEST_SAVE", "0"))  # kill during the N-th checkpoint_best write
     saves = []
@@ -91,7 +92,7 @@ def test_kill_during_the_best_save_then_resume_gives_the_uninterrupted_best(tmp_
     run = tmp_path / "killed"
     assert checkpoint_epoch(str(run / "checkpoint_best")) == best_epochs[-2]  # the stale best
     assert (run / "checkpoint_best.tmp").is_dir()
-    from upernet_vit.training.predict import resolve_model_dir
+    from upernet_vit.runs.checkpoints import resolve_model_dir
 
     # predict before any resume takes the checkpoint that holds the best epoch, not the stale best
     assert resolve_model_dir(str(run), "best") == str(run / "checkpoint_latest")
@@ -118,7 +119,7 @@ def test_a_second_trainer_cannot_take_a_run_folder_in_use(tmp_path):
 
 
 def test_a_failed_swap_puts_the_previous_checkpoint_back(tmp_path, monkeypatch):
-    from upernet_vit.training import checkpoints
+    from upernet_vit.runs import checkpoints
 
     final = tmp_path / "checkpoint_latest"
     final.mkdir()

@@ -8,12 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
-from upernet_vit.training.data import fold_case_ids, load_folders, load_nnunet_raw
-from upernet_vit.training.demo_data import demo_cases, write_demo_dataset
-from upernet_vit.training.image_io import read_image
-from upernet_vit.training.intensity import check_input_range, choose_intensity_scale, full_scale
-from upernet_vit.training.metrics import summarize
-from upernet_vit.training.prepare import prepare_data
+from upernet_vit.data.datasets import load_folders, load_nnunet_raw
+from upernet_vit.data.splits import fold_case_ids
+from upernet_vit.data.demo import demo_cases, write_demo_dataset
+from upernet_vit.data.image_io import read_image
+from upernet_vit.data.intensity import check_input_range, choose_intensity_scale, full_scale
+from upernet_vit.inference.metrics import summarize
+from upernet_vit.data.prepare import prepare_data
 from upernet_vit.training.trainer import Trainer
 from helpers import tiny_train_config
 
@@ -46,7 +47,7 @@ def demo_run(tmp_path_factory):
 
 def test_the_same_pixels_in_any_file_type_give_the_same_mask(tmp_path, demo_run):
     """Issue 16: a float32 TIFF holding an 8-bit PNG's values predicted another class everywhere."""
-    from upernet_vit.training.predict import predict
+    from upernet_vit.inference.predict import predict
 
     image = np.round(demo_cases(1, 32, seed=5)[0].image[0]).astype(np.uint8)
     folders = {"png8": (image, ".png"), "png16": (image.astype(np.uint16), ".png"),
@@ -79,7 +80,7 @@ def test_the_demo_data_in_memory_equals_the_written_pngs(tmp_path):
 def test_predict_refuses_values_outside_the_training_range_and_rescaled_copies_unless_accepted(tmp_path, demo_run, caplog):
     """Issue 25: a float TIFF in [0, 1] given to a model trained on 8-bit images was predicted with exit 0 and
     one warning line (probabilities off by 0.61); now it is an error, unless the user accepts it."""
-    from upernet_vit.training.predict import predict
+    from upernet_vit.inference.predict import predict
 
     inputs = tmp_path / "in"
     inputs.mkdir()

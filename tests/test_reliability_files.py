@@ -10,7 +10,7 @@ import textwrap
 import pytest
 
 from upernet_vit import UperNetViT
-from upernet_vit.training.checkpoints import checkpoint_epoch
+from upernet_vit.runs.checkpoints import checkpoint_epoch
 from upernet_vit.training.trainer import Trainer
 from helpers import tiny_model, tiny_train_config
 
@@ -31,7 +31,7 @@ def test_a_damaged_checksum_file_is_blamed_not_the_weights(tmp_path, content, sh
 def test_a_full_disk_while_copying_the_best_names_the_folder_being_written(tmp_path, monkeypatch):
     """shutil.copyfile names the source first: the error used to blame checkpoint_latest."""
     from upernet_vit.cli import describe_error
-    from upernet_vit.training.checkpoints import copy_checkpoint
+    from upernet_vit.runs.checkpoints import copy_checkpoint
 
     source = tmp_path / "checkpoint_latest"
     tiny_model().save_pretrained(source)
@@ -69,8 +69,8 @@ def _rows(run):
 
 def test_metrics_csv_never_runs_ahead_of_the_checkpoint_and_resume_mends_it(tmp_path, monkeypatch):
     """A kill between the metrics row and the checkpoint left metrics.csv a row ahead until resume."""
-    from upernet_vit.training import checkpoints
-    from upernet_vit.training.run_folder import RunFolder
+    from upernet_vit.runs import checkpoints
+    from upernet_vit.runs.run_folder import RunFolder
 
     config = tiny_train_config(train={"num_epochs": 3})
     write_folder, write_metrics = checkpoints.write_folder_atomically, RunFolder.write_metrics

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from upernet_vit.training.data import load_folders
-from upernet_vit.training import image_io
-from upernet_vit.training.image_io import read_image, read_label
+from upernet_vit.data.datasets import load_folders
+from upernet_vit.data import image_io
+from upernet_vit.data.image_io import read_image, read_label
 from helpers import one_error_line, record_8bit, tiny_model
 
 ROTATE_180, ROTATE_90_CW = 3, 6  # EXIF Orientation values: how the stored pixels are to be turned for display
@@ -74,7 +74,7 @@ def test_a_tag_6_photo_loads_with_a_mask_drawn_as_shown_and_a_stored_pixel_mask_
 def test_predict_writes_masks_in_the_shown_orientation(tmp_path, model_folder):
     """A PNG stored turned with tag 6 gives the mask of the same picture stored as shown: same size, same
     pixels (before: the mask of the stored pixels, 96 x 64)."""
-    from upernet_vit.training.predict import predict
+    from upernet_vit.inference.predict import predict
 
     shown = np.random.default_rng(0).integers(0, 256, (40, 56)).astype(np.uint8)
     (tmp_path / "tagged").mkdir()
@@ -89,7 +89,7 @@ def test_predict_writes_masks_in_the_shown_orientation(tmp_path, model_folder):
 
 
 def test_evaluate_reads_a_tagged_ground_truth_as_shown(tmp_path):
-    from upernet_vit.training.evaluate import evaluate
+    from upernet_vit.inference.evaluate import evaluate
 
     (tmp_path / "gt").mkdir()
     (tmp_path / "pred").mkdir()
@@ -124,7 +124,7 @@ def test_a_multi_page_training_image_or_mask_is_refused_naming_its_page_count(tm
 
 def test_predict_reads_a_z_stack_page_by_page_and_writes_a_multi_page_mask(tmp_path, model_folder):
     """Before: one mask, whose probabilities equalled page 1's; pages 2-3 ignored without a word."""
-    from upernet_vit.training.predict import predict
+    from upernet_vit.inference.predict import predict
 
     rng = np.random.default_rng(1)
     pages = [rng.integers(0, 256, (24, 40)).astype(np.uint8) for _ in range(3)]
@@ -147,7 +147,7 @@ def test_predict_reads_a_z_stack_page_by_page_and_writes_a_multi_page_mask(tmp_p
 
 
 def test_an_animated_png_is_a_stack_too_and_evaluate_scores_stacks_page_by_page(tmp_path):
-    from upernet_vit.training.evaluate import evaluate
+    from upernet_vit.inference.evaluate import evaluate
 
     _stack(tmp_path / "a.png", [np.full((8, 8), v, np.uint8) for v in (0, 50, 100)])
     with pytest.raises(ValueError, match=r"a.png' has 3 pages"):

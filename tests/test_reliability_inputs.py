@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from upernet_vit.config import ConfigError, TrainConfig, load_config
-from upernet_vit.training.data import load_folders
-from upernet_vit.training.image_io import read_image
+from upernet_vit.data.datasets import load_folders
+from upernet_vit.data.image_io import read_image
 from upernet_vit.training.trainer import Trainer
 from helpers import float_tiff as _float_tiff, gray as _gray, tiny_model, tiny_train_config
 
@@ -125,8 +125,8 @@ def test_label_values_found_without_data_labels_are_logged(tmp_path, caplog):
 
 
 def test_a_mask_without_an_image_is_an_error(tmp_path):
-    from upernet_vit.training.data import load_nnunet_raw
-    from upernet_vit.training.demo_data import write_demo_dataset
+    from upernet_vit.data.datasets import load_nnunet_raw
+    from upernet_vit.data.demo import write_demo_dataset
 
     (tmp_path / "images").mkdir()
     (tmp_path / "masks").mkdir()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from upernet_vit.outputs import FolderLock
+from upernet_vit.runs.outputs import FolderLock
 from helpers import config_file, gray, one_error_line, record_8bit, tiny_model
 
 
@@ -144,7 +144,7 @@ def test_train_never_writes_among_a_users_files(tmp_path, capsys, monkeypatch):
 
 
 def test_a_run_folder_from_before_the_marker_is_still_a_run(tmp_path):
-    from upernet_vit.training.run_folder import RUN_MARKER, claim_run_folder
+    from upernet_vit.runs.run_folder import RUN_MARKER, claim_run_folder
 
     old = tmp_path / "old"
     (old / "checkpoint_latest").mkdir(parents=True)
@@ -193,7 +193,7 @@ def test_evaluate_warns_of_predictions_in_another_label_set_and_of_files_it_leav
     extra prediction file was ignored silently."""
     import logging
 
-    from upernet_vit.training.evaluate import evaluate
+    from upernet_vit.inference.evaluate import evaluate
 
     for folder in ("gt", "pred"):
         (tmp_path / folder).mkdir()

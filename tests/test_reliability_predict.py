@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from upernet_vit.training.checkpoints import checkpoint_epoch
+from upernet_vit.runs.checkpoints import checkpoint_epoch
 from upernet_vit.training.trainer import Trainer
 from helpers import config_file as _config_file, float_tiff as _float_tiff, gray as _gray
 from helpers import one_error_line as _one_error_line, record_8bit, tiny_model, tiny_train_config
@@ -106,7 +106,7 @@ def test_a_large_image_shows_progress_over_its_windows(tmp_path, monkeypatch):
     """Issue 16: a 6000 x 6000 image predicted for 98 s without a sign of progress."""
     import tqdm.auto
 
-    from upernet_vit.training.predict import predict
+    from upernet_vit.inference.predict import predict
 
     run = tmp_path / "run"
     Trainer(tiny_train_config(train={"num_epochs": 1}), str(run)).run()
@@ -187,8 +187,8 @@ class _ImprovesEveryEpoch(Trainer):
 def test_a_stale_checkpoint_best_given_directly_is_redirected_to_the_best_epoch(tmp_path, monkeypatch, caplog):
     import logging
 
-    from upernet_vit.training import checkpoints
-    from upernet_vit.training.predict import resolve_model_dir
+    from upernet_vit.runs import checkpoints
+    from upernet_vit.runs.checkpoints import resolve_model_dir
 
     real_copy = checkpoints.copy_checkpoint
 
@@ -226,7 +226,7 @@ def test_predict_checks_every_input_before_writing_anything(tmp_path, bare_model
 
 
 def test_predict_output_names_depend_only_on_each_input_name(tmp_path, bare_model):
-    from upernet_vit.training.predict import group_input_files, predict
+    from upernet_vit.inference.predict import group_input_files, predict
 
     inputs = tmp_path / "in"
     inputs.mkdir()
@@ -245,7 +245,7 @@ def test_predict_output_names_depend_only_on_each_input_name(tmp_path, bare_mode
 
 
 def test_predict_groups_channel_files_and_checks_their_numbering(tmp_path):
-    from upernet_vit.training.predict import group_input_files
+    from upernet_vit.inference.predict import group_input_files
 
     inputs = tmp_path / "in"
     inputs.mkdir()
@@ -265,7 +265,8 @@ def test_predict_groups_channel_files_and_checks_their_numbering(tmp_path):
 
 
 def test_predict_refuses_a_missing_best_and_checks_sizes_and_channels_first(tmp_path):
-    from upernet_vit.training.predict import group_input_files, resolve_model_dir
+    from upernet_vit.inference.predict import group_input_files
+    from upernet_vit.runs.checkpoints import resolve_model_dir
 
     run = tmp_path / "run"
     tiny_model().save_pretrained(run / "checkpoint_latest")

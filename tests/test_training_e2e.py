@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 from upernet_vit import UperNetViT
 from upernet_vit.cli import main
 from upernet_vit.config import load_config
-from upernet_vit.training.demo_data import write_demo_dataset
-from upernet_vit.training.image_io import read_label
-from upernet_vit.training.evaluate import evaluate
+from upernet_vit.data.demo import write_demo_dataset
+from upernet_vit.data.image_io import read_label
+from upernet_vit.inference.evaluate import evaluate
 from upernet_vit.training.trainer import Trainer
 from helpers import TINY, TINY_CONFIG, tiny_train_config as _config
 
@@ -168,7 +168,7 @@ def test_predict_under_bf16_autocast(trained_on_disk, tmp_path, capsys):
 def test_predict_input_grouping_and_bare_model_folder(tmp_path):
     from PIL import Image
 
-    from upernet_vit.training.predict import group_input_files, predict
+    from upernet_vit.inference.predict import group_input_files, predict
 
     folder = tmp_path / "plain"
     folder.mkdir()

@@ -9,13 +9,15 @@ from PIL import Image
 
 from upernet_vit.config import load_config
 from upernet_vit.config import AugmentationConfig
-from upernet_vit.training.augment import Normalizer, PatchDataset
-from upernet_vit.training.data import IGNORE_INDEX, crossval_splits, load_folders, load_nnunet_raw
-from upernet_vit.training.demo_data import demo_case, write_demo_dataset
-from upernet_vit.training.image_io import read_image, read_label
-from upernet_vit.training.inference import gaussian_importance, sliding_window_logits, window_starts
+from upernet_vit.data.augment import PatchDataset
+from upernet_vit.data.normalization import Normalizer
+from upernet_vit.data.datasets import IGNORE_INDEX, load_folders, load_nnunet_raw
+from upernet_vit.data.splits import crossval_splits
+from upernet_vit.data.demo import demo_case, write_demo_dataset
+from upernet_vit.data.image_io import read_image, read_label
+from upernet_vit.inference.sliding_window import gaussian_importance, sliding_window_logits, window_starts
 from upernet_vit.training.losses import DiceCELoss
-from upernet_vit.training.metrics import confusion_counts, dice_iou, summarize
+from upernet_vit.inference.metrics import confusion_counts, dice_iou, summarize
 from upernet_vit.training.trainer import Trainer
 from helpers import TINY
 
@@ -119,7 +121,7 @@ def test_augmentation_keeps_image_and_mask_aligned():
     """An image that encodes its own label: after crop/zoom/flip/rotation they must still agree."""
     _, label = demo_case(1, 64)
     case = type("C", (), {})()
-    from upernet_vit.training.data import Case
+    from upernet_vit.data.datasets import Case
 
     case = Case("x", (label[None] / 3.0).astype(np.float32), label)
     aug = AugmentationConfig(scale_range=[0.7, 1.4], rotation_degrees=180, flip=True, intensity=False)
@@ -219,7 +221,7 @@ def test_sliding_window_covers_and_matches_whole_image_for_a_local_model():
 
 
 def test_zscore_uses_whole_image_statistics():
-    from upernet_vit.training.data import Case
+    from upernet_vit.data.datasets import Case
 
     rng = np.random.default_rng(0)
     image = rng.normal(3.0, 2.0, (1, 40, 40)).astype(np.float32)
@@ -232,7 +234,7 @@ def test_zscore_uses_whole_image_statistics():
 
 
 def test_rotation_is_bilinear_for_images_and_nearest_for_masks():
-    from upernet_vit.training.data import Case
+    from upernet_vit.data.datasets import Case
 
     label = np.zeros((32, 32), dtype=np.int64)
     label[8:24, 8:24] = 2
@@ -244,7 +246,7 @@ def test_rotation_is_bilinear_for_images_and_nearest_for_masks():
 
 
 def test_named_splits_file_must_exist_and_folds_must_be_disjoint(tmp_path):
-    from upernet_vit.training.data import fold_case_ids
+    from upernet_vit.data.splits import fold_case_ids
 
     ids = [f"c{i}" for i in range(6)]
     with pytest.raises(FileNotFoundError, match="splits.json"):

@@ -78,7 +78,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     name = os.path.splitext(os.path.basename(config_path))[0]
     output = args.output or config.train.output_dir or os.path.join("runs", name)
     if int(os.environ.get("RANK", "0")) == 0:
-        from .training.run_folder import claim_run_folder
+        from .runs.run_folder import claim_run_folder
 
         claim_run_folder(output, {"data.root": config.data.root})  # before train.log: never among the user's files
         _setup_logging(output)
@@ -95,7 +95,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .training.predict import predict
+    from .inference.predict import predict
 
     _setup_logging()
     written = predict(
@@ -109,7 +109,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .fileio import read_json
-    from .training.evaluate import SUMMARY_NAME, evaluate, write_summary
+    from .inference.evaluate import SUMMARY_NAME, evaluate, write_summary
 
     labels = None
     ignore = None
@@ -141,8 +141,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_onnx
     from .export.onnx import check_export_path
     from .model import UperNetViT
-    from .outputs import refuse_overlap
-    from .training.predict import read_preprocessing, resolve_model_dir
+    from .runs.checkpoints import resolve_model_dir
+    from .runs.outputs import refuse_overlap
+    from .runs.record import read_preprocessing
 
     _setup_logging()
     model_dir = resolve_model_dir(args.model, args.checkpoint)
@@ -178,7 +179,7 @@ def cmd_accept_edits(args: argparse.Namespace) -> int:
 
 
 def cmd_make_demo(args: argparse.Namespace) -> int:
-    from .training.demo_data import write_demo_dataset
+    from .data.demo import write_demo_dataset
 
     write_demo_dataset(args.output, args.num_train, args.num_test, args.size)
     print(f"wrote the demo dataset (nnU-Net raw layout) to {args.output}")

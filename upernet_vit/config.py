@@ -219,7 +219,7 @@ class DataConfig(_Checked):
     num_workers: int = option(2, check=_non_negative, must=">= 0")
     normalization: Literal["preset", "zscore"] = "preset"  # backbone mean/std, or per-image z-score
     # preset: pixel values (as stored) / intensity_scale, then the backbone's mean/std; auto: the training
-    # images' full scale (1, 255 or 65535), mixed ranges refused (training/intensity.py)
+    # images' full scale (1, 255 or 65535), mixed ranges refused (data/intensity.py)
     intensity_scale: Union[Literal["auto"], float] = option(
         "auto", check=lambda v: v == "auto" or v > 0, must="'auto' or a number > 0"
     )

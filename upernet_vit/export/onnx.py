@@ -8,7 +8,7 @@ from typing import Dict, List, Mapping, Optional, Tuple
 import torch
 
 from ..fileio import atomic_write
-from ..outputs import refuse_foreign_file
+from ..runs.outputs import refuse_foreign_file
 from ..model import UperNetViT
 from .program import export_program
 

@@ -1,1 +1,2 @@
-"""Training and inference on top of the model library (the model core never imports this package)."""
+"""The training loop (trainer), the process group, losses, optimizer, memory estimate and loggers; builds
+on data/, inference/ and runs/ (the model core never imports this package)."""

@@ -14,9 +14,9 @@ from typing import Any, Dict, Mapping, Optional
 
 import numpy as np
 
+from ..runs.run_folder import TENSORBOARD_DIR, WANDB_ID_FILE
+
 LOGGERS = ("none", "tensorboard", "wandb")
-TENSORBOARD_DIR = "tensorboard"
-WANDB_ID_FILE = "wandb_run_id.txt"
 
 
 def _group(column: str) -> str:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import IGNORE_INDEX
+from ..data.datasets import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 

@@ -2,10 +2,10 @@
 AMP, gradient clipping), a validation of whole images by sliding window, and ``run``, which chains them and
 hands each epoch to the run folder.
 
-What it builds on, one file each: the data (``prepare.py``), the run folder with its checkpoints and
-metrics rows (``run_folder.py``), the device and process-group helpers (``distributed.py``), sharded
-training (``fsdp.py``), the loss (``losses.py``), the optimizer and schedule (``optim.py``), sliding-window
-inference (``inference.py``).
+What it builds on, one file each: the data (``data/prepare.py``), the run folder with its checkpoints and
+metrics rows (``runs/run_folder.py``), the process group (``distributed.py``), sharded training
+(``fsdp.py``), the loss (``losses.py``), the optimizer and schedule (``optim.py``), sliding-window
+inference (``inference/sliding_window.py``).
 
 Under torchrun (``WORLD_SIZE`` > 1) ``train.distributed`` picks how the processes share the work: ``ddp``
 (each holds the whole model, gradients are averaged) or ``fsdp`` (weights, gradients and optimizer state
@@ -33,19 +33,21 @@ from torch.utils.data import DataLoader, DistributedSampler
 from ..config import Config, check_training_storage
 from ..model import UperNetViT
 from ..pretrained import non_finite_tensors
-from .augment import Normalizer, PatchDataset
-from .checkpoints import LATEST
-from .data import Case
-from .distributed import all_reduce_sum, barrier, broadcast_object, cleanup, init_distributed, resolve_device
+from ..data.augment import PatchDataset
+from ..data.datasets import Case
+from ..data.normalization import Normalizer
+from ..data.prepare import prepare_data
+from ..devices import resolve_device
+from ..inference.metrics import confusion_counts, summarize
+from ..inference.sliding_window import amp_dtype, tta_probabilities
+from ..runs.checkpoints import LATEST
+from ..runs.run_folder import RunFolder
+from .distributed import all_reduce_sum, barrier, broadcast_object, cleanup, init_distributed
 from .fsdp import (full_weights, gather_model_state, gather_optimizer_state, global_grad_norm,
                    load_model_state, load_optimizer_state, shard_model)
-from .inference import amp_dtype, tta_probabilities
 from .loggers import RunLogger, create_logger
 from .losses import DiceCELoss, class_weights, segmentation_loss
-from .metrics import confusion_counts, summarize
 from .optim import build_optimizer, build_scheduler
-from .prepare import prepare_data
-from .run_folder import RunFolder
 
 logger = logging.getLogger(__name__)
 
@@ -403,7 +405,7 @@ class Trainer:
         pred = probs.argmax(0).cpu()
         counts += confusion_counts(pred, torch.from_numpy(case.label), info.num_classes)
         if write_overlays and self.dist.is_main and i < self.cfg.train.num_overlays:
-            from .plots import save_overlay
+            from ..runs.plots import save_overlay
 
             folder = os.path.join(self.output_dir, "overlays")
             os.makedirs(folder, exist_ok=True)

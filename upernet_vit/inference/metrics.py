@@ -6,7 +6,7 @@ from typing import Dict, List, Sequence
 import numpy as np
 import torch
 
-from .data import IGNORE_INDEX
+from ..data.datasets import IGNORE_INDEX
 
 
 def confusion_counts(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -14,18 +14,19 @@ from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, U
 import numpy as np
 import torch
 
+from ..data.datasets import read_case_pages
+from ..data.image_io import IMAGE_SUFFIXES, read_image_pages, write_label_png, write_label_stack
+from ..data.intensity import check_input_range
+from ..data.normalization import Normalizer
+from ..devices import resolve_device
 from ..fileio import atomic_write, read_json, write_text
 from ..model import UperNetViT
-from ..outputs import FolderLock, refuse_overlap
 from ..pretrained import PREPROCESSING_NAME, WEIGHTS_NAME, recorded_digests
-from .augment import Normalizer
-from .checkpoints import BEST, best_checkpoint, latest_checkpoint, run_checkpoint
-from .data import read_case_pages
-from .distributed import resolve_device
+from ..runs.checkpoints import resolve_model_dir
+from ..runs.outputs import FolderLock, refuse_overlap
+from ..runs.record import check_preprocessing
 from .evaluate import SUMMARY_NAME, is_evaluate_summary
-from .image_io import IMAGE_SUFFIXES, read_image_pages, write_label_png, write_label_stack
-from .inference import amp_dtype, check_scales, check_step, tta_probabilities, window_count
-from .intensity import check_input_range
+from .sliding_window import amp_dtype, check_scales, check_step, tta_probabilities, window_count
 
 logger = logging.getLogger(__name__)
 
@@ -33,27 +34,6 @@ logger = logging.getLogger(__name__)
 MANIFEST_NAME = "predictions.json"
 LOCK_NAME = ".predict.lock"  # held while a predict writes the folder (outputs.FolderLock)
 WRITTEN_BY = "upernet-vit predict"  # the record's mark: predict acts only on a record it wrote
-
-
-def resolve_model_dir(path: str, checkpoint: str = "final") -> str:
-    """A ``save_pretrained`` folder as it is, or a run folder's checkpoint by ``checkpoint``: ``final`` (the
-    last epoch of a finished run, the default, as nnU-Net), ``best`` (the EMA-Dice pick; a crash-stale
-    ``checkpoint_best`` is skipped) or ``latest`` (see :func:`~upernet_vit.training.checkpoints.run_checkpoint`).
-    A run's ``checkpoint_best`` given directly is held against the run's record in the same way."""
-    if os.path.isfile(os.path.join(path, WEIGHTS_NAME)):
-        run_dir, name = os.path.split(os.path.normpath(path))
-        if name == BEST and latest_checkpoint(run_dir):
-            holder = best_checkpoint(run_dir)
-            if holder is not None and os.path.normpath(holder) != os.path.normpath(path):
-                logger.warning("using %s, which holds the run's best epoch, instead of %s", holder, path)
-                return holder
-        return path
-    candidate = run_checkpoint(path, checkpoint) if os.path.isdir(path) else None
-    if candidate is not None and os.path.isfile(os.path.join(candidate, WEIGHTS_NAME)):
-        return candidate
-    raise FileNotFoundError(
-        f"{path!r} is neither a model folder (model.safetensors + config.yaml) nor a run folder with checkpoints"
-    )
 
 
 def _input_files(path: str) -> List[str]:
@@ -128,27 +108,6 @@ def read_inputs(path: str, in_chans: int) -> Tuple[Dict[str, List[str]], Dict[st
         if len({(shapes[f][0],) + shapes[f][2:] for _, f in entries}) > 1:
             raise ValueError(f"--input channel files {names} of case {case!r} differ in size or page count")
     return {case: [f for _, f in sorted(entries)] for case, entries in sorted(cases.items())}, stats
-
-
-def read_preprocessing(model_dir: str) -> Optional[Dict]:
-    """A trained model folder's ``preprocessing.json`` (mean/std, normalization, intensity scale and range,
-    label values, patch size); None for a bare ``save_pretrained`` folder. A record without the keys predict
-    needs is a ValueError naming the file and the keys."""
-    path = os.path.join(model_dir, PREPROCESSING_NAME)
-    return check_preprocessing(read_json(path), path) if os.path.isfile(path) else None
-
-
-def check_preprocessing(prep: object, path: str) -> Dict:
-    """``prep`` (the record read from ``path``) if it holds every key predict needs, else a ValueError."""
-    missing = [k for k in ("mean", "std", "normalization", "label_values", "patch_size", "intensity_scale",
-                           "intensity_range") if not isinstance(prep, dict) or k not in prep]
-    if missing:
-        raise ValueError(
-            f"{path} lacks {', '.join(missing)} (written by an older upernet-vit, or edited); predict needs them "
-            f"to treat inputs as in training. Train the model again, or add them: intensity_scale is 255 for a "
-            f"model trained on 8-bit images, intensity_range the [min, max] of its training pixel values"
-        )
-    return prep  # type: ignore[return-value]
 
 
 class PredictionSet(NamedTuple):
@@ -298,7 +257,7 @@ def predict(
     ``model_path``: a run or model folder, or several (an ensemble, e.g. the 5 cross-validation folds: their
     probabilities are averaged; they must share label values and input channels). ``checkpoint``: which
     checkpoint of a run folder (``final``, ``best``, ``latest``; :func:`resolve_model_dir`). ``scales`` and
-    ``mirror``: test-time augmentation (:func:`~upernet_vit.training.inference.tta_probabilities`).
+    ``mirror``: test-time augmentation (:func:`~upernet_vit.inference.sliding_window.tta_probabilities`).
     ``amp``: ``"none"``, ``"bf16"`` or ``"fp16"`` (CUDA only) autocast. ``fast``: flags for
     :func:`upernet_vit.fast.optimize` over its defaults for the device, in eval mode (``None``: the reference model as
     loaded). ``overwrite``: replace an earlier prediction set of other models or inputs in ``output_dir``

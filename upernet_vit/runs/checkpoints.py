@@ -20,7 +20,7 @@ import yaml
 
 from ..config import Config, load_config
 from ..fileio import as_os_error, fsync_path
-from ..outputs import FolderLock
+from .outputs import FolderLock
 from ..pretrained import WEIGHTS_NAME
 
 logger = logging.getLogger(__name__)
@@ -237,3 +237,24 @@ def repair_best(run_dir: str, best_epoch: Optional[int], latest_epoch: int) -> N
     logger.warning("redoing the %s save of epoch %d that an interrupted run did not finish (it held epoch %s)",
                    best, best_epoch, held)
     copy_checkpoint(os.path.join(run_dir, LATEST), best)
+
+
+def resolve_model_dir(path: str, checkpoint: str = "final") -> str:
+    """A ``save_pretrained`` folder as it is, or a run folder's checkpoint by ``checkpoint``: ``final`` (the
+    last epoch of a finished run, the default, as nnU-Net), ``best`` (the EMA-Dice pick; a crash-stale
+    ``checkpoint_best`` is skipped) or ``latest`` (see :func:`run_checkpoint`).
+    A run's ``checkpoint_best`` given directly is held against the run's record in the same way."""
+    if os.path.isfile(os.path.join(path, WEIGHTS_NAME)):
+        run_dir, name = os.path.split(os.path.normpath(path))
+        if name == BEST and latest_checkpoint(run_dir):
+            holder = best_checkpoint(run_dir)
+            if holder is not None and os.path.normpath(holder) != os.path.normpath(path):
+                logger.warning("using %s, which holds the run's best epoch, instead of %s", holder, path)
+                return holder
+        return path
+    candidate = run_checkpoint(path, checkpoint) if os.path.isdir(path) else None
+    if candidate is not None and os.path.isfile(os.path.join(candidate, WEIGHTS_NAME)):
+        return candidate
+    raise FileNotFoundError(
+        f"{path!r} is neither a model folder (model.safetensors + config.yaml) nor a run folder with checkpoints"
+    )

@@ -14,7 +14,8 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from ..config import AugmentationConfig
-from .data import IGNORE_INDEX, Case
+from .datasets import IGNORE_INDEX, Case
+from .normalization import Normalizer
 
 
 class RandomScaledCrop(v2.Transform):
@@ -96,25 +97,6 @@ def build_transform(patch_size: Sequence[int], cfg: Optional[AugmentationConfig]
     if cfg.intensity:
         steps.append(RandomIntensity())
     return v2.Compose(steps)
-
-
-class Normalizer:
-    """``[C, H, W]`` pixel values as stored -> normalized: ``(x / scale - mean) / std`` per channel (the
-    backbone's pretraining stats, which expect [0, 1]; ``scale`` is the recorded ``intensity_scale``), or
-    per-image z-score (``mode="zscore"``, as nnU-Net for non-CT data; scale-free)."""
-
-    def __init__(self, mean: Sequence[float], std: Sequence[float], mode: str = "preset", scale: float = 1.0) -> None:
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
-        self.mode = mode
-        self.scale = float(scale)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == "zscore":
-            m = x.mean(dim=(-2, -1), keepdim=True)
-            s = x.std(dim=(-2, -1), keepdim=True).clamp_min(1e-6)
-            return (x - m) / s
-        return (x / self.scale - self.mean.to(x.device)) / self.std.to(x.device)
 
 
 class PatchDataset(torch.utils.data.Dataset):

@@ -12,7 +12,7 @@ from typing import List, Tuple
 import numpy as np
 
 from ..fileio import atomic_write, read_json, write_text
-from .data import Case, DatasetInfo
+from .datasets import Case, DatasetInfo
 from .image_io import write_label_png
 
 DEMO_LABELS = {"background": 0, "disk": 1, "square": 2, "triangle": 3}

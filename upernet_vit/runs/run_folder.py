@@ -26,15 +26,16 @@ import yaml
 from ..config import Config, config_to_yaml, load_config, save_config
 from ..fileio import atomic_write, save_torch, write_text
 from ..model import UperNetViT
-from ..outputs import refuse_overlap
 from ..pretrained import WEIGHTS_NAME, verify_checksum
 from . import checkpoints
 from .checkpoints import BEST, LATEST, STATE_NAME, RunLock, latest_checkpoint, recover_run_folder, repair_best
-from .loggers import TENSORBOARD_DIR, WANDB_ID_FILE
+from .outputs import refuse_overlap
 
 logger = logging.getLogger(__name__)
 
 RUN_MARKER = ".upernet-vit-run"
+TENSORBOARD_DIR = "tensorboard"  # train.logger tensorboard's event files (training/loggers.py)
+WANDB_ID_FILE = "wandb_run_id.txt"  # train.logger wandb's run id, so --resume continues the same W&B run
 # what a run folder holds: a folder made before RUN_MARKER existed counts as a run when it has a .lock and
 # nothing else but these
 _RUN_ENTRIES = {".lock", "config.yaml", "splits_final.json", "metrics.csv", "progress.png", "train.log", "overlays",

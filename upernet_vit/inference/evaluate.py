@@ -12,10 +12,10 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
+from ..data.datasets import IGNORE_INDEX
+from ..data.image_io import IMAGE_SUFFIXES, read_label_pages
 from ..fileio import atomic_write, read_json, write_text
-from ..outputs import refuse_foreign_file, refuse_overlap
-from .data import IGNORE_INDEX
-from .image_io import IMAGE_SUFFIXES, read_label_pages
+from ..runs.outputs import refuse_foreign_file, refuse_overlap
 from .metrics import confusion_counts, dice_iou
 
 logger = logging.getLogger(__name__)

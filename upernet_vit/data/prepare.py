@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from typing import Dict, List
 
 from ..config import DataConfig
-from .data import Case, DatasetInfo, absent_classes, fold_case_ids, load_folders, load_nnunet_raw
-from .demo_data import demo_cases, demo_info
+from .datasets import Case, DatasetInfo, absent_classes, load_folders, load_nnunet_raw
+from .demo import demo_cases, demo_info
+from .splits import fold_case_ids
 from .intensity import choose_intensity_scale, value_range
 
 logger = logging.getLogger(__name__)
@@ -25,7 +26,7 @@ class PreparedData:
     train_cases: List[Case]
     val_cases: List[Case]
     splits: List[Dict[str, List[str]]]
-    intensity_scale: float  # pixel values / this -> [0, 1] for the preset normalization (training/intensity.py)
+    intensity_scale: float  # pixel values / this -> [0, 1] for the preset normalization (data/intensity.py)
     intensity_range: List[float]  # [min, max] pixel value of the dataset's images
     absent: List[int]  # class indices that no training mask contains (left out of the mean Dice)
 
