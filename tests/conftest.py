@@ -17,15 +17,16 @@ def _seed():
 
 @pytest.fixture(autouse=True)
 def _restore_logging():
-    """The CLI's ``main`` points the root logger at the stderr of its call (pytest's capture, closed after
-    the test): put back the handlers a test found, so later tests do not log into a closed stream."""
+    """The CLI's ``main`` adds handlers on the package's logger that write to the stderr of its call
+    (pytest's capture, closed after the test): remove them, so later tests do not log into a closed stream."""
     import logging
 
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
+    from upernet_vit.cli import CLI_HANDLER
+
+    package = logging.getLogger("upernet_vit")
+    level = package.level
     yield
-    for handler in root.handlers:
-        if handler not in handlers:
-            handler.close()
-    root.handlers[:] = handlers
-    root.setLevel(level)
+    for handler in [h for h in package.handlers if h.get_name() == CLI_HANDLER]:
+        package.removeHandler(handler)
+        handler.close()
+    package.setLevel(level)

@@ -34,14 +34,30 @@ def _apply_overrides(data: dict, overrides: List[str]) -> dict:
     return data
 
 
+CLI_HANDLER = "upernet-vit-cli"  # the name of the handlers the command line adds, so that it replaces only its own
+
+
+def _package_logger() -> logging.Logger:
+    return logging.getLogger(__name__.rsplit(".", 1)[0])
+
+
 def _setup_logging(output_dir: Optional[str] = None) -> None:
+    """What the user sees: the package's log records (INFO and up) on stderr and, for a run, in its
+    ``train.log``. The handlers go on the package's logger, not the root: a program that calls ``main``
+    keeps its own logging as it set it up."""
+    package = _package_logger()
+    for handler in [h for h in package.handlers if h.get_name() == CLI_HANDLER]:  # an earlier call's
+        package.removeHandler(handler)
+        handler.close()
     handlers: List[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if output_dir:
         os.makedirs(output_dir, exist_ok=True)
         handlers.append(logging.FileHandler(os.path.join(output_dir, "train.log")))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", handlers=handlers, force=True)
-    for noisy in ("matplotlib", "PIL", "onnx_ir", "onnxscript"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    for handler in handlers:
+        handler.set_name(CLI_HANDLER)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+        package.addHandler(handler)
+    package.setLevel(logging.INFO)
 
 
 def _fast_paths(args: argparse.Namespace) -> Optional[Dict[str, bool]]:
@@ -216,7 +232,11 @@ def cmd_nnunet_train(args: argparse.Namespace, extra: List[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    from .runs.checkpoints import CHECKPOINT_CHOICES
+
     parser = argparse.ArgumentParser(prog="upernet-vit", description="UperNet on plain ViT backbones")
+    parser.add_argument("--version", action="version", version=f"upernet-vit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="on failure, print the traceback too")
@@ -235,14 +255,14 @@ def build_parser() -> argparse.ArgumentParser:
     pred = sub.add_parser("predict", parents=[common], help="predict masks with a trained model")
     pred.add_argument("--model", required=True, nargs="+", metavar="RUN",
                       help="run folder or save_pretrained folder; several: an ensemble (probabilities averaged)")
-    pred.add_argument("--checkpoint", choices=["final", "best", "latest"], default="final",
+    pred.add_argument("--checkpoint", choices=CHECKPOINT_CHOICES, default="final",
                       help="which checkpoint of a run folder: final (the last epoch, as nnU-Net; default), best "
                            "(the EMA-Dice pick) or latest (an unfinished run)")
     pred.add_argument("--scales", type=float, nargs="+", default=[1.0], metavar="S",
                       help="multi-scale test-time augmentation, e.g. --scales 0.75 1.0 1.25 (default: 1.0)")
     pred.add_argument("--input", required=True, help="image file or folder (nnU-Net imagesTs naming works)")
     pred.add_argument("--output", required=True, help="folder for <case>.png masks")
-    pred.add_argument("--device", default="auto")
+    pred.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda or cuda:N")
     pred.add_argument("--step", type=float, default=0.5, help="sliding-window step as a fraction of the patch")
     pred.add_argument("--mirror", action="store_true", help="flip test-time augmentation (3 flips, averaged)")
     pred.add_argument("--probabilities", action="store_true", help="also write <case>_probs.npz")
@@ -261,17 +281,17 @@ def build_parser() -> argparse.ArgumentParser:
     pred.set_defaults(func=cmd_predict)
 
     ev = sub.add_parser("evaluate", parents=[common], help="Dice/IoU of predicted masks against ground truth")
-    ev.add_argument("--pred", required=True)
-    ev.add_argument("--gt", required=True)
+    ev.add_argument("--pred", required=True, help="folder of predicted label maps (<case>.png, or <case>.tif stacks)")
+    ev.add_argument("--gt", required=True, help="folder of ground-truth label maps with the same names")
     ev.add_argument("--labels", help="dataset.json (or a JSON name->value mapping); default: values in --gt")
     ev.add_argument("--output", help="summary JSON (default: <pred>/summary.json)")
     ev.set_defaults(func=cmd_evaluate)
 
     exp = sub.add_parser("export", parents=[common], help="export a trained model to ONNX, checked against PyTorch with onnxruntime")
     exp.add_argument("model", metavar="CHECKPOINT_DIR_OR_RUN", help="run folder or a save_pretrained folder")
-    exp.add_argument("--checkpoint", choices=["final", "best", "latest"], default="final",
+    exp.add_argument("--checkpoint", choices=CHECKPOINT_CHOICES, default="final",
                      help="which checkpoint of a run folder (default: final, the last epoch)")
-    exp.add_argument("--format", choices=["onnx"], default="onnx")
+    exp.add_argument("--format", choices=["onnx"], default="onnx", help="the file format (onnx)")
     exp.add_argument("--output", required=True, help="the model file, e.g. model.onnx")
     exp.add_argument("--height", type=int, help="example (with --static: the) input height; default: the "
                      "training patch from preprocessing.json, else 8 ViT patches")
@@ -287,10 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
     accept.set_defaults(func=cmd_accept_edits)
 
     demo = sub.add_parser("make-demo", parents=[common], help="write the built-in demo data as an nnU-Net raw dataset")
-    demo.add_argument("output")
-    demo.add_argument("--num-train", type=int, default=48)
-    demo.add_argument("--num-test", type=int, default=8)
-    demo.add_argument("--size", type=int, default=96)
+    demo.add_argument("output", help="a new or empty folder (or an earlier demo dataset)")
+    demo.add_argument("--num-train", type=int, default=48, help="training cases (imagesTr/labelsTr; default 48)")
+    demo.add_argument("--num-test", type=int, default=8, help="test cases (imagesTs/labelsTs; default 8)")
+    demo.add_argument("--size", type=int, default=96, help="image side in pixels (default 96)")
     demo.set_defaults(func=cmd_make_demo)
 
     path = sub.add_parser("nnunet-path", parents=[common], help="print the folder to export as nnUNet_extTrainer")
@@ -341,8 +361,8 @@ def describe_error(err: BaseException) -> str:
 
 def _log_to_run_files(line: str, trace: str) -> None:
     """The error, with its traceback, into the log files (``train.log``) the command opened."""
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler):
+    for handler in _package_logger().handlers:
+        if isinstance(handler, logging.FileHandler) and handler.get_name() == CLI_HANDLER:
             record = logging.makeLogRecord({"msg": f"{line}\n{trace}", "levelno": logging.ERROR, "levelname": "ERROR"})
             handler.handle(record)
             handler.flush()

@@ -1,0 +1,40 @@
+"""The command line as a program around the library (issue 26, part): its version, a help text for every
+option, and logging that leaves the caller's own set-up alone."""
+import argparse
+import logging
+
+import pytest
+
+import upernet_vit
+from upernet_vit.cli import build_parser, main
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.strip() == f"upernet-vit {upernet_vit.__version__}"
+
+
+def test_every_option_of_every_command_has_a_help_text():
+    parser = build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    missing = [f"{name} {action.dest}" for name, sub in commands.choices.items() for action in sub._actions
+               if not isinstance(action, argparse._HelpAction) and not action.help]
+    assert not missing, missing
+
+
+def test_the_command_line_leaves_the_callers_logging_alone(tmp_path, capsys):
+    """It used to call logging.basicConfig(force=True), replacing the root logger's handlers."""
+    root = logging.getLogger()
+    mine = logging.StreamHandler()
+    root.addHandler(mine)
+    try:
+        before = list(root.handlers), root.level
+        assert main(["make-demo", str(tmp_path / "d"), "--num-train", "2", "--num-test", "1", "--size", "16"]) == 0
+        assert main(["predict", "--model", str(tmp_path / "none"), "--input", str(tmp_path / "d"),
+                     "--output", str(tmp_path / "o")]) == 2  # a command that sets up logging, and fails
+        assert (list(root.handlers), root.level) == before
+        logging.getLogger("upernet_vit.somewhere").info("a record of the package")
+        assert "a record of the package" in capsys.readouterr().err  # the CLI's handler shows the package's INFO
+    finally:
+        root.removeHandler(mine)
