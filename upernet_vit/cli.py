@@ -125,7 +125,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .fileio import read_json
-    from .inference.evaluate import SUMMARY_NAME, evaluate, write_summary
+    from .inference.evaluate import SUMMARY_NAME, check_summary_path, evaluate, write_summary
 
     labels = None
     ignore = None
@@ -137,9 +137,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         labels = dict(labels)
         ignore = labels.pop("ignore", None)
     out = args.output or os.path.join(args.pred, SUMMARY_NAME)
-    write_summary({}, out, args.pred, args.gt, args.labels, check_only=True)  # before the work, not after
+    check_summary_path(out, args.pred, args.gt, args.labels)  # before the work, not after
     summary = evaluate(args.pred, args.gt, labels, ignore)
-    write_summary(summary, out, args.pred, args.gt, args.labels)
+    write_summary(summary, out)
     def fmt(value):
         return "   n/a" if value is None else f"{value:.4f}"
 

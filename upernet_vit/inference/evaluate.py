@@ -35,19 +35,21 @@ def is_evaluate_summary(path: str) -> bool:
         "labels", "dice", "iou", "per_case", "mean_case_dice"} <= set(record))
 
 
-def write_summary(summary: Dict, path: str, pred_dir: str, gt_dir: str, labels_file: Optional[str] = None,
-                  check_only: bool = False) -> None:
-    """Write ``summary`` as JSON to ``path``, refusing (before writing) a path inside ``gt_dir``, one that
-    is an input, and any existing file that is not an earlier summary of evaluate's. ``check_only``: the
-    checks alone, before the evaluation."""
+def check_summary_path(path: str, pred_dir: str, gt_dir: str, labels_file: Optional[str] = None) -> None:
+    """Refuse, before the evaluation, a summary ``path`` inside ``gt_dir``, one that is an input (a
+    prediction, the labels file), and any existing file that is not an earlier summary of evaluate's."""
     refuse_overlap(path, {"--gt": gt_dir, "--labels": labels_file}, "--output", ": evaluate would write among the "
                    "ground truth")
     stem = os.path.splitext(os.path.basename(path))[0]
     if os.path.dirname(os.path.realpath(path)) == os.path.realpath(pred_dir) and path.lower().endswith(IMAGE_SUFFIXES):
         raise ValueError(f"--output {path!r} is the prediction {stem!r} in --pred {pred_dir!r}; choose a .json file")
     refuse_foreign_file(path, is_evaluate_summary, "--output", "evaluate")
-    if check_only:
-        return
+
+
+def write_summary(summary: Dict, path: str) -> None:
+    """Write ``summary`` as JSON to ``path`` (checked first with :func:`check_summary_path`), atomically,
+    marked as evaluate's own."""
+    refuse_foreign_file(path, is_evaluate_summary, "--output", "evaluate")  # nothing appeared there meanwhile
     text = json.dumps({"written_by": WRITTEN_BY, **summary}, indent=1)
     atomic_write(path, lambda p: write_text(p, text))
 
