@@ -154,7 +154,7 @@ def large_step(args: argparse.Namespace) -> None:
 
     _, backbone, size, image, batch = LARGE_ROWS[args.row]
     lean = args.setup != "fp32 default"
-    options = dict(backbone_dtype="bfloat16" if lean else "float32", gradient_checkpointing=lean,
+    options = dict(backbone_dtype="bfloat16" if lean else "float32", freeze_backbone=lean, gradient_checkpointing=lean,
                    pyramid="vitdet" if args.setup.endswith("vitdet pyramid") else "simple", hidden_size=512)
     device = torch.device(args.device)
 

@@ -62,6 +62,15 @@ def record_8bit(model: UperNetViT) -> dict:
             "intensity_range": [0.0, 255.0]}
 
 
+def saved_8bit_model(folder, in_chans: int = 1, num_classes: int = 2) -> str:
+    """A tiny model saved into ``folder`` with the record of a model trained on 8-bit images (``record_8bit``),
+    as predict finds a trained model; returns the folder."""
+    model = tiny_model(in_chans=in_chans, num_classes=num_classes)
+    model.preprocessing = record_8bit(model)
+    model.save_pretrained(folder)
+    return str(folder)
+
+
 def randomize_bn(module: torch.nn.Module, seed: int = 1) -> None:
     """Non-trivial BN statistics and affine params, so a wrong mapping or fold cannot pass by accident."""
     g = torch.Generator().manual_seed(seed)

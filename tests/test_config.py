@@ -8,7 +8,7 @@ from upernet_vit import ConfigError, UperNetViT, load_config
 from upernet_vit.config import Config, save_config
 from helpers import TINY
 
-CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs")
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "upernet_vit", "recipes")
 
 
 def test_seed_recipe_loads_with_its_meaning():

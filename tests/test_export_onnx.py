@@ -13,6 +13,7 @@ pytest.importorskip("onnxscript")
 from upernet_vit import UperNetViT  # noqa: E402
 from upernet_vit.cli import main  # noqa: E402
 from upernet_vit.export import export_onnx  # noqa: E402
+from upernet_vit.runs.record import RECORD_VERSION  # noqa: E402
 
 ONE_BLOCK = dict(depth=1, embed_dim=32, num_heads=2)  # the exports' time grows with the graph: one block, 4 taps
 
@@ -86,7 +87,8 @@ def test_cli_export_of_a_run_folder(tmp_path, capsys):
     dims = [d.dim_value for d in onnx_model.graph.input[0].type.tensor_type.shape.dim]
     assert dims == [1, 1, 42, 56]  # the training patch from preprocessing.json
     metadata = {p.key: p.value for p in onnx_model.metadata_props}
-    assert json.loads(metadata["upernet_vit.preprocessing"]) == prep
+    stored = json.loads(metadata["upernet_vit.preprocessing"])  # the record in its current form
+    assert stored == {**prep, "version": RECORD_VERSION, "label_names": None, "num_channels": None, "file_ending": None}
     session = ort.InferenceSession(out, providers=["CPUExecutionProvider"])
     assert _max_diff(session, model, (1, 1, 42, 56)) < 1e-4
     assert main(["export", str(tmp_path / "missing"), "--output", out]) == 2

@@ -28,7 +28,7 @@ def test_tta_at_scale_one_is_the_plain_prediction_and_scales_average_resized_pro
     both = tta_probabilities(model, image, [32, 32], [0.5, 1.0])
     assert torch.allclose(both, (back + plain) / 2, atol=1e-6)
     assert torch.allclose(both.sum(0), torch.ones(40, 56), atol=1e-5)  # still probabilities
-    with pytest.raises(ValueError, match=r"--scales 0: give one or more factors in \[0.25, 4\]"):
+    with pytest.raises(ValueError, match=r"^scales=\[0\]: give one or more factors in \[0.25, 4\]"):
         tta_probabilities(model, image, [32, 32], [0.0])
 
 
@@ -80,7 +80,7 @@ def test_an_unfinished_run_has_no_final_checkpoint(tmp_path):
     run = str(tmp_path / "run")
     with pytest.raises(KeyboardInterrupt):
         StopAfterOne(tiny_train_config(), run).run()
-    with pytest.raises(ValueError, match=r"stopped at epoch 1 of 3: it has no final checkpoint.*--checkpoint latest"):
+    with pytest.raises(ValueError, match=r"stopped at epoch 1 of 3: it has no final checkpoint.*checkpoint='latest'"):
         resolve_model_dir(run)
     assert checkpoint_epoch(resolve_model_dir(run, "latest")) == 1
 

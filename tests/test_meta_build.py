@@ -84,7 +84,7 @@ def test_a_bfloat16_backbone_filled_from_its_file_equals_the_float32_load_cast(t
     options = dict(hidden_size=8, feature_indices=TAPS, checkpoint_path=path, backbone_kwargs=TINY)
     cast = UperNetViT(backbone, size, 2, **options).eval()
     assert meta_builds == []  # float32: built as always
-    stored = UperNetViT(backbone, size, 2, backbone_dtype="bfloat16", **options).eval()
+    stored = UperNetViT(backbone, size, 2, backbone_dtype="bfloat16", freeze_backbone=True, **options).eval()
     assert meta_builds == [torch.bfloat16]
     assert {p.dtype for p in stored.backbone.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in stored.head.parameters()} == {torch.float32}
@@ -99,14 +99,14 @@ def test_a_bfloat16_backbone_loaded_by_timm_tag_equals_the_float32_load_cast(tmp
     kwargs = dict(TINY, pretrained_cfg_overlay=_timm_file(donor, tmp_path / "model.safetensors"))
     cast = UperNetViT(preset, size, 2, pretrained=True, hidden_size=8, feature_indices=TAPS, backbone_kwargs=kwargs)
     stored = UperNetViT(preset, size, 2, pretrained=True, hidden_size=8, feature_indices=TAPS,
-                        backbone_kwargs=kwargs, backbone_dtype="bfloat16")
+                        backbone_kwargs=kwargs, backbone_dtype="bfloat16", freeze_backbone=True)
     assert meta_builds == [torch.bfloat16]
     _assert_same_backbone(stored.eval(), cast.eval())
 
 
 def test_without_weights_to_load_a_bfloat16_backbone_is_built_and_cast(meta_builds):
     torch.manual_seed(0)
-    stored = UperNetViT("vit_small_patch16_224", None, 2, hidden_size=8, backbone_kwargs=TINY, backbone_dtype="bfloat16")
+    stored = UperNetViT("vit_small_patch16_224", None, 2, hidden_size=8, backbone_kwargs=TINY, backbone_dtype="bfloat16", freeze_backbone=True)
     torch.manual_seed(0)
     cast = UperNetViT("vit_small_patch16_224", None, 2, hidden_size=8, backbone_kwargs=TINY)
     assert meta_builds == []  # random initialization needs real tensors
@@ -116,7 +116,7 @@ def test_without_weights_to_load_a_bfloat16_backbone_is_built_and_cast(meta_buil
 def test_from_pretrained_builds_on_meta_and_fills_from_model_safetensors(tmp_path):
     """A LoRA model with a bfloat16 backbone comes back equal, its adapters float32 and trainable."""
     torch.manual_seed(0)
-    model = UperNetViT("vit_small_patch16_224", None, 3, hidden_size=8, backbone_kwargs=TINY, backbone_dtype="bfloat16")
+    model = UperNetViT("vit_small_patch16_224", None, 3, hidden_size=8, backbone_kwargs=TINY, backbone_dtype="bfloat16", freeze_backbone=True)
     model.enable_lora(rank=2)
     with torch.no_grad():  # LoRA's B starts at zero: give the adapters a visible effect
         for name, p in model.named_parameters():
@@ -169,7 +169,21 @@ def test_build_on_meta_is_this_threads_and_the_innermost_block_decides():
     assert not other["layer"].weight.is_meta
     assert inner.weight.is_meta and inner.weight.dtype == torch.float32
     assert outer.weight.is_meta and outer.weight.dtype == torch.bfloat16
-    assert nn.Module.register_parameter is meta._REGISTER and nn.Module.load_state_dict is meta._LOAD
+    assert not meta._hooks and "load_state_dict" not in inner.__dict__  # nothing left once the last block closes
+    assert nn.Module.__dict__["load_state_dict"].__module__ == "torch.nn.modules.module"  # never replaced
+
+
+def test_a_modules_own_load_assigns_only_inside_the_block():
+    """The assigning load belongs to the modules built in the block, while it is open: afterwards the same
+    module loads as torch's does (copying), and one built outside never assigned."""
+    with build_on_meta(torch.bfloat16):
+        layer = nn.Linear(2, 2)
+        assert "load_state_dict" in layer.__dict__
+        layer.load_state_dict({"weight": torch.ones(2, 2), "bias": torch.zeros(2)})
+    assert "load_state_dict" not in layer.__dict__ and layer.weight.dtype == torch.bfloat16
+    weight = layer.weight
+    layer.load_state_dict({"weight": torch.full((2, 2), 2.0), "bias": torch.zeros(2)})
+    assert layer.weight is weight and float(weight.detach()[0, 0]) == 2.0  # copied into, as torch does
 
 
 @pytest.mark.slow
@@ -190,7 +204,8 @@ def test_building_a_bfloat16_backbone_from_a_float32_file_holds_no_float32_copy(
         "before = _status_mb('RssAnon')\n"
         "with PeakAnonMemory() as peak:\n"
         f"    m = UperNetViT('vit_base_patch16_224', None, 2, hidden_size=8, backbone_kwargs={kwargs!r},\n"
-        f"                   checkpoint_path={str(tmp_path / 'w.pth')!r}, backbone_dtype=sys.argv[1])\n"
+        f"                   checkpoint_path={str(tmp_path / 'w.pth')!r}, backbone_dtype=sys.argv[1],\n"
+        "                   freeze_backbone=True)\n"
         "print(json.dumps(peak.peak_mb - before))\n"
     )
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}

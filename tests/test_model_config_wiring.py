@@ -49,7 +49,7 @@ ROWS = {
     "freeze_backbone": ({"freeze_backbone": True}, None),
     "gradient_checkpointing": ({"gradient_checkpointing": True}, None),
     "drop_path_rate": ({"drop_path_rate": 0.2}, None),
-    "backbone_dtype": ({"backbone_dtype": "bfloat16"}, None),
+    "backbone_dtype": ({"backbone_dtype": "bfloat16", "freeze_backbone": True}, None),
     "backbone_kwargs": ({"backbone_kwargs": dict(TINY, depth=8)}, None),
     "hidden_size": ({"hidden_size": 24}, None),
     "pool_scales": ({"pool_scales": (1, 2)}, None),

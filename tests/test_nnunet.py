@@ -59,6 +59,18 @@ def test_recipe_trainers_have_valid_configs(name):
         assert config.model.decoder.pyramid == "vitdet"
 
 
+@pytest.mark.parametrize("name", [n for n in trainers.__all__ if n != "nnUNetTrainerUperNetViT"])
+def test_each_recipe_trainer_trains_its_shipped_yaml(name, monkeypatch):
+    """One source per recipe (issue 26): the trainer's config is its YAML's, as ``upernet-vit train`` reads it."""
+    from upernet_vit.recipes import recipe_path
+
+    monkeypatch.delenv(trainers.CHECKPOINT_ENV, raising=False)
+    trainer = getattr(trainers, name)
+    assert trainer.recipe() == load_config(recipe_path(trainer.recipe_name))
+    monkeypatch.setenv(trainers.CHECKPOINT_ENV, "/weights/file.pth")  # the one thing the environment changes
+    assert trainer.recipe().model.checkpoint_path == "/weights/file.pth"
+
+
 def test_a_recipe_with_a_bfloat16_backbone_and_no_weights_is_refused_before_it_is_built():
     """Issue 25, bad case 7: the 7B recipe without its weights file was built in float32 (27 GB) and killed."""
     config = trainers.nnUNetTrainerUperNetViT_DINOv3_7B_LoRA.recipe()

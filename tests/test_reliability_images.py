@@ -9,7 +9,7 @@ from PIL import Image
 from upernet_vit.data.datasets import load_folders
 from upernet_vit.data import image_io
 from upernet_vit.data.image_io import read_image, read_label
-from helpers import one_error_line, record_8bit, tiny_model
+from helpers import one_error_line, saved_8bit_model
 
 ROTATE_180, ROTATE_90_CW = 3, 6  # EXIF Orientation values: how the stored pixels are to be turned for display
 
@@ -29,11 +29,7 @@ def _shown_mask(height=64, width=96):
 
 @pytest.fixture(scope="module")
 def model_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("model") / "m"
-    model = tiny_model(in_chans=1, num_classes=2)
-    model.preprocessing = record_8bit(model)
-    model.save_pretrained(folder)
-    return str(folder)
+    return saved_8bit_model(tmp_path_factory.mktemp("model") / "m")
 
 
 # ---------------------------------------------------------------------------- EXIF orientation

@@ -115,7 +115,7 @@ def test_a_bfloat16_backbone_made_trainable_by_hand_is_refused_by_the_optimizer(
     from upernet_vit.config import TrainConfig
     from upernet_vit.training.optim import build_optimizer
 
-    model = UperNetViT("vit_small_patch16_224", None, 2, hidden_size=8, backbone_kwargs=TINY, backbone_dtype="bfloat16")
+    model = UperNetViT("vit_small_patch16_224", None, 2, hidden_size=8, backbone_kwargs=TINY, backbone_dtype="bfloat16", freeze_backbone=True)
     build_optimizer(model, TrainConfig(), model.backbone.depth)  # frozen: fine
     model.requires_grad_(True)
     with pytest.raises(ValueError, match=r"trainable parameter\(s\) are stored in bfloat16 \(e.g. backbone.vit.*trains "
@@ -127,7 +127,7 @@ def test_exporting_a_bfloat16_model_names_the_fix(tmp_path):
     pytest.importorskip("onnxruntime")
     from upernet_vit.export import export_onnx
 
-    model = UperNetViT("vit_small_patch16_224", None, 2, hidden_size=8, backbone_kwargs=TINY, backbone_dtype="bfloat16")
+    model = UperNetViT("vit_small_patch16_224", None, 2, hidden_size=8, backbone_kwargs=TINY, backbone_dtype="bfloat16", freeze_backbone=True)
     with pytest.raises(ValueError, match=r"export takes a float32 model, but parameters are stored in bfloat16 .*"
                                          r"export model.float\(\)"):
         export_onnx(model, tmp_path / "m.onnx", 64, 64)
@@ -157,7 +157,7 @@ def test_the_export_command_exports_a_bfloat16_lora_model_in_float32_and_may_rep
     from upernet_vit.cli import main
 
     model = UperNetViT("vit_small_patch16_224", None, 2, in_chans=1, hidden_size=8, backbone_kwargs=TINY,
-                       backbone_dtype="bfloat16")
+                       backbone_dtype="bfloat16", freeze_backbone=True)
     model.enable_lora(rank=2)
     model.save_pretrained(tmp_path / "m")
     out = str(tmp_path / "m.onnx")

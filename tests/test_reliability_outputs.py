@@ -202,8 +202,9 @@ def test_evaluate_warns_of_predictions_in_another_label_set_and_of_files_it_leav
     Image.fromarray(np.eye(8, dtype=np.uint8)).save(tmp_path / "pred" / "stray.png")
     with caplog.at_level(logging.WARNING):
         evaluate(str(tmp_path / "pred"), str(tmp_path / "gt"))
-    assert "the predictions hold values [255] that no ground-truth file" in caplog.text and "--labels" in caplog.text
-    assert "holds 1 prediction(s) without ground truth" in caplog.text and "stray.png" in caplog.text
+    assert "the predictions hold values [255] that no ground-truth file" in caplog.text and "pass labels=" in caplog.text
+    assert "pred_dir " in caplog.text and "holds 1 prediction(s) without ground truth" in caplog.text
+    assert "stray.png" in caplog.text and "--" not in caplog.text
 
 
 # ---------------------------------------------------------------------------- export --output

@@ -11,16 +11,12 @@ from PIL import Image
 from upernet_vit.runs.checkpoints import checkpoint_epoch
 from upernet_vit.training.trainer import Trainer
 from helpers import config_file as _config_file, float_tiff as _float_tiff, gray as _gray
-from helpers import one_error_line as _one_error_line, record_8bit, tiny_model, tiny_train_config
+from helpers import one_error_line as _one_error_line, saved_8bit_model, tiny_model, tiny_train_config
 
 
 @pytest.fixture(scope="module")
 def bare_model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("model") / "m"
-    model = tiny_model(in_chans=1, num_classes=2)
-    model.preprocessing = record_8bit(model)  # a trained model's record, as the trainer writes it
-    model.save_pretrained(folder)
-    return str(folder)
+    return saved_8bit_model(tmp_path_factory.mktemp("model") / "m")  # with a trained model's record
 
 
 @pytest.fixture
@@ -271,7 +267,7 @@ def test_predict_refuses_a_missing_best_and_checks_sizes_and_channels_first(tmp_
     run = tmp_path / "run"
     tiny_model().save_pretrained(run / "checkpoint_latest")
     (run / "checkpoint_best").mkdir()  # no weights in it: no silent fall-back to latest (issue 16)
-    with pytest.raises(ValueError, match=r"has no best checkpoint .*use --checkpoint latest"):
+    with pytest.raises(ValueError, match=r"has no best checkpoint .*use checkpoint='latest'"):
         resolve_model_dir(str(run), "best")
 
     inputs = tmp_path / "in"

@@ -42,7 +42,7 @@ def test_train_writes_run_folder(tmp_path):
     assert len(splits) == 5 and len(splits[0]["val"]) == 2
     model = UperNetViT.from_pretrained(os.path.join(run, "checkpoint_latest"))
     assert model.num_classes == 4 and model.in_chans == 1
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(FileExistsError, match="pass resume=True to continue it or choose another output_dir"):
         Trainer(_config(), run)
 
 
@@ -162,7 +162,7 @@ def test_predict_under_bf16_autocast(trained_on_disk, tmp_path, capsys):
             assert fp32.shape == bf16.shape and np.abs(fp32 - bf16).max() < 0.05
     assert main(["predict", "--model", run, "--input", images, "--output", str(tmp_path / "x"), "--amp", "fp16",
                  "--device", "cpu"]) == 2
-    assert "'fp16' (CUDA only; device is cpu)" in capsys.readouterr().err
+    assert "'fp16': float16 (fp16) autocast needs CUDA (device is cpu)" in capsys.readouterr().err
 
 
 def test_predict_input_grouping_and_bare_model_folder(tmp_path):

@@ -6,11 +6,14 @@ import errno
 import json
 import logging
 import os
+import re
 import sys
 import traceback
-from typing import Dict, List, Optional
+from typing import Dict, List, Mapping, Optional
 
 import yaml
+
+from .precision import SPELLINGS
 
 
 def _apply_overrides(data: dict, overrides: List[str]) -> dict:
@@ -36,15 +39,72 @@ def _apply_overrides(data: dict, overrides: List[str]) -> dict:
 
 CLI_HANDLER = "upernet-vit-cli"  # the name of the handlers the command line adds, so that it replaces only its own
 
+# {Python parameter: flag} per command. The library's errors and log records name the parameters a Python
+# caller passed (predict(step=...), Trainer(output_dir, resume=...)); the command line shows its flags instead.
+FLAGS: Dict[str, Dict[str, str]] = {
+    "train": {"output_dir": "--output", "resume": "--resume"},
+    "predict": {
+        "model_path": "--model", "input_path": "--input", "output_dir": "--output", "device": "--device",
+        "step": "--step", "scales": "--scales", "checkpoint": "--checkpoint", "mirror": "--mirror",
+        "save_probabilities": "--probabilities", "amp": "--amp", "overwrite": "--overwrite",
+        "intensity_scale": "--intensity-scale", "accept_intensity": "--accept-intensity",
+        "resume": "--resume",  # "finish the run (train resume=True)"
+    },
+    "evaluate": {"pred_dir": "--pred", "gt_dir": "--gt", "labels_file": "--labels", "labels": "--labels",
+                 "path": "--output"},  # check_summary_path's and write_summary's path: the summary
+    "export": {"path": "--output", "checkpoint": "--checkpoint", "resume": "--resume"},  # check_export_path's
+}
+
+
+def _with_flags(text: str, flags: Mapping[str, str]) -> str:
+    """``text`` with the parameter names of ``flags`` written as the flags. A name counts only where it cannot
+    be an ordinary word (nor part of a path or quoted value): as a keyword argument (``step=0.05`` ->
+    ``--step 0.05``, ``overwrite=True`` -> ``--overwrite``, ``checkpoint='latest'`` -> ``--checkpoint latest``,
+    ``scales=[1, 2]`` -> ``--scales 1 2``), spelled with an underscore (``output_dir``), or opening the
+    message as its subject (``device 'gpu' is not a device``, as ``resolve_device(option=)`` writes it)."""
+    if not flags:
+        return text
+    names = "|".join(re.escape(n) for n in sorted(flags, key=len, reverse=True))
+    pattern = (rf"(?<![\w./\\'\"=-])(?P<name>{names})"  # not inside a word, path, quoted value or flag
+               rf"(?:(?P<switch>=True\b)|='(?P<word>[A-Za-z][\w-]*)'|=\[(?P<items>[^\]]*)\]|(?P<assign>=)"
+               rf"|(?![\w/\\-]|\.\w))")
+
+    def flag(match: "re.Match[str]") -> str:
+        name, shown = match["name"], flags[match["name"]]
+        if match["switch"]:
+            return shown
+        if match["word"] is not None:
+            return f"{shown} {match['word']}"
+        if match["items"] is not None:
+            return f"{shown} {' '.join(match['items'].replace(',', ' ').split())}"
+        if match["assign"]:
+            return f"{shown} "
+        return shown if "_" in name or match.start() == 0 else name  # a bare "step" may be the English word
+
+    return re.sub(pattern, flag, text)
+
+
+class _FlagFormatter(logging.Formatter):
+    """The CLI's log lines, with the command's flags for the parameter names (:func:`_with_flags`)."""
+
+    def __init__(self, flags: Mapping[str, str]) -> None:
+        super().__init__("%(asctime)s %(message)s", datefmt="%H:%M:%S")
+        self.flags = flags
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        shown = logging.makeLogRecord(record.__dict__)  # a copy: the caller's own handlers see the record as logged
+        shown.message = _with_flags(record.message, self.flags)
+        return super().formatMessage(shown)
+
 
 def _package_logger() -> logging.Logger:
     return logging.getLogger(__name__.rsplit(".", 1)[0])
 
 
-def _setup_logging(output_dir: Optional[str] = None) -> None:
+def _setup_logging(output_dir: Optional[str] = None, flags: Optional[Mapping[str, str]] = None) -> None:
     """What the user sees: the package's log records (INFO and up) on stderr and, for a run, in its
-    ``train.log``. The handlers go on the package's logger, not the root: a program that calls ``main``
-    keeps its own logging as it set it up."""
+    ``train.log``, naming the command's ``flags`` (:data:`FLAGS`). The handlers go on the package's logger,
+    not the root: a program that calls ``main`` keeps its own logging as it set it up."""
     package = _package_logger()
     for handler in [h for h in package.handlers if h.get_name() == CLI_HANDLER]:  # an earlier call's
         package.removeHandler(handler)
@@ -55,7 +115,7 @@ def _setup_logging(output_dir: Optional[str] = None) -> None:
         handlers.append(logging.FileHandler(os.path.join(output_dir, "train.log")))
     for handler in handlers:
         handler.set_name(CLI_HANDLER)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+        handler.setFormatter(_FlagFormatter(flags or {}))
         package.addHandler(handler)
     package.setLevel(logging.INFO)
 
@@ -78,11 +138,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config, read_yaml
     from .training.trainer import Trainer
 
-    config_path = args.config_path or args.config
-    if not config_path:
-        raise ValueError("give a config file (upernet-vit train CONFIG or --config CONFIG)")
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"config file {config_path!r} does not exist")
+    from .recipes import recipe_names, resolve_config
+
+    given = args.config_path or args.config
+    if not given:
+        raise ValueError(f"give a recipe name ({', '.join(recipe_names())}) or a config file: upernet-vit train "
+                         f"NAME|CONFIG (or --config CONFIG)")
+    config_path = resolve_config(given)
     data = read_yaml(config_path) or {}
     overrides = list(args.override or [])
     if args.data:
@@ -97,7 +159,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from .runs.run_folder import claim_run_folder
 
         claim_run_folder(output, {"data.root": config.data.root})  # before train.log: never among the user's files
-        _setup_logging(output)
+        _setup_logging(output, flags=FLAGS["train"])
     logging.getLogger(__name__).info("run folder: %s", os.path.abspath(output))
     trainer = Trainer(config, output, resume=args.resume, fast=_fast_paths(args))
     history = trainer.run()
@@ -113,7 +175,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from .inference.predict import predict
 
-    _setup_logging()
+    _setup_logging(flags=FLAGS["predict"])
     written = predict(
         args.model, args.input, args.output, args.device, args.step, args.mirror, args.probabilities, args.amp,
         fast=_fast_paths(args), checkpoint=args.checkpoint, scales=args.scales, overwrite=args.overwrite,
@@ -127,6 +189,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .fileio import read_json
     from .inference.evaluate import SUMMARY_NAME, check_summary_path, evaluate, write_summary
 
+    _setup_logging(flags=FLAGS["evaluate"])  # its warnings name --pred and --labels
     labels = None
     ignore = None
     if args.labels:
@@ -159,9 +222,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .model import UperNetViT
     from .runs.checkpoints import resolve_model_dir
     from .runs.outputs import refuse_overlap
-    from .runs.record import read_preprocessing
+    from .runs.record import read_record
 
-    _setup_logging()
+    _setup_logging(flags=FLAGS["export"])
     model_dir = resolve_model_dir(args.model, args.checkpoint)
     refuse_overlap(args.output, {"model folder": model_dir}, "--output", ": export would write among its files")
     check_export_path(args.output)
@@ -170,11 +233,12 @@ def cmd_export(args: argparse.Namespace) -> int:
         logging.getLogger(__name__).info("exporting in float32: the model stores its backbone in %s, which "
                                          "onnxruntime's CPU convolutions do not take", model.config.backbone_dtype)
         model.float()
-    prep = read_preprocessing(model_dir) or {}
+    record = read_record(model_dir)
     # normalization and label values travel in the file's metadata
-    metadata = {"upernet_vit.preprocessing": json.dumps(prep)} if prep else {}
+    metadata = {"upernet_vit.preprocessing": json.dumps(record.to_json())} if record else {}
     # default size: the training patch, else 8 ViT patches; at least 3 patches (what a dynamic export needs)
-    default = [max(s, 3 * model.patch_size) for s in prep.get("patch_size") or [8 * model.patch_size] * 2]
+    patch = record.patch_size if record and record.patch_size else [8 * model.patch_size] * 2
+    default = [max(s, 3 * model.patch_size) for s in patch]
     height, width = args.height or default[0], args.width or default[1]
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     diffs = export_onnx(model, args.output, height, width, dynamic=not args.static, opset=args.opset,
@@ -242,8 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true", help="on failure, print the traceback too")
 
     train = sub.add_parser("train", parents=[common], help="train from a YAML config")
-    train.add_argument("config_path", nargs="?", help="YAML config (e.g. configs/demo.yaml)")
-    train.add_argument("--config", help="YAML config (seed-style spelling)")
+    train.add_argument("config_path", nargs="?", metavar="RECIPE|CONFIG",
+                       help="a shipped recipe by name (demo, dinov2_base, ...: upernet_vit/recipes) or a YAML file")
+    train.add_argument("--config", help="the same, seed-style spelling")
     train.add_argument("--data", help="dataset folder: nnU-Net raw (with dataset.json) or images/ + masks/")
     train.add_argument("--fold", help="fold 0-4 or 'all'")
     train.add_argument("--override", "-o", action="append", metavar="KEY=VALUE", help="e.g. train.num_epochs=5")
@@ -266,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--step", type=float, default=0.5, help="sliding-window step as a fraction of the patch")
     pred.add_argument("--mirror", action="store_true", help="flip test-time augmentation (3 flips, averaged)")
     pred.add_argument("--probabilities", action="store_true", help="also write <case>_probs.npz")
-    pred.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none",
+    pred.add_argument("--amp", choices=list(SPELLINGS), default="none",
                       help="autocast dtype (bf16: CPU or CUDA; fp16: CUDA only)")
     pred.add_argument("--overwrite", action="store_true",
                       help="replace the earlier prediction set of other models or inputs in --output (only the files "
@@ -383,7 +448,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"upernet-vit {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as err:
-        line = f"upernet-vit {args.command}: error: {describe_error(err)}"
+        message = _with_flags(describe_error(err), FLAGS.get(args.command, {}))  # the user's flags, not parameters
+        line = f"upernet-vit {args.command}: error: {message}"
         _log_to_run_files(line, traceback.format_exc())
         if args.debug:
             traceback.print_exc()

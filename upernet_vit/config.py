@@ -12,6 +12,8 @@ from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Sequen
 
 import yaml
 
+from .precision import PrecisionName, canonical_precision
+
 
 Norm = Literal["layernorm", "groupnorm", "batchnorm", "none"]
 Upsampler = Literal["bilinear", "progressive"]
@@ -22,9 +24,13 @@ class ConfigError(ValueError):
 
 
 def option(default: Any = dataclasses.MISSING, *, factory: Optional[Callable[[], Any]] = None,
-           check: Optional[Callable[[Any], bool]] = None, must: str = "") -> Any:
-    """A dataclass field whose value must satisfy ``check`` ("must be ``must``"), tested at construction."""
-    metadata = {"check": (check, must)} if check is not None else {}
+           check: Optional[Callable[[Any], bool]] = None, must: str = "",
+           canonical: Optional[Callable[[Any], Any]] = None) -> Any:
+    """A dataclass field whose value must satisfy ``check`` ("must be ``must``"), tested at construction;
+    ``canonical`` maps an accepted spelling to the one form stored (``bf16`` -> ``bfloat16``)."""
+    metadata: Dict[str, Any] = {"check": (check, must)} if check is not None else {}
+    if canonical is not None:
+        metadata["canonical"] = canonical
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -93,6 +99,15 @@ class _Checked:
                 ok = False
             if not ok:
                 raise ConfigError(f"{f.name}: must be {must}, got {value!r}")
+            if "canonical" in f.metadata:
+                object.__setattr__(self, f.name, f.metadata["canonical"](value))
+
+
+# a precision key (model.backbone_dtype, train.amp): every spelling of precision.SPELLINGS, stored canonical
+PRECISION_OPTION: Dict[str, Any] = dict(
+    check=lambda v: v in typing.get_args(PrecisionName), must=", ".join(typing.get_args(PrecisionName)),
+    canonical=canonical_precision,
+)
 
 
 @dataclass
@@ -134,8 +149,8 @@ class ModelConfig(_Checked):
     # less (timm); the first regularizer to tune when fine-tuning a large backbone (e.g. 0.1-0.4)
     drop_path_rate: float = option(0.0, check=lambda v: 0 <= v < 1, must="in [0, 1)")
     # storage dtype of a backbone that does not train itself (freeze_backbone, or LoRA adapters, which stay
-    # float32 like the decoder): bfloat16 halves its memory; full fine-tuning needs float32
-    backbone_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # float32 like the decoder): bfloat16 halves its memory; full fine-tuning needs float32 (precision.py)
+    backbone_dtype: PrecisionName = option("float32", **PRECISION_OPTION)
     backbone_kwargs: Dict[str, Any] = field(default_factory=dict)  # to timm.create_model
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
 
@@ -174,7 +189,8 @@ class TrainConfig(_Checked):
     layer_decay: Optional[float] = option(  # e.g. 0.75: backbone block i gets lr * decay^(depth - i)
         None, check=lambda v: v is None or 0 < v <= 1, must="in (0, 1] or null"
     )
-    amp: Literal["none", "bf16", "fp16"] = "none"  # fp16 needs CUDA (uses a GradScaler)
+    # autocast's dtype (mixed precision): float32 = none, bfloat16 (bf16), float16 (fp16: CUDA, a GradScaler)
+    amp: PrecisionName = option("float32", **PRECISION_OPTION)
     class_weights: Union[None, Literal["auto"], List[float]] = option(  # CE weight per class (Dice unchanged)
         None, check=lambda v: v is None or v == "auto" or (min(v) >= 0 and max(v) > 0),
         must="null, 'auto' (inverse pixel frequency) or a list of weights >= 0, one per class, not all 0",
@@ -236,8 +252,26 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
 
+    def __post_init__(self) -> None:
+        check_backbone_storage(self.model.backbone_dtype, self.model.freeze_backbone, self.lora.enabled)
+
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def check_backbone_storage(dtype: str, frozen: bool, lora: bool, how: str = "yaml") -> None:
+    """The precision rule (precision.py): a backbone stored below float32 never trains itself; it is frozen,
+    or adapted through LoRA. ``how``: name the YAML keys (``yaml``) or the Python API's (``api``)."""
+    if dtype == "float32" or frozen or lora:
+        return
+    fix = ("set model.freeze_backbone: true or lora.enabled: true, or keep model.backbone_dtype float32"
+           if how == "yaml" else "pass freeze_backbone=True (then model.enable_lora() to adapt it), or keep "
+           "backbone_dtype='float32'")
+    key = f"model.backbone_dtype {dtype}" if how == "yaml" else f"backbone_dtype={dtype!r}"
+    raise ConfigError(
+        f"{key} stores a backbone that cannot train itself (optimizer updates round away "
+        f"in {dtype}): {fix} for full fine-tuning"
+    )
 
 
 def _describe(tp: Any) -> str:
@@ -338,7 +372,8 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
 
 
 def load_config(source: Union[str, os.PathLike, Mapping[str, Any], Config]) -> Config:
-    """A :class:`Config` from a YAML file path, a dict with the same layout, or a Config (returned as is).
+    """A :class:`Config` from a YAML file path, a shipped recipe's name (:mod:`upernet_vit.recipes`), a dict
+    with the same layout, or a Config (returned as is).
 
     Missing keys take their defaults; unknown keys and wrong types raise :class:`ConfigError`
     naming the dotted key (``model.decoder.hidden_size``), the file and the closest valid key.
@@ -347,9 +382,9 @@ def load_config(source: Union[str, os.PathLike, Mapping[str, Any], Config]) -> C
         return source
     origin = "config"
     if isinstance(source, (str, os.PathLike)):
-        origin = os.fspath(source)
-        if not os.path.isfile(origin):
-            raise FileNotFoundError(f"config file {origin!r} does not exist")
+        from .recipes import resolve_config
+
+        origin = resolve_config(os.fspath(source))  # a file, or a shipped recipe's name ("dinov2_base")
         data = read_yaml(origin) or {}
     else:
         data = source
@@ -407,19 +442,13 @@ def model_config(base: Optional[ModelConfig] = None, **options: Any) -> ModelCon
 
 
 def check_training_storage(config: Config) -> None:
-    """The rules a training run holds ``model.backbone_dtype`` to, checked before anything is built: a
-    backbone stored below float32 does not train itself (it is frozen or LoRA-adapted), and it is filled
-    from weights (``model.checkpoint_path`` or ``model.pretrained``): a random frozen backbone trains nothing,
-    and one built without weights is initialized in float32 first (4 bytes a weight: 27 GB for a 7B ViT)."""
+    """What a training run adds to the precision rule (``Config`` checks that one on load), before anything
+    is built: a backbone stored below float32 is filled from weights (``model.checkpoint_path`` or
+    ``model.pretrained``): a random frozen backbone trains nothing, and one built without weights is
+    initialized in float32 first (4 bytes a weight: 27 GB for a 7B ViT)."""
     model = config.model
     if model.backbone_dtype == "float32":
         return
-    if not (model.freeze_backbone or config.lora.enabled):
-        raise ConfigError(
-            f"model.backbone_dtype {model.backbone_dtype} stores a backbone that cannot train itself: set "
-            f"model.freeze_backbone: true or lora.enabled: true, or keep backbone_dtype float32 for full "
-            f"fine-tuning"
-        )
     if not (model.checkpoint_path or model.pretrained):
         raise ConfigError(
             f"model.backbone_dtype {model.backbone_dtype} keeps the backbone frozen, but it has no weights "

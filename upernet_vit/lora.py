@@ -11,18 +11,23 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 from torch import nn
 
-from .config import ConfigError, LoraConfig
+from .config import ConfigError, LoraConfig, check_backbone_storage
 
 if TYPE_CHECKING:
     from .model import UperNetViT
 
 
 def set_backbone_trainable(model: "UperNetViT", trainable: bool) -> None:
-    """Full fine-tuning (True) or a frozen backbone (False). With LoRA on, only LoRA weights train; a
-    backbone stored in bfloat16/float16 (``backbone_dtype``) trains only through LoRA."""
+    """Full fine-tuning (True) or a frozen backbone (False). With LoRA on, True trains the LoRA weights only.
+    A backbone stored below float32 (``backbone_dtype``) trains only through LoRA: True without LoRA is a
+    :class:`~upernet_vit.config.ConfigError` (the rule ``Config`` holds YAML files to, precision.py)."""
+    lora_on = model.lora_config is not None
+    if trainable:
+        stored = sorted({str(p.dtype).replace("torch.", "") for p in model.backbone.parameters()} - {"float32"})
+        if stored:
+            check_backbone_storage(stored[0], frozen=False, lora=lora_on, how="api")
     for name, p in model.backbone.named_parameters():
-        lora_only = model.lora_config is not None or p.dtype != torch.float32
-        p.requires_grad = trainable and ("lora_" in name or not lora_only)
+        p.requires_grad = trainable and ("lora_" in name or not lora_on)
 
 
 _DEFAULT = LoraConfig()  # the defaults, declared once in config.LoraConfig
@@ -77,9 +82,12 @@ def enable_lora(
 
 
 def merge_lora(model: "UperNetViT") -> None:
-    """Fold the LoRA deltas into the backbone weights and drop the adapters (same outputs, plain model)."""
+    """Fold the LoRA deltas into the backbone weights and drop the adapters (same outputs, plain model).
+    A backbone stored below float32 is frozen afterwards, and its config says so (``freeze_backbone``)."""
     if model.lora_config is None:
         raise RuntimeError("merge_lora() needs LoRA enabled; call enable_lora() first")
     model.backbone.vit = model.backbone.vit.merge_and_unload()
     model.lora_config = None
+    if model.config.backbone_dtype != "float32":
+        model.config.freeze_backbone = True
     set_backbone_trainable(model, not model.config.freeze_backbone)

@@ -20,8 +20,10 @@ from torch import nn
 
 from . import lora, pretrained
 from .backbones import create_backbone, resolve_backbone_size
-from .config import Config, LoraConfig, ModelConfig, config_to_yaml, load_config, model_config
+from .config import (Config, LoraConfig, ModelConfig, check_backbone_storage, config_to_yaml, load_config,
+                     model_config)
 from .head import UperNetHead
+from .precision import Precision, precision_dtype
 from .layers import resize
 from .upsampler import build_upsampler
 from .vit_adapter import build_feature_pyramid, extract_feature_maps, prepare_vit_for_taps, resolve_feature_indices
@@ -85,6 +87,7 @@ class UperNetViT(nn.Module):
         if cfg.num_classes is None:
             raise ValueError("num_classes is not set: pass num_classes=... (background included) or set model.num_classes")
         cfg.backbone_size = resolve_backbone_size(cfg.backbone, cfg.backbone_size)
+        check_backbone_storage(cfg.backbone_dtype, cfg.freeze_backbone, lora=False, how="api")  # before the build
         try:  # fail now, not at save time, if the config cannot be written
             config_to_yaml(Config(model=cfg))
         except Exception as err:
@@ -184,14 +187,7 @@ class UperNetViT(nn.Module):
     def check_device(self, device: torch.device) -> None:
         """A ValueError if ``device`` cannot run the backbone's storage dtype: float16 on the CPU, bfloat16
         on a GPU without bfloat16 support."""
-        dtype = self.config.backbone_dtype
-        if dtype == "float16" and device.type == "cpu":
-            raise ValueError("model.backbone_dtype float16 needs a GPU; on the CPU use bfloat16 or float32")
-        if dtype == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise ValueError(
-                f"model.backbone_dtype bfloat16: {torch.cuda.get_device_name(device)} has no bfloat16 support; "
-                f"use float16 or float32"
-            )
+        Precision(storage=self.config.backbone_dtype).check_device(device)
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """:func:`pad_to_multiple` of the patch size; the export formulation overrides it (upernet_vit.export)."""
@@ -258,7 +254,10 @@ class UperNetViT(nn.Module):
         """Build from a YAML path, dict or :class:`Config`; ``overrides`` are model options (e.g.
         ``num_classes`` from the dataset). Applies the ``lora`` section when enabled."""
         cfg = load_config(config)
-        model = cls(model_config(cfg.model, **overrides))
+        model_cfg = model_config(cfg.model, **overrides)
+        if cfg.lora.enabled and model_cfg.backbone_dtype != "float32":  # LoRA's base is frozen (precision.py)
+            model_cfg.freeze_backbone = True
+        model = cls(model_cfg)
         if cfg.lora.enabled:
             model.enable_lora(cfg.lora.r, cfg.lora.lora_alpha, cfg.lora.lora_dropout, cfg.lora.target_modules)
         return model

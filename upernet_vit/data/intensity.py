@@ -118,7 +118,6 @@ def check_input_range(
             f"give the original values (pixel values are used as stored)"
         )
     if mismatches and not accept:
-        raise ValueError(mismatches[0] + "; if these values are what you mean, confirm with accept_intensity=True "
-                                         "(--accept-intensity)")
+        raise ValueError(mismatches[0] + "; if these values are what you mean, confirm with accept_intensity=True")
     for message in mismatches:
         logger.warning("%s (accepted)", message)

@@ -47,10 +47,10 @@ def is_our_export(path: str) -> bool:
 def check_export_path(path: str) -> None:
     """Refuse, before any work, an output that is a file export did not write (a user's file, a model
     folder's weights, ...) or a ``<file>.data`` beside an output that is not its own."""
-    refuse_foreign_file(path, is_our_export, "--output", "export")
+    refuse_foreign_file(path, is_our_export, "path", "export")
     data = path + ".data"
     if os.path.lexists(data) and not (os.path.isfile(path) and is_our_export(path)):
-        refuse_foreign_file(data, lambda _: False, "--output's weights file", "export")
+        refuse_foreign_file(data, lambda _: False, "path's weights file", "export")
 
 
 def check_shapes(model: UperNetViT, height: int, width: int, batch: int, dynamic: bool) -> List[Shape]:

@@ -38,18 +38,18 @@ def is_evaluate_summary(path: str) -> bool:
 def check_summary_path(path: str, pred_dir: str, gt_dir: str, labels_file: Optional[str] = None) -> None:
     """Refuse, before the evaluation, a summary ``path`` inside ``gt_dir``, one that is an input (a
     prediction, the labels file), and any existing file that is not an earlier summary of evaluate's."""
-    refuse_overlap(path, {"--gt": gt_dir, "--labels": labels_file}, "--output", ": evaluate would write among the "
+    refuse_overlap(path, {"gt_dir": gt_dir, "labels_file": labels_file}, "path", ": evaluate would write among the "
                    "ground truth")
     stem = os.path.splitext(os.path.basename(path))[0]
     if os.path.dirname(os.path.realpath(path)) == os.path.realpath(pred_dir) and path.lower().endswith(IMAGE_SUFFIXES):
-        raise ValueError(f"--output {path!r} is the prediction {stem!r} in --pred {pred_dir!r}; choose a .json file")
-    refuse_foreign_file(path, is_evaluate_summary, "--output", "evaluate")
+        raise ValueError(f"path {path!r} is the prediction {stem!r} in pred_dir {pred_dir!r}; choose a .json file")
+    refuse_foreign_file(path, is_evaluate_summary, "path", "evaluate")
 
 
 def write_summary(summary: Dict, path: str) -> None:
     """Write ``summary`` as JSON to ``path`` (checked first with :func:`check_summary_path`), atomically,
     marked as evaluate's own."""
-    refuse_foreign_file(path, is_evaluate_summary, "--output", "evaluate")  # nothing appeared there meanwhile
+    refuse_foreign_file(path, is_evaluate_summary, "path", "evaluate")  # nothing appeared there meanwhile
     text = json.dumps({"written_by": WRITTEN_BY, **summary}, indent=1)
     atomic_write(path, lambda p: write_text(p, text))
 
@@ -67,15 +67,15 @@ def evaluate(
     """
     gts = _label_files(gt_dir)
     if not gts:
-        raise ValueError(f"no label files in --gt {gt_dir!r}")
+        raise ValueError(f"no label files in gt_dir {gt_dir!r}")
     preds = _label_files(pred_dir)
     missing = [c for c in gts if c not in preds]
     if missing:
-        raise FileNotFoundError(f"--pred {pred_dir!r} has no prediction for {len(missing)} case(s), e.g. {missing[0]!r} "
+        raise FileNotFoundError(f"pred_dir {pred_dir!r} has no prediction for {len(missing)} case(s), e.g. {missing[0]!r} "
                                 f"(a label file named as {os.path.basename(gts[missing[0]])!r})")
     extra = sorted(set(preds) - set(gts))
     if extra:
-        logger.warning("--pred %s holds %d prediction(s) without ground truth in %s, left out: %s", pred_dir,
+        logger.warning("pred_dir %s holds %d prediction(s) without ground truth in %s, left out: %s", pred_dir,
                        len(extra), gt_dir, ", ".join(os.path.basename(preds[c]) for c in extra[:5]))
     arrays = {c: (read_label_pages(preds[c]), read_label_pages(p)) for c, p in gts.items()}
     gt_values = set().union(*(set(np.unique(g).tolist()) for _, g in arrays.values()))
@@ -87,8 +87,8 @@ def evaluate(
         if stray:
             logger.warning(
                 "the predictions hold values %s that no ground-truth file in %s holds (it has %s): are they in "
-                "another label set (e.g. 0/255)? Their pixels count as wrong; pass --labels (dataset.json) to "
-                "name the classes, or convert the predictions", stray[:10], gt_dir, sorted(gt_values)[:10])
+                "another label set (e.g. 0/255)? Their pixels count as wrong; pass labels=... (name -> value, as in "
+                "dataset.json) to name the classes, or convert the predictions", stray[:10], gt_dir, sorted(gt_values)[:10])
     names, label_values = list(labels), list(labels.values())
     lut = {v: i for i, v in enumerate(label_values)}
 

@@ -19,14 +19,15 @@ from ..data.image_io import IMAGE_SUFFIXES, read_image_pages, write_label_png, w
 from ..data.intensity import check_input_range
 from ..data.normalization import Normalizer
 from ..devices import resolve_device
+from ..precision import autocast_dtype, canonical_precision
 from ..fileio import atomic_write, read_json, write_text
 from ..model import UperNetViT
 from ..pretrained import PREPROCESSING_NAME, WEIGHTS_NAME, recorded_digests
 from ..runs.checkpoints import resolve_model_dir
 from ..runs.outputs import FolderLock, refuse_overlap
-from ..runs.record import check_preprocessing
+from ..runs.record import ModelRecord
 from .evaluate import SUMMARY_NAME, is_evaluate_summary
-from .sliding_window import amp_dtype, check_scales, check_step, tta_probabilities, window_count
+from .sliding_window import check_scales, check_step, tta_probabilities, window_count
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ def _input_files(path: str) -> List[str]:
     if os.path.isfile(path):
         return [path]
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"--input {path!r} does not exist")
+        raise FileNotFoundError(f"input_path {path!r} does not exist")
     files = [os.path.join(path, n) for n in sorted(os.listdir(path)) if n.lower().endswith(IMAGE_SUFFIXES)]
     if not files:
         raise ValueError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {path!r}")
@@ -95,18 +96,18 @@ def read_inputs(path: str, in_chans: int) -> Tuple[Dict[str, List[str]], Dict[st
         names = [os.path.basename(f) for _, f in sorted(entries)]
         total = sum(channels[f] for _, f in entries)
         if len(entries) > 1 and any(index < 0 for index, _ in entries):
-            raise ValueError(f"--input files {names} would all be written as {case}.png; rename all but one")
+            raise ValueError(f"input_path files {names} would all be written as {case}.png; rename all but one")
         if total != in_chans:
             raise ValueError(
-                f"--input case {case!r} ({', '.join(names)}) has {total} channel(s) but the model takes {in_chans}"
+                f"input_path case {case!r} ({', '.join(names)}) has {total} channel(s) but the model takes {in_chans}"
             )
         if sorted(i for i, _ in entries) not in ([-1], list(range(len(entries)))):
             raise ValueError(
-                f"--input channel files {names} of case {case!r} must be numbered {case}_0000, {case}_0001, ... "
+                f"input_path channel files {names} of case {case!r} must be numbered {case}_0000, {case}_0001, ... "
                 f"without gaps (nnU-Net naming)"
             )
         if len({(shapes[f][0],) + shapes[f][2:] for _, f in entries}) > 1:
-            raise ValueError(f"--input channel files {names} of case {case!r} differ in size or page count")
+            raise ValueError(f"input_path channel files {names} of case {case!r} differ in size or page count")
     return {case: [f for _, f in sorted(entries)] for case, entries in sorted(cases.items())}, stats
 
 
@@ -127,7 +128,7 @@ def _manifest(output_dir: str) -> Dict:
     record = read_json(path) if os.path.isfile(path) else None
     if not (isinstance(record, dict) and record.get("written_by") == WRITTEN_BY):
         raise FileExistsError(
-            f"--output {output_dir!r} holds a {MANIFEST_NAME} that predict did not write; predict never replaces "
+            f"output_dir {output_dir!r} holds a {MANIFEST_NAME} that predict did not write; predict never replaces "
             f"files it did not create: choose an empty or new output folder"
         )
     return record
@@ -152,13 +153,13 @@ def check_output_folder(input_path: str, output_dir: str, planned: PredictionSet
     user's files); and, unless ``overwrite``, an earlier prediction set of other models, checkpoint,
     settings or inputs (one folder holds one prediction set; the same call again, e.g. after a crash,
     replaces its own files)."""
-    refuse_overlap(output_dir, {"--input": input_path, **{f"--model {m}": m for m in models}}, "--output",
+    refuse_overlap(output_dir, {"input_path": input_path, **{f"model_path {m}": m for m in models}}, "output_dir",
                    ": predict would write among the files it reads")
     earlier = _recorded_files(_manifest(output_dir))
     foreign = [n for n in planned.files if n not in earlier and os.path.lexists(os.path.join(output_dir, n))]
     if foreign:
         raise FileExistsError(
-            f"--output {output_dir!r} already holds {foreign[0]!r} ({len(foreign)} such) that predict did not "
+            f"output_dir {output_dir!r} already holds {foreign[0]!r} ({len(foreign)} such) that predict did not "
             f"write (it is not in {MANIFEST_NAME}): predict never replaces files it did not create (is this a "
             f"ground-truth or image folder?); choose an empty or new output folder"
         )
@@ -167,9 +168,9 @@ def check_output_folder(input_path: str, output_dir: str, planned: PredictionSet
         return []
     if not overwrite:
         raise FileExistsError(
-            f"--output {output_dir!r} already holds another prediction set: {len(present)} file(s) (e.g. "
+            f"output_dir {output_dir!r} already holds another prediction set: {len(present)} file(s) (e.g. "
             f"{next(iter(present))!r}) {_difference(present, planned)}. One folder holds one prediction set, and "
-            f"{MANIFEST_NAME} says which model made each file: choose a new output folder, or pass --overwrite to "
+            f"{MANIFEST_NAME} says which model made each file: choose a new output folder, or pass overwrite=True to "
             f"replace that whole set"
         )
     return sorted(present)
@@ -198,7 +199,7 @@ class _Member:
     label_values: List[int]
     patch_size: Optional[List[int]]
     intensity_range: List[float]
-    has_record: bool  # preprocessing.json, not the user's --intensity-scale
+    has_record: bool  # preprocessing.json, not the caller's intensity_scale
 
 
 def _load_member(model_path: str, checkpoint: str, device: torch.device,
@@ -213,25 +214,23 @@ def _load_member(model_path: str, checkpoint: str, device: torch.device,
         optimize(model, **fast)  # its defaults for this device, in eval mode
     record = os.path.join(folder, PREPROCESSING_NAME)
     if model.preprocessing is not None:  # from_pretrained read it
-        prep = check_preprocessing(model.preprocessing, record)
+        prep = ModelRecord.from_json(model.preprocessing, record)
     elif intensity_scale is None:
         raise FileNotFoundError(
             f"{record} not found (a bare save_pretrained folder): predict cannot know how the model's training "
             f"inputs were scaled and normalized, nor its label values. If it was trained on values divided by S, "
-            f"then the backbone's mean/std (data.normalization: preset), give intensity_scale=S (--intensity-scale, "
-            f"e.g. 255 for 8-bit images); labels are then written as 0..K-1"
+            f"then the backbone's mean/std (data.normalization: preset), give intensity_scale=S (e.g. 255 "
+            f"for 8-bit images); labels are then written as 0..K-1"
         )
     else:  # the user's explicit statement of the preset normalization
         if not (math.isfinite(intensity_scale) and intensity_scale > 0):
-            raise ValueError(f"--intensity-scale {intensity_scale}: give a positive number, e.g. 255 for 8-bit images")
+            raise ValueError(f"intensity_scale={intensity_scale}: give a positive number, e.g. 255 for 8-bit images")
         logger.info("%s not found: inputs / %g, then the backbone's mean/std; labels 0..K-1; whole-image inference",
                     record, intensity_scale)
-        prep = {"mean": list(model.mean), "std": list(model.std), "normalization": "preset",
-                "label_values": list(range(model.num_classes)), "patch_size": None,
-                "intensity_scale": float(intensity_scale), "intensity_range": [0.0, float(intensity_scale)]}
-    normalizer = Normalizer(prep["mean"], prep["std"], prep["normalization"], prep["intensity_scale"])
-    return _Member(folder, model, normalizer, list(prep["label_values"]), prep["patch_size"],
-                   list(prep["intensity_range"]), model.preprocessing is not None)
+        prep = ModelRecord.for_untrained(model.mean, model.std, model.num_classes, intensity_scale)
+    normalizer = Normalizer(prep.mean, prep.std, prep.normalization, prep.intensity_scale)
+    return _Member(folder, model, normalizer, list(prep.label_values), prep.patch_size,
+                   list(prep.intensity_range), model.preprocessing is not None)
 
 
 def predict(
@@ -258,7 +257,8 @@ def predict(
     probabilities are averaged; they must share label values and input channels). ``checkpoint``: which
     checkpoint of a run folder (``final``, ``best``, ``latest``; :func:`resolve_model_dir`). ``scales`` and
     ``mirror``: test-time augmentation (:func:`~upernet_vit.inference.sliding_window.tta_probabilities`).
-    ``amp``: ``"none"``, ``"bf16"`` or ``"fp16"`` (CUDA only) autocast. ``fast``: flags for
+    ``amp``: autocast's dtype, any spelling of :mod:`upernet_vit.precision` (``"none"``, ``"bf16"``,
+    ``"fp16"``: CUDA only). ``fast``: flags for
     :func:`upernet_vit.fast.optimize` over its defaults for the device, in eval mode (``None``: the reference model as
     loaded). ``overwrite``: replace an earlier prediction set of other models or inputs in ``output_dir``
     (its files, as its ``predictions.json`` lists them; :func:`check_output_folder`). ``intensity_scale``:
@@ -270,15 +270,16 @@ def predict(
 
     paths = [model_path] if isinstance(model_path, (str, os.PathLike)) else list(model_path)
     if not paths:
-        raise ValueError("predict: give at least one --model")
-    dev = resolve_device(device, option="--device")
-    autocast_dtype = amp_dtype(amp, dev)
+        raise ValueError("predict: give at least one model_path")
+    dev = resolve_device(device, option="device")
+    compute_dtype = autocast_dtype(amp, dev)
+    amp = canonical_precision(amp, "amp")  # recorded canonical: bf16 and bfloat16 are one setting
     check_scales(scales)
     check_step(step)
     members = [_load_member(os.fspath(p), checkpoint, dev, fast, intensity_scale) for p in paths]
     if intensity_scale is not None and all(m.has_record for m in members):
         raise ValueError(
-            f"--intensity-scale {intensity_scale:g} is for a model folder without preprocessing.json, but "
+            f"intensity_scale={intensity_scale:g} is for a model folder without preprocessing.json, but "
             f"{os.path.join(members[0].folder, PREPROCESSING_NAME)} records how the model's inputs are scaled "
             f"(intensity_scale {members[0].normalizer.scale:g}); leave it out"
         )
@@ -312,9 +313,9 @@ def predict(
     windows = sum(pages[c] * window_count(stats[files[0]].height, stats[files[0]].width, m.patch_size, scales, step)
                   for c, files in cases.items() for m in members)
     logger.info("predicting %d case(s): %d windows of the model%s", len(cases), windows,
-                " (x4 with --mirror)" if mirror else "")
+                " (x4 with mirror=True)" if mirror else "")
     os.makedirs(output_dir, exist_ok=True)
-    with FolderLock(output_dir, LOCK_NAME, "predict", "--output"):
+    with FolderLock(output_dir, LOCK_NAME, "predict", "output_dir"):
         stale = check_output_folder(input_path, output_dir, planned, overwrite, folders)  # again, now that it is ours
         _replace_set(output_dir, stale, planned)
         written = []
@@ -324,7 +325,7 @@ def predict(
                 stack = torch.from_numpy(read_case_pages(files))  # [N, C, H, W]
                 probs = torch.stack([
                     sum(tta_probabilities(m.model, m.normalizer(image).to(dev), m.patch_size, scales, step, mirror,
-                                          autocast_dtype, progress=bar.update) for m in members) / len(members)
+                                          compute_dtype, progress=bar.update) for m in members) / len(members)
                     for image in stack
                 ])  # [N, K, H, W]
                 out = os.path.join(output_dir, outputs[case_id][0])
@@ -354,7 +355,7 @@ def _replace_set(output_dir: str, stale: Sequence[str], planned: PredictionSet) 
     if stale and is_evaluate_summary(summary):
         os.remove(summary)
     if stale:
-        logger.warning("--overwrite: removed the %d file(s) of the earlier prediction set in %s", len(stale), output_dir)
+        logger.warning("overwrite=True: removed the %d file(s) of the earlier prediction set in %s", len(stale), output_dir)
     _write_manifest(output_dir, planned, complete=False)
 
 

@@ -16,17 +16,6 @@ from ..config import TTA_SCALES
 MIN_STEP = 0.1
 
 
-def amp_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
-    """``"none"`` / ``"bf16"`` (CPU or CUDA) / ``"fp16"`` (CUDA only) -> the autocast dtype (None: fp32)."""
-    dtypes = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if amp not in dtypes or (amp == "fp16" and device.type != "cuda"):
-        raise ValueError(
-            f"amp (train.amp / --amp) {amp!r}: use 'none', 'bf16' (CPU or CUDA) or 'fp16' (CUDA only; "
-            f"device is {device})"
-        )
-    return dtypes[amp]
-
-
 def gaussian_importance(size: Sequence[int], sigma_scale: float = 1.0 / 8) -> torch.Tensor:
     """``[h, w]`` weights peaking at the window centre (sigma = size/8), min clipped above 0."""
     axes = []
@@ -44,7 +33,7 @@ def check_step(step: float) -> None:
     gaps (pixels with no prediction); 0 never advances."""
     if not (math.isfinite(step) and MIN_STEP <= step <= 1):
         raise ValueError(
-            f"--step {step}: the sliding-window step is a fraction of the patch in [{MIN_STEP}, 1] (above 1 the "
+            f"step={step}: the sliding-window step is a fraction of the patch in [{MIN_STEP}, 1] (above 1 the "
             f"windows leave pixels unpredicted; below {MIN_STEP} each pixel is predicted over "
             f"{round(1 / MIN_STEP ** 2)} times); the default 0.5 is nnU-Net's"
         )
@@ -115,8 +104,8 @@ def check_scales(scales: Sequence[float]) -> None:
     low, high = TTA_SCALES
     if not scales or any(not (math.isfinite(s) and low <= s <= high) for s in scales):
         raise ValueError(
-            f"--scales {' '.join(f'{s:g}' for s in scales)}: give one or more factors in [{low:g}, {high:g}], e.g. "
-            f"0.75 1.0 1.25 (factors, not percent)"
+            f"scales=[{', '.join(f'{s:g}' for s in scales)}]: give one or more factors in [{low:g}, {high:g}], "
+            f"e.g. scales=[0.75, 1, 1.25] (factors, not percent)"
         )
 
 

@@ -97,7 +97,7 @@ class RunLock(FolderLock):
     process: a second ``train`` into the same folder fails at once instead of racing for its files."""
 
     def __init__(self, run_dir: str) -> None:
-        super().__init__(run_dir, ".lock", "training process", "--output")
+        super().__init__(run_dir, ".lock", "training process", "output_dir")  # the Trainer's
 
 
 def latest_checkpoint(run_dir: str) -> Optional[str]:
@@ -138,7 +138,7 @@ def best_checkpoint(run_dir: str) -> Optional[str]:
     if state is None:  # no training state to check against: a best folder as it is
         found = next((f for f in (best, best + ".old") if os.path.isfile(os.path.join(f, WEIGHTS_NAME))), None)
         if found is None and os.path.isfile(os.path.join(run_dir, LATEST, WEIGHTS_NAME)):
-            raise ValueError(f"{run_dir} has no best checkpoint ({BEST} with {WEIGHTS_NAME}); use --checkpoint latest")
+            raise ValueError(f"{run_dir} has no best checkpoint ({BEST} with {WEIGHTS_NAME}); use checkpoint='latest'")
         return found
     recorded = state.get("best_epoch")
     if recorded is None:
@@ -147,14 +147,15 @@ def best_checkpoint(run_dir: str) -> Optional[str]:
         if os.path.isfile(os.path.join(folder, WEIGHTS_NAME)) and checkpoint_epoch(folder) == recorded:
             if folder != best:
                 logger.warning(
-                    "%s holds epoch %s, not the best epoch %d (an interrupted save; --resume repairs it): using %s",
+                    "%s holds epoch %s, not the best epoch %d (an interrupted save; resume=True repairs it): using %s",
                     best, checkpoint_epoch(best), recorded, folder,
                 )
             return folder
     raise ValueError(
         f"{run_dir}: the best epoch {recorded} is not on disk ({BEST} holds epoch {checkpoint_epoch(best)}, "
-        f"{LATEST} epoch {state['epoch']}): was {BEST} replaced by hand? Use --checkpoint "
-        + ("final or latest" if int(state["epoch"]) >= _planned_epochs(state) else "latest")
+        f"{LATEST} epoch {state['epoch']}): was {BEST} replaced by hand? Use "
+        + ("checkpoint='final' or checkpoint='latest'" if int(state["epoch"]) >= _planned_epochs(state)
+           else "checkpoint='latest'")
     )
 
 
@@ -169,8 +170,8 @@ def _no_best_reason(run_dir: str, state: Dict[str, Any]) -> str:
     else:
         why = (f"its mean foreground validation Dice was never a number in {len(validated)} validation(s): no "
                f"foreground class is in the validation cases' masks or predictions, so no epoch was picked")
-    return (f"{run_dir} has no best checkpoint: {why}. Use --checkpoint latest (epoch {epoch})"
-            + (" or final" if epoch >= _planned_epochs(state) else ", or finish the run (train --resume) for final"))
+    return (f"{run_dir} has no best checkpoint: {why}. Use checkpoint='latest' (epoch {epoch})"
+            + (" or final" if epoch >= _planned_epochs(state) else ", or finish the run (train resume=True) for final"))
 
 
 def _planned_epochs(state: Dict[str, Any]) -> int:
@@ -193,7 +194,7 @@ def run_checkpoint(run_dir: str, which: str = "final") -> Optional[str]:
     (the EMA-Dice pick; a run without one is a ValueError saying why). ``latest``: ``checkpoint_latest``
     whatever its epoch."""
     if which not in CHECKPOINT_CHOICES:
-        raise ValueError(f"--checkpoint {which!r}: use one of {', '.join(CHECKPOINT_CHOICES)}")
+        raise ValueError(f"checkpoint={which!r}: use one of {', '.join(map(repr, CHECKPOINT_CHOICES))}")
     if which == "best":
         return best_checkpoint(run_dir)
     latest = latest_checkpoint(run_dir)
@@ -205,14 +206,14 @@ def run_checkpoint(run_dir: str, which: str = "final") -> Optional[str]:
     except ValueError:
         has_best = False
     if state is None:
-        raise ValueError(f"{os.path.join(latest, STATE_NAME)} cannot be read; pass --checkpoint latest"
-                         + (" or best" if has_best else ""))
+        raise ValueError(f"{os.path.join(latest, STATE_NAME)} cannot be read; pass checkpoint='latest'"
+                         + (" or checkpoint='best'" if has_best else ""))
     epochs = _planned_epochs(state)
     if int(state["epoch"]) < epochs:
         raise ValueError(
             f"{run_dir} stopped at epoch {state['epoch']} of {epochs}: it has no final checkpoint; finish it "
-            f"(upernet-vit train ... --resume) or pass --checkpoint latest (epoch {state['epoch']})"
-            + (" or best" if has_best else "")
+            f"(train resume=True) or pass checkpoint='latest' (epoch {state['epoch']})"
+            + (" or checkpoint='best'" if has_best else "")
         )
     return latest
 

@@ -57,17 +57,17 @@ def claim_run_folder(path: str, inputs: Optional[Dict[str, Optional[str]]] = Non
     writes ``config.yaml``, ``train.log``, ... only where they cannot replace a user's files, and never
     into, around or inside one of ``inputs`` (``{name: path}``, e.g. the dataset). A FileExistsError names
     a file of the folder that no run wrote."""
-    refuse_overlap(path, inputs or {}, "--output", ": the run's files would go among the data")
+    refuse_overlap(path, inputs or {}, "output_dir", ": the run's files would go among the data")
     if os.path.isfile(os.path.join(path, RUN_MARKER)):
         return
     if os.path.lexists(path) and not os.path.isdir(path):
-        raise FileExistsError(f"--output {path!r} is a file, not a folder; choose a folder for the run")
+        raise FileExistsError(f"output_dir {path!r} is a file, not a folder; choose a folder for the run")
     entries = sorted(os.listdir(path)) if os.path.isdir(path) else []
     legacy = ".lock" in entries and all(_is_run_entry(n) for n in entries)  # a run from before the marker
     if entries and not legacy:
         foreign = [n for n in entries if not _is_run_entry(n)] or entries
         raise FileExistsError(
-            f"--output {path!r} holds files that no training run wrote there (e.g. {foreign[0]!r}, {len(entries)} "
+            f"output_dir {path!r} holds files that no training run wrote there (e.g. {foreign[0]!r}, {len(entries)} "
             f"entries): train writes its run files (config.yaml, train.log, checkpoints) only into a new or empty "
             f"folder or one of its own runs, never among other files; choose a new folder, e.g. "
             f"{os.path.join(path, 'runs', 'my_run')!r} (if it is a run folder of an older upernet-vit that you "
@@ -103,8 +103,8 @@ class RunFolder:
         try:
             if not resume and latest_checkpoint(path):
                 raise FileExistsError(
-                    f"{path} already holds a run (checkpoint_latest); pass --resume to continue it or choose "
-                    f"another --output"
+                    f"{path} already holds a run (checkpoint_latest); pass resume=True to continue it or "
+                    f"choose another output_dir"
                 )
             recover_run_folder(path)
         except BaseException:
@@ -152,15 +152,15 @@ class RunFolder:
         traceback. On the main process the best checkpoint is repaired and ``metrics.csv`` rewritten."""
         path = self.latest()
         if path is None:
-            raise FileNotFoundError(f"--resume: no {LATEST} with {STATE_NAME} in {self.path}")
+            raise FileNotFoundError(f"resume=True: no {LATEST} with {STATE_NAME} in {self.path}")
         state = torch.load(os.path.join(path, STATE_NAME), map_location="cpu", weights_only=True)
         saved, now = _flatten(load_config(yaml.safe_load(state["config"])).to_dict()), _flatten(self.config.to_dict())
         changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and k not in RESUME_FREE_KEYS)
         if changed:
             raise ValueError(
-                f"--resume: the config differs from the run in {self.path} in "
+                f"resume=True: the config differs from the run in {self.path} in "
                 + ", ".join(f"{k} ({saved.get(k)!r} -> {now.get(k)!r})" for k in changed)
-                + "; resume with the run's own config.yaml, or start a new run with another --output"
+                + "; resume with the run's own config.yaml, or start a new run with another output_dir"
             )
         from safetensors.torch import load_file
 
@@ -169,7 +169,7 @@ class RunFolder:
         try:
             (load or model.load_state_dict)(load_file(weights, device=str(device)))
         except Exception as err:
-            raise ValueError(f"--resume: cannot load {weights} into the model: {str(err).strip().splitlines()[0]}") from err
+            raise ValueError(f"resume=True: cannot load {weights} into the model: {str(err).strip().splitlines()[0]}") from err
         if self.writes:
             repair_best(self.path, state["best_epoch"], int(state["epoch"]))
             if state["history"]:  # a kill between the checkpoint and metrics.csv left the csv a row behind

@@ -29,6 +29,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from ..model import UperNetViT
+from ..precision import Precision, canonical_precision
 
 logger = logging.getLogger(__name__)
 
@@ -49,10 +50,10 @@ class MemoryEstimate:
 
 
 def estimate_training_memory(
-    model: UperNetViT, batch_size: int, patch_size: Sequence[int], amp: str = "none", optimizer: str = "adamw"
+    model: UperNetViT, batch_size: int, patch_size: Sequence[int], amp: str = "float32", optimizer: str = "adamw"
 ) -> MemoryEstimate:
     """The :class:`MemoryEstimate` of one training step of ``model`` on ``batch_size`` patches of
-    ``patch_size`` (per process)."""
+    ``patch_size`` (per process); ``amp``: autocast's precision (any spelling of :mod:`upernet_vit.precision`)."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     optimizer_bytes = trainable * 4 * (3 if optimizer == "adamw" else 2)
@@ -66,7 +67,7 @@ def estimate_training_memory(
     hidden = model.config.decoder.hidden_size
     per_pixel = 2 * width + 12 * hidden if model.config.decoder.pyramid == "simple" else width + 16 * hidden
     decoder = stride4 * per_pixel
-    value = 2 if amp in ("bf16", "fp16") else 4
+    value = Precision(compute=canonical_precision(amp, "amp")).activation_bytes
     return MemoryEstimate(weights, optimizer_bytes, batch_size * value * (backbone + decoder))
 
 

@@ -3,32 +3,27 @@ AMP, gradient clipping), a validation of whole images by sliding window, and ``r
 hands each epoch to the run folder.
 
 What it builds on, one file each: the data (``data/prepare.py``), the run folder with its checkpoints and
-metrics rows (``runs/run_folder.py``), the process group (``distributed.py``), sharded training
-(``fsdp.py``), the loss (``losses.py``), the optimizer and schedule (``optim.py``), sliding-window
-inference (``inference/sliding_window.py``).
+metrics rows (``runs/run_folder.py``), how the processes share the work (``strategies.py``: one process,
+DDP or FSDP), the precision (``precision.py``), the loss (``losses.py``), the optimizer and schedule
+(``optim.py``), sliding-window inference (``inference/sliding_window.py``).
 
-Under torchrun (``WORLD_SIZE`` > 1) ``train.distributed`` picks how the processes share the work: ``ddp``
-(each holds the whole model, gradients are averaged) or ``fsdp`` (weights, gradients and optimizer state
-sharded; :mod:`.fsdp`). Either way each process trains on its part of the global batch, and the run
-folder is the same: rank 0 writes the full weights and a one-process optimizer state.
+Under torchrun (``WORLD_SIZE`` > 1) each process trains on its part of the global batch; whatever the
+strategy, the run folder is the same: rank 0 writes the full weights and a one-process optimizer state.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
 import time
 import warnings
-from contextlib import nullcontext
 from types import MappingProxyType
-from typing import Any, ContextManager, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from ..config import Config, check_training_storage
 from ..model import UperNetViT
@@ -39,15 +34,15 @@ from ..data.normalization import Normalizer
 from ..data.prepare import prepare_data
 from ..devices import resolve_device
 from ..inference.metrics import confusion_counts, summarize
-from ..inference.sliding_window import amp_dtype, tta_probabilities
+from ..inference.sliding_window import tta_probabilities
+from ..precision import Precision
 from ..runs.checkpoints import LATEST
+from ..runs.record import ModelRecord
 from ..runs.run_folder import RunFolder
-from .distributed import all_reduce_sum, barrier, broadcast_object, cleanup, init_distributed
-from .fsdp import (full_weights, gather_model_state, gather_optimizer_state, global_grad_norm,
-                   load_model_state, load_optimizer_state, shard_model)
 from .loggers import RunLogger, create_logger
 from .losses import DiceCELoss, class_weights, segmentation_loss
 from .optim import build_optimizer, build_scheduler
+from .strategies import create_strategy
 
 logger = logging.getLogger(__name__)
 
@@ -73,18 +68,15 @@ class Trainer:
         self.cfg, self.output_dir = config, output_dir
         tcfg = config.train
         check_training_storage(config)
-        if tcfg.distributed == "fsdp" and tcfg.amp == "fp16":  # before any process starts its group
-            raise ValueError(
-                "train.amp fp16 does not work with train.distributed fsdp (the GradScaler would judge each "
-                "rank's gradient shards alone and the ranks could skip different steps); use train.amp bf16"
-            )
-        self.dist = init_distributed(resolve_device(tcfg.device).type)
+        # the run's one seeding: the model's initialization and the dropout of training follow from it
+        # (resume restores the generator's state instead); the data pipeline seeds its own generators
+        torch.manual_seed(tcfg.seed)
+        self.precision = Precision.from_config(config)
+        self.strategy = create_strategy(tcfg, self.precision)
+        logger.info("%s", self.strategy.note)
+        self.dist = self.strategy.start(resolve_device(tcfg.device).type)
         self.device = resolve_device(tcfg.device, self.dist.local_rank if self.dist.enabled else None)
-        self.fsdp = tcfg.distributed == "fsdp" and self.dist.enabled  # the model is sharded (fsdp.py)
-        if tcfg.distributed == "fsdp" and not self.dist.enabled:
-            logger.info("train.distributed fsdp: one process trains the whole model, as without it; fsdp "
-                        "shards only under torchrun with several processes")
-        self.amp_dtype = amp_dtype(tcfg.amp, self.device)  # fails early for fp16 without CUDA
+        self.precision.check_device(self.device)  # fails early, e.g. for fp16 without CUDA
         if config.data.batch_size % self.dist.world_size:
             raise ValueError(
                 f"data.batch_size {config.data.batch_size} is not divisible by the {self.dist.world_size} processes"
@@ -92,22 +84,21 @@ class Trainer:
         self.data = prepare_data(config.data)
         self._check_memory()  # on the meta device: a run that will not fit fails before any weight exists
         self.model = self._build_model(fast)
-        if self.fsdp:  # before the optimizer, which must hold the sharded parameters
-            shard_model(self.model, self.device, self.dist.world_size, torch.bfloat16 if tcfg.amp == "bf16" else None)
+        # every image was checked when it was read (data/image_io.py: finite pixels); the model's own check
+        # would cost a device-to-host sync on each forward. A NaN from elsewhere still stops the run
+        # (TrainingDiverged). release() turns the check back on for whoever keeps the model.
+        self.model.check_finite = False
+        self.net: nn.Module = self.strategy.wrap(self.model, self.device)  # what training calls
         self.patch_size = list(config.data.patch_size)
         self.normalizer = Normalizer(self.model.mean, self.model.std, config.data.normalization,
                                      self.data.intensity_scale)
         self.model.preprocessing = self._preprocessing()  # save_pretrained writes it with the weights
         self.optimizer = build_optimizer(self.model, tcfg, self.model.backbone.depth)
         self.scheduler = build_scheduler(self.optimizer, tcfg)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=tcfg.amp == "fp16")
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision.grad_scaler)
         weights = class_weights(tcfg.class_weights, self.data.info.label_names,
                                 [c.label for c in self.data.train_cases])
         self.criterion = DiceCELoss(class_weights=weights).to(self.device)
-        self.net: nn.Module = (  # what training calls: FSDP's sharded model is its own wrapper
-            DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-            if self.dist.enabled and not self.fsdp else self.model
-        )
         batches = config.data.batch_size
         self.train_set = PatchDataset(self.data.train_cases, self.patch_size, self.normalizer,
                                       tcfg.num_iterations_per_epoch * batches, tcfg.seed, config.data.augmentation)
@@ -122,7 +113,7 @@ class Trainer:
         self.overlay_paths: List[str] = []  # written by the last validate(write_overlays=True)
         self.folder = RunFolder(output_dir, config, resume, writes=self.dist.is_main)
         try:
-            barrier(self.dist)
+            self.strategy.barrier()
             if resume:
                 self._resume()
             if self.dist.is_main:
@@ -140,7 +131,6 @@ class Trainer:
                 f"model.num_classes is {cfg.model.num_classes} but the dataset has {info.num_classes} labels "
                 f"{info.label_names}; remove model.num_classes or make it match"
             )
-        torch.manual_seed(cfg.train.seed)
         model = UperNetViT.from_config(cfg, num_classes=info.num_classes, in_chans=info.num_channels)
         patch = list(cfg.data.patch_size)
         if min(patch) < model.patch_size:
@@ -148,11 +138,8 @@ class Trainer:
                 f"data.patch_size {patch} must be 2 sizes, each >= the backbone patch "
                 f"({model.patch_size} px for {model.backbone.name})"
             )
-        if cfg.model.decoder.norm == "batchnorm" and self.dist.enabled and self.device.type == "cuda":
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model.check_device(self.device)
-        if not self.fsdp:  # fully_shard moves each process's shards there: the whole model need not fit one GPU
-            model.to(self.device)
+        model = self.strategy.place(model, self.device)
         if fast is not None:
             from ..fast import optimize
 
@@ -168,12 +155,9 @@ class Trainer:
         with torch.device("meta"):
             shape = UperNetViT.from_config(self.cfg, num_classes=self.data.info.num_classes,
                                            in_chans=self.data.info.num_channels, checkpoint_path=None, pretrained=False)
-        estimate = estimate_training_memory(shape, self.cfg.data.batch_size // self.dist.world_size,
-                                            self.cfg.data.patch_size, tcfg.amp, tcfg.optimizer)
-        if self.fsdp:  # each process keeps 1/N of the weights, gradients and optimizer state, and validation
-            world = self.dist.world_size  # gathers all the weights (full_weights): counted in full, erring high
-            estimate = dataclasses.replace(estimate, weights=estimate.weights // world + estimate.weights,
-                                           optimizer=estimate.optimizer // world)
+        estimate = self.strategy.per_process(estimate_training_memory(
+            shape, self.cfg.data.batch_size // self.dist.world_size, self.cfg.data.patch_size, tcfg.amp,
+            tcfg.optimizer))
         logger.info("memory estimate per process: %.2f GB (weights %.2f, gradients and optimizer %.2f, "
                     "activations %.2f)", *(b / 2**30 for b in (estimate.total, estimate.weights,
                                                                estimate.optimizer, estimate.activations)))
@@ -181,38 +165,28 @@ class Trainer:
             check_fits(estimate, available_memory(self.device), shape, self.cfg.lora.enabled)
 
     def release(self) -> None:
-        """Close the logger and give up the run folder's lock (``run`` does at its end; a Trainer that is not
-        run can call it)."""
+        """Close the logger, give up the run folder's lock and leave the process group (``run`` does at its
+        end; a Trainer that is not run can call it)."""
         self.run_logger.close()
         self.run_logger = RunLogger()
         self.folder.release()
+        self.strategy.close()
+        self.model.check_finite = True
 
     def _preprocessing(self) -> Dict[str, Any]:
-        """What predict needs to treat inputs as training did (``preprocessing.json``)."""
+        """What predict needs to treat inputs as training did (the model's record, ``preprocessing.json``)."""
         info = self.data.info
-        return {
-            "label_names": info.label_names,
-            "label_values": info.label_values,
-            "num_channels": info.num_channels,
-            "file_ending": info.file_ending,
-            "normalization": self.cfg.data.normalization,
-            "mean": list(self.normalizer.mean.flatten().tolist()),
-            "std": list(self.normalizer.std.flatten().tolist()),
-            "intensity_scale": self.data.intensity_scale,
-            "intensity_range": self.data.intensity_range,
-            "patch_size": self.patch_size,
-        }
+        return ModelRecord(
+            mean=list(self.normalizer.mean.flatten().tolist()), std=list(self.normalizer.std.flatten().tolist()),
+            normalization=self.cfg.data.normalization, label_values=list(info.label_values),
+            patch_size=list(self.patch_size), intensity_scale=float(self.data.intensity_scale),
+            intensity_range=list(self.data.intensity_range), label_names=list(info.label_names),
+            num_channels=info.num_channels, file_ending=info.file_ending,
+        ).to_json()
 
     def _resume(self) -> None:
-        """Weights, optimizer, scheduler, scaler, RNG and history from ``checkpoint_latest``; under FSDP the
-        full tensors (read by every rank, on the CPU) go into each rank's shards."""
-        if self.fsdp:
-            state = self.folder.read_for_resume(self.model, torch.device("cpu"),
-                                                lambda weights: load_model_state(self.model, weights))
-            load_optimizer_state(self.model, self.optimizer, state["optimizer"])
-        else:
-            state = self.folder.read_for_resume(self.model, self.device)
-            self.optimizer.load_state_dict(state["optimizer"])
+        """Weights, optimizer, scheduler, scaler, RNG and history from ``checkpoint_latest``."""
+        state = self.strategy.load_state(self.folder, self.model, self.optimizer, self.device)
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng_torch"])
@@ -221,13 +195,6 @@ class Trainer:
         self.start_epoch = int(state["epoch"])
         self.history = list(state["history"])
         self.best_ema, self.best_epoch, self.ema = float(state["best_ema"]), state["best_epoch"], state["ema"]
-
-    def _optimizer_state(self) -> Dict[str, Any]:
-        """The optimizer's ``state_dict()``; under FSDP gathered from the shards on every rank (collective),
-        numbered as one process numbers it, and kept on rank 0 only (``{}`` elsewhere)."""
-        if self.fsdp:
-            return gather_optimizer_state(self.model, self.optimizer)
-        return self.optimizer.state_dict()
 
     def _training_state(self, next_epoch: int, optimizer_state: Dict[str, Any]) -> Dict[str, Any]:
         return {
@@ -244,11 +211,8 @@ class Trainer:
         }
 
     def _check_weights_finite(self, next_epoch: int, weights: Optional[Mapping[str, torch.Tensor]] = None) -> None:
-        """A NaN model is never written, never as best. Checked on every DDP process (the weights are the
-        same), or on FSDP's ``weights`` gathered on rank 0, whose verdict every rank then acts on."""
-        bad = non_finite_tensors(self.model.state_dict() if weights is None else weights)
-        if self.fsdp:
-            bad = broadcast_object(bad, self.dist)
+        """A NaN model is never written, never as best: every rank acts on the same verdict."""
+        bad = self.strategy.agree(non_finite_tensors(self.model.state_dict() if weights is None else weights))
         if bad:
             raise TrainingDiverged(
                 f"training stopped: after epoch {next_epoch} {len(bad)} weight tensor(s) hold NaN or infinity "
@@ -256,37 +220,18 @@ class Trainer:
             )
 
     # ------------------------------------------------------------------ loops
-    def _autocast(self):
-        if self.amp_dtype is None:
-            return nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
-
-    def _evaluation_weights(self) -> ContextManager[None]:
-        """Around the evaluation passes. Under FSDP a forward of the sharded model is collective (each unit
-        all-gathers its weights), so ranks that run different numbers of forwards would wait on each other
-        for ever, and whole-image validation does: each rank has its own cases (their number need not
-        divide by the ranks), each cut into as many windows as its size needs. So the full weights are
-        gathered once for the pass (:func:`~.fsdp.full_weights`: memory for the whole model's weights on
-        each GPU, as inference needs anyway) and every forward in it is local. DDP needs nothing."""
-        return full_weights(self.model) if self.fsdp else nullcontext()
-
     def _loader(self, dataset: PatchDataset, epoch: int) -> DataLoader:
         dataset.set_epoch(epoch)
-        sampler = (
-            DistributedSampler(dataset, self.dist.world_size, self.dist.rank, shuffle=False)
-            if self.dist.enabled
-            else None
-        )
         return DataLoader(
             dataset,
             batch_size=self.cfg.data.batch_size // self.dist.world_size,
-            sampler=sampler,
+            sampler=self.strategy.sampler(dataset),
             num_workers=self.cfg.data.num_workers,
             pin_memory=self.device.type == "cuda",
         )
 
     def _loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        with self._autocast():
+        with self.precision.autocast(self.device):
             if self.model.config.decoder.aux_head:
                 logits, aux = self.net(images, return_aux=True)
                 return segmentation_loss(self.criterion, logits, labels, aux, self.cfg.train.aux_weight)
@@ -315,8 +260,7 @@ class Trainer:
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)  # a no-op without fp16
             # the norm is needed for the finiteness check even when clipping is off (max_norm inf clips nothing)
-            # under FSDP over the gradient shards, and still the norm of all the gradients (global_grad_norm)
-            grad_norm = global_grad_norm(torch.nn.utils.clip_grad_norm_(params, clip or math.inf))
+            grad_norm = self.strategy.grad_norm(torch.nn.utils.clip_grad_norm_(params, clip or math.inf))
             finite = bool(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))
             if not finite and fp16:  # fp16 overflow: the GradScaler skips this step and lowers its scale
                 skipped += 1
@@ -340,7 +284,7 @@ class Trainer:
                            epoch + 1, skipped, skipped + count)
             if not count:
                 raise TrainingDiverged(self._divergence_message(epoch, skipped - 1, math.nan, math.nan))
-        stats = all_reduce_sum(torch.tensor([total, count], dtype=torch.float64), self.dist)
+        stats = self.strategy.all_reduce_sum(torch.tensor([total, count], dtype=torch.float64))
         return float(stats[0] / max(stats[1], 1))
 
     def _log_to_run_logger(self, epoch: int, row: Dict[str, float]) -> None:
@@ -372,26 +316,26 @@ class Trainer:
             return float("nan")
         self.net.eval()
         total, count = 0.0, 0
-        with self._evaluation_weights():
+        with self.strategy.evaluation_weights(self.model):
             for images, labels in self._loader(self.val_set, epoch):
                 total += float(self._loss(images.to(self.device), labels.to(self.device)))
                 count += 1
-        stats = all_reduce_sum(torch.tensor([total, count], dtype=torch.float64), self.dist)
+        stats = self.strategy.all_reduce_sum(torch.tensor([total, count], dtype=torch.float64))
         return float(stats[0] / max(stats[1], 1))
 
     @torch.no_grad()
     def validate(self, write_overlays: bool = False) -> Dict[str, float]:
-        """Whole-image sliding-window Dice/IoU on this fold's validation cases (split across processes; under
-        FSDP with the full weights on every rank: :meth:`_evaluation_weights`)."""
+        """Whole-image sliding-window Dice/IoU on this fold's validation cases, split across processes (with
+        the strategy's evaluation weights)."""
         self.model.eval()
         info = self.data.info
         counts = torch.zeros(info.num_classes, 3, dtype=torch.int64)
         self.overlay_paths = []
         mine = self.data.val_cases[self.dist.rank :: self.dist.world_size]
-        with self._evaluation_weights():
+        with self.strategy.evaluation_weights(self.model):
             for i, case in enumerate(mine):
                 self._validate_case(i, case, counts, write_overlays)
-        counts = all_reduce_sum(counts, self.dist)
+        counts = self.strategy.all_reduce_sum(counts)
         return summarize(counts, info.label_names, exclude=self.data.absent)
 
     def _validate_case(self, i: int, case: Case, counts: torch.Tensor, write_overlays: bool) -> None:
@@ -400,7 +344,7 @@ class Trainer:
         image = self.normalizer(torch.from_numpy(case.image)).to(self.device)
         probs = tta_probabilities(
             self.model, image, self.patch_size, self.cfg.train.val_scales, mirror=self.cfg.train.val_mirror,
-            amp_dtype=self.amp_dtype,
+            amp_dtype=self.precision.compute_dtype,
         )
         pred = probs.argmax(0).cpu()
         counts += confusion_counts(pred, torch.from_numpy(case.label), info.num_classes)
@@ -427,12 +371,11 @@ class Trainer:
         return row
 
     def _save_epoch(self, epoch: int, improved: bool) -> None:
-        """Check and write the checkpoint of ``epoch`` (rank 0 writes). Under FSDP the weights and the
-        optimizer state are first gathered from the shards by every rank (collective), then rank 0 writes
-        them as one process would: the same model folder, the same ``training_state.pt``."""
-        weights = gather_model_state(self.model) if self.fsdp else None  # None: the model's own
+        """Check and write the checkpoint of ``epoch``: the strategy gathers the weights and optimizer state
+        as one process holds them (collective), rank 0 writes them: the same model folder, the same
+        ``training_state.pt`` whatever the strategy."""
+        weights, optimizer_state = self.strategy.gather_state(self.model, self.optimizer)  # weights None: the model's
         self._check_weights_finite(epoch + 1, weights)
-        optimizer_state = self._optimizer_state()
         if self.dist.is_main:
             self.folder.save_epoch(self.model, self._training_state(epoch + 1, optimizer_state), improved,
                                    self.history, weights)
@@ -465,8 +408,7 @@ class Trainer:
                         epoch + 1, tcfg.num_epochs, train_loss, val_loss, dice, row["ema_dice"],
                         " (best)" if improved else "", lr, row["epoch_time_s"],
                     )
-                barrier(self.dist)
+                self.strategy.barrier()
         finally:
-            cleanup(self.dist)
             self.release()
         return self.history

@@ -10,14 +10,14 @@ Where the model recipe comes from:
 - ``nnUNetTrainerUperNetViT`` (generic): a YAML config (``upernet-vit nnunet-train ... --config C``, or
   the ``UPERNET_VIT_CONFIG`` variable) at training time. The resolved config is written into the
   plans of the run's output folder (``plans.json``), so ``nnUNetv2_predict`` needs no variable.
-- One class per shipped recipe (``nnUNetTrainerUperNetViT_DINOv2_Base`` and others): the recipe is
-  in the class; ``UPERNET_VIT_CHECKPOINT`` names the pretrained backbone file at training time.
+- One class per shipped recipe (``nnUNetTrainerUperNetViT_DINOv2_Base`` and others): the class names its
+  file in ``upernet_vit/recipes/``, the one ``upernet-vit train NAME`` reads; ``UPERNET_VIT_CHECKPOINT``
+  names the pretrained backbone file at training time.
 
 The pretrained backbone file is read only when training starts; predictions load nnU-Net's checkpoint.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
 from functools import partial
@@ -31,6 +31,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 
 from ...config import Config, check_training_storage, load_config
 from ...model import UperNetViT
+from ...recipes import recipe_path
 from ...training.optim import build_optimizer, warmup_poly
 from . import CHECKPOINT_ENV, CONFIG_ENV
 
@@ -104,8 +105,8 @@ class EpochWarmupPolyLR(torch.optim.lr_scheduler.LRScheduler):
 class nnUNetTrainerUperNetViT(nnUNetTrainer):
     """Generic UperNetViT trainer: the recipe is a YAML config (``UPERNET_VIT_CONFIG`` at training time)."""
 
-    #: a config dict (sections model/lora/train) that subclasses fix; None: read the YAML named by the variable
-    upernet_config: Optional[Dict[str, Any]] = None
+    #: the shipped recipe (upernet_vit/recipes/NAME.yaml) that subclasses fix; None: the YAML the variable names
+    recipe_name: Optional[str] = None
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict, device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
@@ -136,8 +137,8 @@ class nnUNetTrainerUperNetViT(nnUNetTrainer):
     @classmethod
     def recipe(cls) -> Config:
         """The class's recipe, or the YAML named by ``UPERNET_VIT_CONFIG``."""
-        if cls.upernet_config is not None:
-            config = load_config(copy.deepcopy(cls.upernet_config))
+        if cls.recipe_name is not None:
+            config = load_config(recipe_path(cls.recipe_name))  # its data section is nnU-Net's business
             if os.environ.get(CHECKPOINT_ENV):
                 config.model.checkpoint_path = os.environ[CHECKPOINT_ENV]
             return config
@@ -194,61 +195,40 @@ class nnUNetTrainerUperNetViT(nnUNetTrainer):
         """UperNetViT has one output; nothing to switch."""
 
 
-def _recipe(backbone: str, size: str, lr: float, lora: bool = False) -> Dict[str, Any]:
-    return {
-        "model": {"backbone": backbone, "backbone_size": size, "decoder": {"hidden_size": 512, "pool_scales": [1, 2, 3, 6]}},
-        "lora": {"enabled": lora},  # r, alpha, targets, dropout: config.LoraConfig's defaults
-        "train": {"initial_lr": lr, "weight_decay": 0.05, "warmup_epochs": 10, "optimizer": "adamw", "layer_decay": 0.9},
-    }
-
-
 class nnUNetTrainerUperNetViT_DINOv2_Base(nnUNetTrainerUperNetViT):
-    """DINOv2 ViT-B/14, full fine-tuning (AdamW 1e-4, layer decay 0.9)."""
+    """DINOv2 ViT-B/14, full fine-tuning (AdamW 1e-4, layer decay 0.9): recipe ``dinov2_base``."""
 
-    upernet_config = _recipe("dinov2", "base", 1e-4)
+    recipe_name = "dinov2_base"
 
 
 class nnUNetTrainerUperNetViT_DINOv3_Large(nnUNetTrainerUperNetViT):
-    """DINOv3 ViT-L/16 (the seed recipe's backbone), full fine-tuning."""
+    """DINOv3 ViT-L/16 (the seed recipe's backbone), full fine-tuning: recipe ``dinov3_large``."""
 
-    upernet_config = _recipe("dinov3", "large", 1e-4)
+    recipe_name = "dinov3_large"
 
 
 class nnUNetTrainerUperNetViT_DINOv3_Large_LoRA(nnUNetTrainerUperNetViT):
-    """DINOv3 ViT-L/16 with LoRA (rank 8) on the attention qkv; decoder fully trained."""
+    """DINOv3 ViT-L/16 with LoRA (rank 8) on the attention qkv; decoder fully trained: ``dinov3_large_lora``."""
 
-    upernet_config = _recipe("dinov3", "large", 5e-4, lora=True)
+    recipe_name = "dinov3_large_lora"
 
 
 class nnUNetTrainerUperNetViT_DINOv3_7B_LoRA(nnUNetTrainerUperNetViT):
     """DINOv3 ViT-7B/16 with LoRA for one 24 GB GPU: the backbone stored in bfloat16 (built on the meta
     device and filled from the official file, 13.4 GB, never a float32 copy) with gradient checkpointing,
     LoRA adapters and decoder in float32, the ViTDet pyramid (0.09B parameters instead of 0.20B at width
-    4096). README "Large backbones" has its measured step memory (on the CPU; not yet on a GPU)."""
+    4096): recipe ``dinov3_7b_lora``."""
 
-    upernet_config = _recipe("dinov3", "7b", 5e-4, lora=True)
-    upernet_config["model"].update(backbone_dtype="bfloat16", gradient_checkpointing=True)
-    upernet_config["model"]["decoder"]["pyramid"] = "vitdet"
+    recipe_name = "dinov3_7b_lora"
 
 
 class nnUNetTrainerUperNetViT_RETFound(nnUNetTrainerUperNetViT):
-    """RETFound MAE ViT-L/16 (retinal images), full fine-tuning."""
+    """RETFound MAE ViT-L/16 (retinal images), full fine-tuning: recipe ``retfound``."""
 
-    upernet_config = _recipe("retfound", "large", 1e-4)
+    recipe_name = "retfound"
 
 
 class nnUNetTrainerUperNetViT_VisionFM(nnUNetTrainerUperNetViT):
-    """VisionFM ViT-B/16 (ophthalmic images), full fine-tuning."""
+    """VisionFM ViT-B/16 (ophthalmic images), full fine-tuning: recipe ``visionfm``."""
 
-    upernet_config = _recipe("visionfm", "base", 1e-4)
-
-
-__all__ = [
-    "nnUNetTrainerUperNetViT",
-    "nnUNetTrainerUperNetViT_DINOv2_Base",
-    "nnUNetTrainerUperNetViT_DINOv3_Large",
-    "nnUNetTrainerUperNetViT_DINOv3_Large_LoRA",
-    "nnUNetTrainerUperNetViT_DINOv3_7B_LoRA",
-    "nnUNetTrainerUperNetViT_RETFound",
-    "nnUNetTrainerUperNetViT_VisionFM",
-]
+    recipe_name = "visionfm"
