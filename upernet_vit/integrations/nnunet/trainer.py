@@ -232,3 +232,14 @@ class nnUNetTrainerUperNetViT_VisionFM(nnUNetTrainerUperNetViT):
     """VisionFM ViT-B/16 (ophthalmic images), full fine-tuning: recipe ``visionfm``."""
 
     recipe_name = "visionfm"
+
+
+__all__ = [
+    "nnUNetTrainerUperNetViT",
+    "nnUNetTrainerUperNetViT_DINOv2_Base",
+    "nnUNetTrainerUperNetViT_DINOv3_Large",
+    "nnUNetTrainerUperNetViT_DINOv3_Large_LoRA",
+    "nnUNetTrainerUperNetViT_DINOv3_7B_LoRA",
+    "nnUNetTrainerUperNetViT_RETFound",
+    "nnUNetTrainerUperNetViT_VisionFM",
+]
