@@ -1,5 +1,6 @@
 """Shared test helpers (imported as a plain module: pytest puts tests/ on sys.path)."""
 import json
+import os
 
 import numpy as np
 import torch
@@ -7,6 +8,7 @@ from PIL import Image
 
 from upernet_vit import UperNetViT
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout (tests/ mirrors the package)
 TINY = dict(depth=4, embed_dim=32, num_heads=2)
 
 # a 3-epoch training run on 10 demo cases of 32x32 px: seconds on a CPU

@@ -5,8 +5,8 @@ input (1 for a disk that fails), one line naming the problem, the user's files u
 half-written left behind.
 
 Only the audit cases that no other test checks through the command line are here; the others are covered
-where the table of the audit's cases points (tests/test_reliability_*.py, test_export_onnx.py,
-test_training_e2e.py). The full and read-only disk cases mount a small tmpfs and need root (they skip
+where the table of the audit's cases points (the tests marked ``reliability``, export/test_export_onnx.py,
+training/test_training_e2e.py). The full and read-only disk cases mount a small tmpfs and need root (they skip
 elsewhere); a folder made read-only with chmod stands in for the read-only disk without root, and a
 file-size limit (RLIMIT_FSIZE, as ``ulimit -f``) for a file too large for the file system."""
 import contextlib

@@ -5,10 +5,10 @@ Eager code may branch on a size or take a size-dependent constant, which a trace
 ``F.adaptive_avg_pool2d`` is decomposed with the example's bins, the DINO pos-embed rule interpolates
 by a scale factor ``(h + 0.1) / M`` that becomes a constant, the padding branches on ``pad > 0``, and
 the crop's view adds a contiguity guard.
-Each has a size-generic twin here, equal up to float rounding (tests/test_export_onnx.py). The core
-modules keep one overridable method per such step (``PyramidPoolingModule.pool``,
-``OfficialPosEmbedViT.resample_pos_embed``, ``UperNetViT.pad`` and ``.crop``); :func:`export_formulations` swaps
-in the twins for the duration of an export and restores the model afterwards.
+Each has a size-generic twin here, equal up to float rounding (tests/export/test_export_onnx.py). The
+core modules keep one overridable method per such step (``PyramidPoolingModule.pool``,
+``OfficialPosEmbedViT.resample_pos_embed``, ``UperNetViT.pad`` and ``.crop``); :func:`export_formulations`
+swaps in the twins for the duration of an export and restores the model afterwards.
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 The core modules compute the reference math (resize, concat, conv). ``optimize`` swaps parts of a built
 :class:`~upernet_vit.UperNetViT` or :class:`~upernet_vit.UperNetHead` in place for equivalents that are
 faster or leaner; parameters and state-dict keys stay the same, outputs equal the reference within fp32
-rounding (tests/test_fast.py is the specification). Nothing in the core imports this package.
+rounding (tests/fast/test_fast.py is the specification). Nothing in the core imports this package.
 """
 from .fpn import LeanFPNFusion, recompute_resizes, split_conv
 from .fuse_bn import fuse_conv_bn

@@ -1,5 +1,5 @@
 """Recipes (issue 26): one YAML file per recipe, shipped inside the package, read by ``upernet-vit train
-NAME``, by ``load_config``/``from_config`` and by the nnU-Net recipe trainers (tests/test_nnunet.py)."""
+NAME``, by ``load_config``/``from_config`` and by the nnU-Net recipe trainers (tests/integrations/test_nnunet.py)."""
 import configparser
 import fnmatch
 import os
@@ -9,8 +9,9 @@ import pytest
 from upernet_vit.cli import main
 from upernet_vit.config import load_config
 from upernet_vit.recipes import recipe_names, recipe_path, resolve_config
+from helpers import REPO_ROOT
 
-ROOT = os.path.join(os.path.dirname(__file__), "..")
+ROOT = REPO_ROOT
 EXPECTED = {"demo", "upernet", "dinov2_base", "dinov3_large", "dinov3_large_lora", "dinov3_7b_lora", "retfound",
             "visionfm"}
 

@@ -10,6 +10,8 @@ from upernet_vit import UperNetViT
 from upernet_vit import pretrained
 from helpers import TINY, config_file, one_error_line, record_8bit, tiny_model, tiny_train_config
 
+pytestmark = pytest.mark.reliability  # what a user's bad input, damaged file or crash leads to
+
 
 @pytest.fixture
 def folder(tmp_path):

@@ -12,6 +12,8 @@ from upernet_vit.backbones.checkpoint import read_checkpoint
 from upernet_vit.training.trainer import Trainer
 from helpers import tiny_model, tiny_train_config
 
+pytestmark = pytest.mark.reliability  # what a user's bad input, damaged file or crash leads to
+
 
 def test_the_weights_checksum_is_recorded_and_verified(tmp_path):
     model = tiny_model()

@@ -18,6 +18,8 @@ from upernet_vit.data.prepare import prepare_data
 from upernet_vit.training.trainer import Trainer
 from helpers import tiny_train_config
 
+pytestmark = pytest.mark.reliability  # what a user's bad input, damaged file or crash leads to
+
 
 def _folders(root, images, masks):
     """``root/images`` and ``root/masks`` from ``{name: array}`` (the suffix of ``name`` picks the type)."""

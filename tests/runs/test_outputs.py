@@ -12,6 +12,8 @@ from PIL import Image
 from upernet_vit.runs.outputs import FolderLock
 from helpers import config_file, gray, one_error_line, record_8bit, tiny_model
 
+pytestmark = pytest.mark.reliability  # what a user's bad input, damaged file or crash leads to
+
 
 def _model(folder, seed):
     import torch

@@ -13,11 +13,12 @@ from torch import nn
 from upernet_vit import UperNetViT
 from upernet_vit.backbones import factory
 from upernet_vit.backbones.meta import build_on_meta, check_materialized
+from helpers import REPO_ROOT
 from official_reference import ReferenceViT
 from test_official_checkpoints import TAPS, _dinov2_training, _dinov3_ref, _hub, _mae, _timm_file
 
 TINY = dict(depth=4, embed_dim=32, num_heads=2)
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = REPO_ROOT
 
 
 def _official(style, make_file, **kw):

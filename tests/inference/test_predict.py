@@ -13,6 +13,8 @@ from upernet_vit.training.trainer import Trainer
 from helpers import config_file as _config_file, float_tiff as _float_tiff, gray as _gray
 from helpers import one_error_line as _one_error_line, saved_8bit_model, tiny_model, tiny_train_config
 
+pytestmark = pytest.mark.reliability  # what a user's bad input, damaged file or crash leads to
+
 
 @pytest.fixture(scope="module")
 def bare_model(tmp_path_factory):

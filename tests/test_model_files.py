@@ -14,6 +14,8 @@ from upernet_vit.runs.checkpoints import checkpoint_epoch
 from upernet_vit.training.trainer import Trainer
 from helpers import tiny_model, tiny_train_config
 
+pytestmark = pytest.mark.reliability  # what a user's bad input, damaged file or crash leads to
+
 
 @pytest.mark.parametrize("content,shown", [(b"", "nothing"), (b"\x00\xff garbage", r"b'\x00\xff'"),
                                            (b"abc123  model.safetensors\n", "b'abc123'")])

@@ -13,6 +13,8 @@ from upernet_vit.data.image_io import read_image
 from upernet_vit.training.trainer import Trainer
 from helpers import float_tiff as _float_tiff, gray as _gray, tiny_model, tiny_train_config
 
+pytestmark = pytest.mark.reliability  # what a user's bad input, damaged file or crash leads to
+
 
 # ---------------------------------------------------------------------------- non-finite data
 def test_a_nan_pixel_in_an_image_file_is_an_error_naming_the_file_and_count(tmp_path):

@@ -16,6 +16,8 @@ from upernet_vit.runs.checkpoints import checkpoint_epoch, recover_run_folder
 from upernet_vit.training.trainer import Trainer, TrainingDiverged
 from helpers import TINY_CONFIG, config_file as _config_file, one_error_line as _one_error_line, tiny_model, tiny_train_config
 
+pytestmark = pytest.mark.reliability  # what a user's bad input, damaged file or crash leads to
+
 
 # ---------------------------------------------------------------------------- interrupted checkpoint writes
 def test_leftovers_of_an_interrupted_swap_are_cleaned_or_restored(tmp_path):

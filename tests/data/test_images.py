@@ -11,6 +11,8 @@ from upernet_vit.data import image_io
 from upernet_vit.data.image_io import read_image, read_label
 from helpers import one_error_line, saved_8bit_model
 
+pytestmark = pytest.mark.reliability  # what a user's bad input, damaged file or crash leads to
+
 ROTATE_180, ROTATE_90_CW = 3, 6  # EXIF Orientation values: how the stored pixels are to be turned for display
 
 
