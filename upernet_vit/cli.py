@@ -283,8 +283,11 @@ def cmd_nnunet_train(args: argparse.Namespace, extra: List[str]) -> int:
 
     env = dict(os.environ)
     if args.config:
-        load_config(args.config)  # fail here, with the key path, rather than inside nnU-Net
-        env[CONFIG_ENV] = os.path.abspath(args.config)
+        from .recipes import resolve_config
+
+        path = resolve_config(args.config)  # a file, or a recipe's name
+        load_config(path)  # fail here, with the key path, rather than inside nnU-Net
+        env[CONFIG_ENV] = os.path.abspath(path)
     paths = [EXT_TRAINER_DIR] + [p for p in env.get("nnUNet_extTrainer", "").split(os.pathsep) if p]
     env["nnUNet_extTrainer"] = os.pathsep.join(dict.fromkeys(paths))
     exe = shutil.which("nnUNetv2_train", path=os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", ""))
@@ -387,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     nn_train.add_argument("dataset", help="nnU-Net dataset id or name")
     nn_train.add_argument("configuration", help="nnU-Net configuration (2d)")
     nn_train.add_argument("fold", help="fold 0-4 or all")
-    nn_train.add_argument("--config", help="YAML config (model/lora/train) for the generic trainer")
+    nn_train.add_argument("--config", help="recipe name or YAML config (model/lora/train) for the generic trainer")
     nn_train.add_argument("--trainer", default="nnUNetTrainerUperNetViT", help="trainer class name")
     nn_train.set_defaults(func=cmd_nnunet_train)
     return parser
