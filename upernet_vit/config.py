@@ -240,6 +240,9 @@ class DataConfig(_Checked):
         "auto", check=lambda v: v == "auto" or v > 0, must="'auto' or a number > 0"
     )
     labels: Optional[Dict[str, int]] = None  # folders only: name -> value (default: values found)
+    # the data cache (data/cache.py: the dataset converted once into memory-mapped arrays); null:
+    # .upernet-vit-cache beside the run folder. Never inside data.root
+    cache_dir: Optional[str] = None
     demo_cases: int = option(64, check=lambda v: v >= 2, must=">= 2")  # demo only
     demo_image_size: int = option(96, check=lambda v: v >= 8, must=">= 8")  # demo only
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)

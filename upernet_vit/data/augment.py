@@ -119,10 +119,7 @@ class PatchDataset(torch.utils.data.Dataset):
             raise ValueError("PatchDataset needs at least one case")
         self.normalizer = normalizer
         self.per_image = normalizer.mode == "zscore"
-        self.cases = [
-            Case(c.case_id, normalizer(torch.from_numpy(c.image)).numpy(), c.label) if self.per_image else c
-            for c in cases
-        ]
+        self.cases = list(cases)  # each read when a sample needs it (from the data cache's map, or memory)
         self.transform = build_transform(patch_size, augment)
         self.length = length
         self.seed = seed
@@ -137,10 +134,11 @@ class PatchDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng([self.seed, self.epoch, index])
         case = self.cases[int(rng.integers(len(self.cases)))]
+        pixels = torch.from_numpy(case.pixels())
+        if self.per_image:  # z-score with the whole image's statistics, before augmentation
+            pixels = self.normalizer(pixels)
         with torch.random.fork_rng(devices=[]):  # the CPU generator only: CUDA's stays the trainer's
             torch.default_generator.manual_seed(int(rng.integers(2**31)))
-            image, label = self.transform(
-                tv_tensors.Image(torch.from_numpy(case.image)), tv_tensors.Mask(torch.from_numpy(case.label))
-            )
+            image, label = self.transform(tv_tensors.Image(pixels), tv_tensors.Mask(torch.from_numpy(case.classes())))
         image = image.as_subclass(torch.Tensor)
         return (image if self.per_image else self.normalizer(image)), label.as_subclass(torch.Tensor)

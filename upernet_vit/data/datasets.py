@@ -1,7 +1,9 @@
 """Datasets on disk: nnU-Net v2 raw 2D layout and plain image/mask folders (folds: :mod:`.splits`).
 
-Everything is read once into memory (``[C, H, W]`` float32 pixel values as stored, ``[H, W]`` class
-indices): the target is a few hundred 2D images. All checks run before training starts and name the file.
+Each case is read and checked once, and handed to ``store`` (the data cache, :mod:`.cache`, writes it to a
+memory-mappable file and hands back a case that reads from the map), so a dataset of any size passes
+through memory one case at a time. Without ``store`` every case stays in memory (``[C, H, W]`` float32
+pixel values as stored, ``[H, W]`` class indices). All checks run before training starts and name the file.
 Classes come from ``dataset.json`` or ``data.labels``; without those, only mask values that look like a
 label map (0..K-1 for a few K, or a binary 0/v mask) become classes.
 """
@@ -11,7 +13,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -30,10 +32,35 @@ MAX_AUTO_CLASSES = 32
 @dataclass
 class Case:
     case_id: str
-    image: np.ndarray  # [C, H, W] float32
-    label: Optional[np.ndarray]  # [H, W] int64 class indices, IGNORE_INDEX where ignored
+    image: np.ndarray  # [C, H, W] pixel values as stored: float32 in memory, the stored dtype in the cache's map
+    label: Optional[np.ndarray]  # [H, W] class indices, IGNORE_INDEX where ignored (int64; int16 in the cache)
     full_scale: Optional[float] = None  # intensity.full_scale of the image (None: outside 0..65535)
     source: str = ""  # the (first) image file
+    value_range: Optional[Tuple[float, float]] = None  # (min, max) pixel value; None: computed from image
+    class_pixels: Optional[List[int]] = None  # pixels of each class index; None: counted from label
+
+    def pixels(self) -> np.ndarray:
+        """``[C, H, W]`` float32 pixel values as stored: a copy, read from the map when the case is cached."""
+        return np.array(self.image, dtype=np.float32)
+
+    def classes(self) -> np.ndarray:
+        """``[H, W]`` int64 class indices (a copy)."""
+        return np.array(self.label, dtype=np.int64)
+
+    def pixel_range(self) -> Tuple[float, float]:
+        """``(min, max)`` pixel value (from the cache's index when it holds them; 0, 0 for an empty image)."""
+        if self.value_range is not None:
+            return self.value_range
+        return (float(self.image.min()), float(self.image.max())) if self.image.size else (0.0, 0.0)
+
+    def present_classes(self) -> List[int]:
+        """The class indices the label holds (IGNORE_INDEX left out)."""
+        if self.class_pixels is not None:
+            return [i for i, n in enumerate(self.class_pixels) if n]
+        return [i for i in np.unique(self.label).tolist() if i >= 0]
+
+
+Store = Callable[[Case], Case]  # what becomes of a case once it is read and checked (the data cache)
 
 
 @dataclass
@@ -155,8 +182,9 @@ def read_case_pages(files: Sequence[str]) -> np.ndarray:
     return np.concatenate(stacks, axis=1)
 
 
-def load_nnunet_raw(root: str) -> Tuple[DatasetInfo, List[Case]]:
-    """Training cases of an nnU-Net v2 raw dataset (``imagesTr``/``labelsTr``)."""
+def load_nnunet_raw(root: str, store: Optional[Store] = None) -> Tuple[DatasetInfo, List[Case]]:
+    """Training cases of an nnU-Net v2 raw dataset (``imagesTr``/``labelsTr``), each passed through ``store``
+    once read and checked (module docstring)."""
     if not os.path.isdir(root):
         raise FileNotFoundError(f"dataset folder {root!r} does not exist (data.root)")
     info = nnunet_info(root)
@@ -183,7 +211,8 @@ def load_nnunet_raw(root: str) -> Tuple[DatasetInfo, List[Case]]:
         image, scale = read_case(files)
         label = read_label(label_path)
         _check_pair(image, label, files[0], label_path)
-        cases.append(Case(case_id, image, info.to_indices(label, label_path), scale, files[0]))
+        case = Case(case_id, image, info.to_indices(label, label_path), scale, files[0])
+        cases.append(store(case) if store else case)
     _check_channels(cases, os.path.join(root, "imagesTr"), info.num_channels, os.path.join(root, "dataset.json"))
     return info, cases
 
@@ -215,9 +244,11 @@ def _by_stem(folder: str) -> Dict[str, str]:
     }
 
 
-def load_folders(root: str, labels: Optional[Dict[str, int]] = None) -> Tuple[DatasetInfo, List[Case]]:
+def load_folders(root: str, labels: Optional[Dict[str, int]] = None,
+                 store: Optional[Store] = None) -> Tuple[DatasetInfo, List[Case]]:
     """``root/images/<name>.<ext>`` with ``root/masks/<name>.<ext>``. Label values: ``labels``
-    (name -> value) if given, else every value found in the masks, sorted."""
+    (name -> value) if given, else every value found in the masks, sorted (a first pass over the masks).
+    Each case is passed through ``store`` once read and checked (module docstring)."""
     if not os.path.isdir(root):
         raise FileNotFoundError(f"dataset folder {root!r} does not exist (data.root)")
     images, masks = _by_stem(os.path.join(root, "images")), _by_stem(os.path.join(root, "masks"))
@@ -232,32 +263,31 @@ def load_folders(root: str, labels: Optional[Dict[str, int]] = None) -> Tuple[Da
             f"mask {orphans[0]!r} has no image in {os.path.join(root, 'images')} ({len(orphans)} without); "
             f"add the image or remove the mask"
         )
-    raw = []
-    for stem, path in images.items():
-        (image, scale), label = read_case([path]), read_label(masks[stem])
-        _check_pair(image, label, path, masks[stem])
-        raw.append((Case(stem, image, None, scale, path), label, masks[stem]))
     if labels:
         items = sorted(labels.items(), key=lambda kv: kv[1])
-    else:
-        items = labels_from_masks([(label, mpath) for _, label, mpath in raw], os.path.join(root, "masks"))
+    else:  # one mask at a time: the masks of a large dataset need not fit in memory together
+        items = labels_from_masks(((read_label(masks[stem]), masks[stem]) for stem in images),
+                                  os.path.join(root, "masks"))
     info = DatasetInfo(
         name=os.path.basename(os.path.normpath(root)),
         label_names=[k for k, _ in items],
         label_values=[v for _, v in items],
-        num_channels=raw[0][0].image.shape[0],
+        num_channels=0,  # the images', below
         file_ending=".png",
     )
     cases = []
-    for case, label, mpath in raw:
-        case.label = info.to_indices(label, mpath)
-        cases.append(case)
-    _check_channels(cases, os.path.join(root, "images"))
+    for stem, path in images.items():
+        (image, scale), label = read_case([path]), read_label(masks[stem])
+        _check_pair(image, label, path, masks[stem])
+        case = Case(stem, image, info.to_indices(label, masks[stem]), scale, path)
+        cases.append(store(case) if store else case)
+    info.num_channels = _check_channels(cases, os.path.join(root, "images"))
     return info, cases
 
 
-def labels_from_masks(masks: Sequence[Tuple[np.ndarray, str]], folder: str) -> List[Tuple[str, int]]:
-    """``[(name, value)]`` classes from the values found in ``masks`` (``(label, file)`` pairs), when
+def labels_from_masks(masks: Iterable[Tuple[np.ndarray, str]], folder: str) -> List[Tuple[str, int]]:
+    """``[(name, value)]`` classes from the values found in ``masks`` (``(label, file)`` pairs, read one at a
+    time from an iterator), when
     ``data.labels`` is not set. Only values that look like a label map are taken: 0..K-1 with
     K <= :data:`MAX_AUTO_CLASSES`, or a binary 0/v mask; anything else (a JPEG-damaged or grayscale mask, a
     stray value) is a ValueError that lists the values and asks for ``data.labels``."""
@@ -294,5 +324,5 @@ def absent_classes(info: DatasetInfo, cases: Sequence[Case]) -> List[int]:
     present = set()
     for case in cases:
         if case.label is not None:
-            present.update(np.unique(case.label).tolist())
+            present.update(case.present_classes())
     return [i for i in range(info.num_classes) if i not in present]

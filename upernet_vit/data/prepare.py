@@ -9,13 +9,13 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from ..config import DataConfig
 from .datasets import Case, DatasetInfo, absent_classes, load_folders, load_nnunet_raw
 from .demo import demo_cases, demo_info
 from .splits import fold_case_ids
-from .intensity import choose_intensity_scale, value_range
+from .intensity import choose_intensity_scale
 
 logger = logging.getLogger(__name__)
 
@@ -31,16 +31,22 @@ class PreparedData:
     absent: List[int]  # class indices that no training mask contains (left out of the mean Dice)
 
 
-def prepare_data(cfg: DataConfig) -> PreparedData:
+def prepare_data(cfg: DataConfig, cache_root: Optional[str] = None) -> PreparedData:
     """Load and check the dataset, pick the fold's cases and the intensity scale. A declared class that no
-    training mask of the fold contains is a warning naming it."""
+    training mask of the fold contains is a warning naming it. ``cache_root``: read the dataset through the
+    data cache there (:mod:`.cache`: built once, memory-mapped); None: every case in memory. The demo's
+    generated cases stay in memory (64 small images)."""
     if cfg.format == "demo":  # the same images whatever train.seed is
         info, cases = demo_info(), demo_cases(cfg.demo_cases, cfg.demo_image_size)
         splits_file = None
     else:
         if not cfg.root:
             raise ValueError(f"data.root is not set: data.format {cfg.format!r} needs the dataset folder")
-        if cfg.format == "nnunet":
+        if cache_root is not None:
+            from .cache import cached_dataset
+
+            info, cases = cached_dataset(cfg, cache_root)
+        elif cfg.format == "nnunet":
             info, cases = load_nnunet_raw(cfg.root)
         else:
             info, cases = load_folders(cfg.root, cfg.labels)
@@ -63,5 +69,6 @@ def prepare_data(cfg: DataConfig) -> PreparedData:
             ", ".join(f"{info.label_names[i]!r} (value {info.label_values[i]})" for i in absent),
             "data.labels" if cfg.labels else ("dataset.json" if cfg.format == "nnunet" else "the dataset"), fold,
         )
-    low, high = value_range([c.image for c in cases])
+    ranges = [c.pixel_range() for c in cases if c.image.size]
+    low, high = (min(r[0] for r in ranges), max(r[1] for r in ranges)) if ranges else (0.0, 0.0)
     return PreparedData(info, train_cases, [by_id[i] for i in val_ids], splits, scale, [low, high], absent)

@@ -44,7 +44,7 @@ _RUN_ENTRIES = {".lock", "config.yaml", "splits_final.json", "metrics.csv", "pro
 # keys that may differ between a run and its --resume (they do not change what is computed)
 # train.distributed: a checkpoint is one process's under DDP and FSDP alike (a run out of memory may switch)
 RESUME_FREE_KEYS = {"data.num_workers", "train.device", "train.output_dir", "train.num_overlays", "train.logger",
-                    "train.check_memory", "train.distributed"}
+                    "train.check_memory", "train.distributed", "data.cache_dir"}
 
 
 def _is_run_entry(name: str) -> bool:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from typing import List, Literal, Optional, Sequence, Union
+from typing import Iterable, List, Literal, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -82,7 +82,7 @@ def segmentation_loss(
     return loss
 
 
-def inverse_frequency_weights(labels: Sequence[torch.Tensor], num_classes: int) -> List[float]:
+def inverse_frequency_weights(labels: Iterable[torch.Tensor], num_classes: int) -> List[float]:
     """``train.class_weights: auto``: ``w_c = N / (K * n_c)`` over the labelled pixels of ``labels``
     (scikit-learn's "balanced": a class with the average share gets 1). A class with no pixel gets 1.0:
     it is never a CE target, so its weight has no effect."""
@@ -95,14 +95,14 @@ def inverse_frequency_weights(labels: Sequence[torch.Tensor], num_classes: int) 
 
 
 def class_weights(
-    wanted: Union[None, Literal["auto"], Sequence[float]], label_names: Sequence[str], labels: Sequence[np.ndarray]
+    wanted: Union[None, Literal["auto"], Sequence[float]], label_names: Sequence[str], labels: Iterable[np.ndarray]
 ) -> Optional[List[float]]:
     """``train.class_weights`` for the CE term: None, checked against the classes (``label_names``,
-    background first), or ``auto`` computed from the training ``labels`` and logged."""
+    background first), or ``auto`` computed from the training ``labels`` (read one at a time) and logged."""
     if wanted is None:
         return None
     if wanted == "auto":
-        weights = inverse_frequency_weights([torch.from_numpy(label) for label in labels], len(label_names))
+        weights = inverse_frequency_weights((torch.from_numpy(label) for label in labels), len(label_names))
         logger.info("train.class_weights auto (inverse pixel frequency of the training cases): %s",
                     ", ".join(f"{n} {w:.3g}" for n, w in zip(label_names, weights)))
         return weights

@@ -31,12 +31,14 @@ from ..pretrained import non_finite_tensors
 from ..data.augment import PatchDataset
 from ..data.datasets import Case
 from ..data.normalization import Normalizer
-from ..data.prepare import prepare_data
+from ..data.cache import DEFAULT_CACHE_NAME
+from ..data.prepare import PreparedData, prepare_data
 from ..devices import resolve_device
 from ..inference.metrics import confusion_counts, summarize
 from ..inference.sliding_window import tta_probabilities
 from ..precision import Precision
 from ..runs.checkpoints import LATEST
+from ..runs.outputs import refuse_overlap
 from ..runs.record import ModelRecord
 from ..runs.run_folder import RunFolder
 from .loggers import RunLogger, create_logger
@@ -81,7 +83,7 @@ class Trainer:
             raise ValueError(
                 f"data.batch_size {config.data.batch_size} is not divisible by the {self.dist.world_size} processes"
             )
-        self.data = prepare_data(config.data)
+        self.data = self._prepare_data(output_dir)
         self._check_memory()  # on the meta device: a run that will not fit fails before any weight exists
         self.model = self._build_model(fast)
         # every image was checked when it was read (data/image_io.py: finite pixels); the model's own check
@@ -97,7 +99,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, tcfg)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision.grad_scaler)
         weights = class_weights(tcfg.class_weights, self.data.info.label_names,
-                                [c.label for c in self.data.train_cases])
+                                (c.classes() for c in self.data.train_cases))
         self.criterion = DiceCELoss(class_weights=weights).to(self.device)
         batches = config.data.batch_size
         self.train_set = PatchDataset(self.data.train_cases, self.patch_size, self.normalizer,
@@ -122,6 +124,23 @@ class Trainer:
         except BaseException:
             self.release()
             raise
+
+    def _prepare_data(self, output_dir: str) -> PreparedData:
+        """The dataset, read through the data cache (``data.cache_dir``, default ``.upernet-vit-cache``
+        beside the run folder; never in the dataset): the main process builds it if needed, the others then
+        read the one it built."""
+        cfg = self.cfg.data
+        cache_root = None
+        if cfg.format != "demo" and cfg.root:
+            cache_root = cfg.cache_dir or os.path.join(os.path.dirname(os.path.abspath(output_dir)), DEFAULT_CACHE_NAME)
+            refuse_overlap(cache_root, {"data.root": cfg.root}, "data.cache_dir",
+                           ": the cache would be written among the dataset's files")
+        if self.dist.is_main:
+            data = prepare_data(cfg, cache_root)
+        self.strategy.barrier()
+        if not self.dist.is_main:
+            data = prepare_data(cfg, cache_root)
+        return data
 
     def _build_model(self, fast: Optional[Mapping[str, bool]]) -> UperNetViT:
         """The model for the dataset's classes and channels, on the device, with the fast paths."""
@@ -341,20 +360,20 @@ class Trainer:
     def _validate_case(self, i: int, case: Case, counts: torch.Tensor, write_overlays: bool) -> None:
         """Add case ``i`` of this rank's validation cases to ``counts`` ``[K, 3]``; write its overlay."""
         info = self.data.info
-        image = self.normalizer(torch.from_numpy(case.image)).to(self.device)
+        image = self.normalizer(torch.from_numpy(case.pixels())).to(self.device)
         probs = tta_probabilities(
             self.model, image, self.patch_size, self.cfg.train.val_scales, mirror=self.cfg.train.val_mirror,
             amp_dtype=self.precision.compute_dtype,
         )
         pred = probs.argmax(0).cpu()
-        counts += confusion_counts(pred, torch.from_numpy(case.label), info.num_classes)
+        counts += confusion_counts(pred, torch.from_numpy(case.classes()), info.num_classes)
         if write_overlays and self.dist.is_main and i < self.cfg.train.num_overlays:
             from ..runs.plots import save_overlay
 
             folder = os.path.join(self.output_dir, "overlays")
             os.makedirs(folder, exist_ok=True)
             path = os.path.join(folder, f"{case.case_id}.png")
-            save_overlay(case.image, case.label, pred.numpy(), info.num_classes, path, title=case.case_id)
+            save_overlay(case.pixels(), case.classes(), pred.numpy(), info.num_classes, path, title=case.case_id)
             self.overlay_paths.append(path)
 
     def _epoch_row(self, epoch: int, train_loss: float, val_loss: float, metrics: Dict[str, float], lr: float,
