@@ -193,6 +193,8 @@ def test_with_flags_maps_parameters_only_where_they_cannot_be_words():
         "device is 'cuda' but this machine has no CUDA device": "--device is 'cuda' but this machine has no CUDA device",
         "output_dir '/data/output_dir/x.output_dir' and 'input_path'": "--output '/data/output_dir/x.output_dir' and 'input_path'",
         "model.check_output_dir(step)": "model.check_output_dir(step)",
+        "output_dir '/data/my output_dir' is a file": "--output '/data/my output_dir' is a file",  # quoted: a path
+        "the model's output_dir 'a b' holds input_path": "the model's --output 'a b' holds --input",  # an apostrophe
     }
     for library, command_line in cases.items():
         assert _with_flags(library, predict) == command_line

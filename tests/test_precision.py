@@ -12,13 +12,23 @@ from helpers import TINY
 OPTIONS = dict(backbone="vit_small_patch16_224", num_classes=3, in_chans=3, hidden_size=16, backbone_kwargs=dict(TINY))
 
 
-@pytest.mark.parametrize("spellings, canonical", [(("bf16", "bfloat16", "BF16"), "bfloat16"),
+def test_the_spellings_are_one_list():
+    import typing
+
+    from upernet_vit.precision import SPELLINGS, PrecisionName
+
+    assert list(typing.get_args(PrecisionName)) == list(SPELLINGS)  # the config's Literal and the mapping agree
+    for odd in ("BF16", None, "half"):  # exact spellings only, as YAML, -o and --amp take them
+        with pytest.raises(ValueError, match=r"use one of float32, fp32, none"):
+            canonical_precision(odd)
+
+
+@pytest.mark.parametrize("spellings, canonical", [(("bf16", "bfloat16"), "bfloat16"),
                                                    (("fp16", "float16"), "float16"),
                                                    (("fp32", "float32", "none"), "float32")])
 def test_both_keys_take_every_spelling_and_store_the_canonical_one(spellings, canonical):
     for name in spellings:
-        config = load_config({"model": {"backbone_dtype": name.lower(), "freeze_backbone": True},
-                              "train": {"amp": name.lower()}})
+        config = load_config({"model": {"backbone_dtype": name, "freeze_backbone": True}, "train": {"amp": name}})
         assert config.model.backbone_dtype == canonical and config.train.amp == canonical
         assert load_config(__import__("yaml").safe_load(config_to_yaml(config))) == config  # written canonical
         assert canonical_precision(name) == canonical
@@ -87,3 +97,33 @@ def test_from_config_with_lora_freezes_the_bfloat16_base_and_says_so():
     assert trainable and all("lora_" in n for n in trainable)
     assert model.to_config().lora.enabled  # the saved config loads again under the same rule
     load_config(model.to_config().to_dict())
+
+
+def test_a_bfloat16_model_folder_saved_before_the_rule_loads_frozen(tmp_path):
+    """Folders written before the rule hold a bfloat16 backbone without freeze_backbone (e.g. after
+    merge_lora); the backbone was frozen then too, and loading says so instead of refusing the folder."""
+    import yaml
+
+    model = UperNetViT(**OPTIONS, backbone_dtype="bfloat16", freeze_backbone=True)
+    model.save_pretrained(tmp_path / "m")
+    config = yaml.safe_load((tmp_path / "m" / "config.yaml").read_text())
+    config["model"]["freeze_backbone"] = False
+    (tmp_path / "m" / "config.yaml").write_text(yaml.safe_dump(config))
+    (tmp_path / "m" / "SHA256SUMS").unlink()  # an older folder: no checksums
+    loaded = UperNetViT.from_pretrained(tmp_path / "m")
+    assert loaded.config.freeze_backbone and not any(p.requires_grad for p in loaded.backbone.parameters())
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), model.eval()(x))
+
+
+def test_merging_lora_into_a_model_cast_to_bfloat16_freezes_it_before_anything_changes():
+    model = UperNetViT(**OPTIONS)
+    model.enable_lora(rank=2)
+    model = model.bfloat16()  # the whole model cast by hand, the config still says float32
+    model.merge_lora()
+    assert model.lora_config is None and model.config.freeze_backbone
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+    double = UperNetViT(**OPTIONS).double()
+    double.set_backbone_trainable(True)  # float64 is not below float32: it trains
+    assert all(p.requires_grad for p in double.backbone.parameters())

@@ -65,11 +65,14 @@ def _with_flags(text: str, flags: Mapping[str, str]) -> str:
     if not flags:
         return text
     names = "|".join(re.escape(n) for n in sorted(flags, key=len, reverse=True))
-    pattern = (rf"(?<![\w./\\'\"=-])(?P<name>{names})"  # not inside a word, path, quoted value or flag
+    pattern = (r"(?P<quoted>(?<!\w)'[^'\n]*'|(?<!\w)\"[^\"\n]*\")|"  # a quoted value (a path): left as it is
+               rf"(?<![\w./\\'\"=-])(?P<name>{names})"  # not inside a word, path, quoted value or flag
                rf"(?:(?P<switch>=True\b)|='(?P<word>[A-Za-z][\w-]*)'|=\[(?P<items>[^\]]*)\]|(?P<assign>=)"
                rf"|(?![\w/\\-]|\.\w))")
 
     def flag(match: "re.Match[str]") -> str:
+        if match["quoted"] is not None:
+            return match["quoted"]
         name, shown = match["name"], flags[match["name"]]
         if match["switch"]:
             return shown

@@ -374,16 +374,17 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
         raise ConfigError(f"{prefix}{err}") from None
 
 
-def load_config(source: Union[str, os.PathLike, Mapping[str, Any], Config]) -> Config:
+def load_config(source: Union[str, os.PathLike, Mapping[str, Any], Config], origin: Optional[str] = None) -> Config:
     """A :class:`Config` from a YAML file path, a shipped recipe's name (:mod:`upernet_vit.recipes`), a dict
     with the same layout, or a Config (returned as is).
 
     Missing keys take their defaults; unknown keys and wrong types raise :class:`ConfigError`
-    naming the dotted key (``model.decoder.hidden_size``), the file and the closest valid key.
+    naming the dotted key (``model.decoder.hidden_size``), the file (``origin`` for a dict read from one)
+    and the closest valid key.
     """
     if isinstance(source, Config):
         return source
-    origin = "config"
+    origin = origin or "config"
     if isinstance(source, (str, os.PathLike)):
         from .recipes import resolve_config
 

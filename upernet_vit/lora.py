@@ -23,11 +23,18 @@ def set_backbone_trainable(model: "UperNetViT", trainable: bool) -> None:
     :class:`~upernet_vit.config.ConfigError` (the rule ``Config`` holds YAML files to, precision.py)."""
     lora_on = model.lora_config is not None
     if trainable:
-        stored = sorted({str(p.dtype).replace("torch.", "") for p in model.backbone.parameters()} - {"float32"})
+        stored = _half_storage(model)
         if stored:
-            check_backbone_storage(stored[0], frozen=False, lora=lora_on, how="api")
+            check_backbone_storage(stored, frozen=False, lora=lora_on, how="api")
     for name, p in model.backbone.named_parameters():
         p.requires_grad = trainable and ("lora_" in name or not lora_on)
+
+
+def _half_storage(model: "UperNetViT") -> str:
+    """``"bfloat16"`` or ``"float16"`` when the backbone's own weights (LoRA adapters aside) are stored so,
+    else ``""``: the storage that cannot train itself (precision.py)."""
+    dtypes = {p.dtype for n, p in model.backbone.named_parameters() if "lora_" not in n}
+    return next((str(d).replace("torch.", "") for d in (torch.bfloat16, torch.float16) if d in dtypes), "")
 
 
 _DEFAULT = LoraConfig()  # the defaults, declared once in config.LoraConfig
@@ -86,8 +93,8 @@ def merge_lora(model: "UperNetViT") -> None:
     A backbone stored below float32 is frozen afterwards, and its config says so (``freeze_backbone``)."""
     if model.lora_config is None:
         raise RuntimeError("merge_lora() needs LoRA enabled; call enable_lora() first")
+    frozen = model.config.freeze_backbone or bool(_half_storage(model))  # decided before anything changes
     model.backbone.vit = model.backbone.vit.merge_and_unload()
     model.lora_config = None
-    if model.config.backbone_dtype != "float32":
-        model.config.freeze_backbone = True
-    set_backbone_trainable(model, not model.config.freeze_backbone)
+    model.config.freeze_backbone = frozen
+    set_backbone_trainable(model, not frozen)

@@ -19,9 +19,12 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import ContextManager, Literal, Optional
+from typing import TYPE_CHECKING, ContextManager, Literal, Optional
 
 import torch
+
+if TYPE_CHECKING:
+    from .config import Config
 
 # every spelling a config key or a flag accepts -> its canonical name
 SPELLINGS = {
@@ -36,10 +39,9 @@ FULL = "float32"
 def canonical_precision(name: str, what: str = "precision") -> str:
     """``name`` in its canonical form (``bf16`` -> ``bfloat16``); ``what`` names the key or parameter in
     the error."""
-    try:
-        return SPELLINGS[str(name).lower()]
-    except KeyError:
-        raise ValueError(f"{what} {name!r}: use one of {', '.join(SPELLINGS)}") from None
+    if isinstance(name, str) and name in SPELLINGS:  # exact, as the config keys and --amp take them
+        return SPELLINGS[name]
+    raise ValueError(f"{what} {name!r}: use one of {', '.join(SPELLINGS)}")
 
 
 def precision_dtype(name: str) -> torch.dtype:
@@ -66,10 +68,10 @@ class Precision:
     compute: str = FULL
 
     @classmethod
-    def from_config(cls, config: "object") -> "Precision":
+    def from_config(cls, config: "Config") -> "Precision":
         """From a :class:`~upernet_vit.config.Config` (its keys are canonical already)."""
-        return cls(canonical_precision(config.model.backbone_dtype, "model.backbone_dtype"),  # type: ignore[attr-defined]
-                   canonical_precision(config.train.amp, "train.amp"))  # type: ignore[attr-defined]
+        return cls(canonical_precision(config.model.backbone_dtype, "model.backbone_dtype"),
+                   canonical_precision(config.train.amp, "train.amp"))
 
     @property
     def storage_dtype(self) -> torch.dtype:

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Type, TypeVar, 
 import torch
 
 from .backbones.meta import build_on_meta, check_materialized
-from .config import config_to_yaml, load_config
+from .config import config_to_yaml, load_config, read_yaml
+from .precision import FULL, SPELLINGS
 from .fileio import atomic_write, read_json, write_text
 
 if TYPE_CHECKING:
@@ -170,6 +171,18 @@ def accept_edits(directory: Union[str, os.PathLike]) -> List[str]:
     return sorted(n for n in set(before) | set(now) if n in checked and before.get(n) != now.get(n))
 
 
+def _frozen_if_stored_half(data: object) -> object:
+    """A saved config whose backbone is stored below float32 without LoRA and not marked frozen (written
+    before the precision rule, e.g. after ``merge_lora``) marked ``freeze_backbone: true``: that backbone
+    was frozen then too, and says so now, as the rule asks."""
+    model = data.get("model") if isinstance(data, dict) else None
+    lora = data.get("lora") if isinstance(data, dict) else None
+    if (isinstance(model, dict) and SPELLINGS.get(str(model.get("backbone_dtype", FULL))) not in (FULL, None)
+            and not model.get("freeze_backbone") and not (isinstance(lora, dict) and lora.get("enabled"))):
+        model["freeze_backbone"] = True
+    return data
+
+
 def from_pretrained(cls: Type[M], directory: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu",
                     verify: bool = True) -> M:
     """Rebuild a model written by :func:`save_pretrained`, on ``device``, after checking the folder's files
@@ -185,7 +198,7 @@ def from_pretrained(cls: Type[M], directory: Union[str, os.PathLike], device: Un
             raise FileNotFoundError(f"{path} not found; from_pretrained needs a folder written by save_pretrained()")
     if verify:
         verify_checksum(directory)
-    cfg = load_config(config_path)
+    cfg = load_config(_frozen_if_stored_half(read_yaml(config_path)), origin=config_path)
     original = cfg.model.checkpoint_path, cfg.model.pretrained
     cfg.model.checkpoint_path, cfg.model.pretrained = None, False  # the weights come from model.safetensors
     try:

@@ -174,6 +174,21 @@ def test_build_on_meta_is_this_threads_and_the_innermost_block_decides():
     assert nn.Module.__dict__["load_state_dict"].__module__ == "torch.nn.modules.module"  # never replaced
 
 
+def test_a_copy_made_in_the_block_loads_as_torch_does_after_it():
+    import copy
+    import warnings
+
+    with build_on_meta(torch.bfloat16):
+        layer = nn.Linear(2, 2)
+        twin = copy.deepcopy(layer)  # the instance's assigning load comes along with the copy
+    assert "load_state_dict" in twin.__dict__
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's own: copying into a meta parameter is a no-op
+        twin.load_state_dict({"weight": torch.ones(2, 2), "bias": torch.zeros(2)})
+    assert twin.weight.is_meta  # not assigned: outside the block a load is torch's own
+    assert "load_state_dict" not in twin.__dict__
+
+
 def test_a_modules_own_load_assigns_only_inside_the_block():
     """The assigning load belongs to the modules built in the block, while it is open: afterwards the same
     module loads as torch's does (copying), and one built outside never assigned."""

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from upernet_vit.cli import main
 from upernet_vit.runs.checkpoints import checkpoint_epoch
 from upernet_vit.training.trainer import Trainer
 from helpers import config_file as _config_file, float_tiff as _float_tiff, gray as _gray
@@ -98,6 +99,23 @@ def test_predict_never_replaces_a_file_it_did_not_write(tmp_path, bare_model, im
         assert main(["predict", "--model", bare_model, "--input", str(images), "--output", str(out),
                      "--probabilities"]) == 0
     assert sorted(os.listdir(out)) == [".predict.lock", "a.png", "a_probs.npz", "b.png", "b_probs.npz", "predictions.json"]
+
+
+def test_the_same_call_again_finishes_a_set_recorded_before_the_precision_spellings(tmp_path, bare_model, images):
+    """A predictions.json written before precision.py records amp "none"; the same call now records "float32"
+    and is the same prediction set, so it replaces its own files instead of refusing them."""
+    import json
+
+    out = tmp_path / "out"
+    call = ["predict", "--model", bare_model, "--input", str(images), "--output", str(out)]
+    assert main(call) == 0
+    record = json.loads((out / "predictions.json").read_text())
+    for how in record["files"].values():
+        assert how["settings"]["amp"] == "float32"
+        how["settings"]["amp"] = "none"  # as an older upernet-vit wrote it
+    (out / "predictions.json").write_text(json.dumps(record))
+    assert main(call) == 0 and main(call + ["--amp", "fp32"]) == 0  # every spelling of one setting
+    assert main(call + ["--amp", "bf16"]) == 2  # another setting is another set
 
 
 def test_a_large_image_shows_progress_over_its_windows(tmp_path, monkeypatch):

@@ -29,6 +29,20 @@ def test_a_version_1_record_loads_and_a_newer_or_broken_one_is_named(tmp_path):
         ModelRecord.from_json({**old, "version": 9}, "p.json")
     with pytest.raises(ValueError, match=r"^p.json is not a JSON object"):
         ModelRecord.from_json([1, 2], "p.json")
+    for version in (True, 0, "2", None):  # not a newer record: an edited one
+        with pytest.raises(ValueError, match=r"^p.json: version .* is not a record version"):
+            ModelRecord.from_json({**old, "version": version}, "p.json")
+
+
+@pytest.mark.parametrize("key, value, must", [
+    ("patch_size", 512, r"null or \[height, width\]"), ("mean", "abc", "a list of numbers"),
+    ("std", [0.2, 0.0, 0.1], "a list of positive numbers"), ("normalization", "foo", "'preset' or 'zscore'"),
+    ("label_values", [0, 1.5], "a list of integers"), ("intensity_scale", -1, "a positive number"),
+    ("intensity_range", [0], r"\[min, max\]"), ("num_channels", True, "null or a positive integer"),
+])
+def test_an_edited_field_of_the_wrong_type_is_named(key, value, must):
+    with pytest.raises(ValueError, match=rf"^p.json: {key} is .*, but must be {must}.* \(the file was edited\)"):
+        ModelRecord.from_json({**record_8bit(tiny_model()), key: value}, "p.json")
 
 
 def test_a_model_folder_without_a_record_means_what_the_caller_says():

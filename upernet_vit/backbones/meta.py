@@ -74,6 +74,9 @@ def load_assigned(module: nn.Module, state_dict: Mapping[str, torch.Tensor], str
     is copied in the dtype of the parameter it replaces and assigned (``assign=True``): copying into a meta
     tensor is a silent no-op. Each copy is contiguous, in fresh memory, not a view of a memory-mapped file: no
     weight changes if the file is overwritten, and kernels see the layout of an ordinarily built model."""
+    if not _in_block():  # a copy (deepcopy) of a module built in a block, used after it: torch's own load
+        module.__dict__.pop("load_state_dict", None)
+        return nn.Module.load_state_dict(module, state_dict, strict=strict, assign=assign)
     if not any(p.is_meta for p in module.parameters()):
         return nn.Module.load_state_dict(module, state_dict, strict=strict, assign=assign)
     own = module.state_dict(keep_vars=True)

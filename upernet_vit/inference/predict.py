@@ -19,7 +19,7 @@ from ..data.image_io import IMAGE_SUFFIXES, read_image_pages, write_label_png, w
 from ..data.intensity import check_input_range
 from ..data.normalization import Normalizer
 from ..devices import resolve_device
-from ..precision import autocast_dtype, canonical_precision
+from ..precision import SPELLINGS, autocast_dtype, canonical_precision
 from ..fileio import atomic_write, read_json, write_text
 from ..model import UperNetViT
 from ..pretrained import PREPROCESSING_NAME, WEIGHTS_NAME, recorded_digests
@@ -139,8 +139,17 @@ def _recorded_files(record: Dict) -> Dict[str, Optional[Dict]]:
     plain file names count: a record never sends predict outside its folder."""
     files = record.get("files", {})
     files = dict(files) if isinstance(files, dict) else {n: None for n in files}
-    return {n: how for n, how in files.items()
+    return {n: _canonical_settings(how) for n, how in files.items()
             if isinstance(n, str) and os.path.basename(n) == n and n not in ("", ".", "..")}
+
+
+def _canonical_settings(how: Optional[Dict]) -> Optional[Dict]:
+    """``how`` with its ``amp`` setting in the canonical spelling: a record written before precision.py
+    ("none", "bf16") describes the same call as one written now ("float32", "bfloat16")."""
+    settings = how.get("settings") if isinstance(how, dict) else None
+    if isinstance(settings, dict) and settings.get("amp") in SPELLINGS:
+        return {**how, "settings": {**settings, "amp": SPELLINGS[settings["amp"]]}}  # type: ignore[dict-item]
+    return how
 
 
 def check_output_folder(input_path: str, output_dir: str, planned: PredictionSet, overwrite: bool = False,

@@ -17,15 +17,46 @@ run's record.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ..fileio import read_json
 from ..pretrained import PREPROCESSING_NAME
 
 RECORD_VERSION = 2
 REQUIRED = ("mean", "std", "normalization", "label_values", "patch_size", "intensity_scale", "intensity_range")
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _numbers(count: Optional[int] = None) -> Callable[[object], bool]:
+    return lambda v: isinstance(v, list) and bool(v) and all(_is_number(x) for x in v) and (count is None or len(v) == count)
+
+
+# what each field must hold, and how to say it
+_FIELD_CHECKS: Dict[str, Tuple[Callable[[object], bool], str]] = {
+    "mean": (_numbers(), "a list of numbers, one per channel"),
+    "std": (lambda v: _numbers()(v) and all(x > 0 for x in v), "a list of positive numbers, one per channel"),
+    "normalization": (lambda v: v in ("preset", "zscore"), "'preset' or 'zscore'"),
+    "label_values": (lambda v: isinstance(v, list) and bool(v) and all(_is_int(x) for x in v),
+                     "a list of integers, one per class"),
+    "patch_size": (lambda v: v is None or (isinstance(v, list) and len(v) == 2 and all(_is_int(x) and x > 0 for x in v)),
+                   "null or [height, width] in pixels"),
+    "intensity_scale": (lambda v: _is_number(v) and v > 0, "a positive number (e.g. 255 for 8-bit images)"),
+    "intensity_range": (_numbers(2), "[min, max] of the training pixel values"),
+    "label_names": (lambda v: v is None or (isinstance(v, list) and all(isinstance(x, str) for x in v)),
+                    "null or a list of class names"),
+    "num_channels": (lambda v: v is None or (_is_int(v) and v > 0), "null or a positive integer"),
+    "file_ending": (lambda v: v is None or isinstance(v, str), "null or a file ending such as '.png'"),
+}
 
 
 @dataclass(frozen=True)
@@ -55,7 +86,10 @@ class ModelRecord:
         if not isinstance(data, dict):
             raise ValueError(f"{path} is not a JSON object (a damaged or foreign file); train the model again")
         version = data.get("version", 1)
-        if not isinstance(version, int) or version > RECORD_VERSION:
+        if not _is_int(version) or version < 1:
+            raise ValueError(f"{path}: version {version!r} is not a record version (1, 2, ...); the file was edited "
+                             f"or is not a model record")
+        if version > RECORD_VERSION:
             raise ValueError(f"{path} is a version {version} record, written by a newer upernet-vit (this one reads "
                              f"up to version {RECORD_VERSION}); upgrade: pip install -U upernet-vit")
         missing = [k for k in REQUIRED if k not in data]
@@ -65,6 +99,10 @@ class ModelRecord:
                 f"them to treat inputs as in training. Train the model again, or add them: intensity_scale is 255 "
                 f"for a model trained on 8-bit images, intensity_range the [min, max] of its training pixel values"
             )
+        for key, (ok, must) in _FIELD_CHECKS.items():
+            if key in data and not ok(data[key]):
+                raise ValueError(f"{path}: {key} is {data[key]!r}, but must be {must} (the file was edited); "
+                                 f"restore it, or train the model again")
         known = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
         return cls(**{**values, "version": RECORD_VERSION})  # read once, held in the current form

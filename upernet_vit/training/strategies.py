@@ -7,8 +7,8 @@
 
 A strategy owns what differs between them: the process group's lifetime (``start`` .. ``close``), putting
 the model on its device (``place``) and wrapping it (``wrap``), the weights evaluation runs with
-(``evaluation_weights``), the gradient norm, the state a checkpoint is written from (``gather_state``) and
-loaded into (``load_state``), its share of the memory estimate (``per_process``), and the collectives the
+(``evaluation_weights``), the gradient norm, the state a checkpoint is written from (``gather_weights``,
+``gather_optimizer``) and loaded into (``load_state``), its share of the memory estimate (``per_process``), and the collectives the
 loop needs (``all_reduce_sum``, ``barrier``, ``agree``). Every strategy writes the same run folder: the full
 weights and a one-process optimizer state, written by rank 0.
 """
@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from contextlib import nullcontext
-from typing import Any, ContextManager, Dict, List, Optional, Tuple
+from typing import Any, ContextManager, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -73,10 +73,13 @@ class OneProcess:
         return None
 
     # ------------------------------------------------------------------ checkpoints
-    def gather_state(self, model: nn.Module, optimizer: torch.optim.Optimizer
-                     ) -> Tuple[Optional[Dict[str, torch.Tensor]], Dict[str, Any]]:
-        """``(weights, optimizer state)`` as one process holds them: weights None means the model's own."""
-        return None, optimizer.state_dict()
+    def gather_weights(self, model: nn.Module) -> Optional[Dict[str, torch.Tensor]]:
+        """The weights as one process holds them, for a checkpoint; None: the model's own ``state_dict()``."""
+        return None
+
+    def gather_optimizer(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> Dict[str, Any]:
+        """The optimizer state as one process holds it (gathered after the weights passed their check)."""
+        return optimizer.state_dict()
 
     def load_state(self, folder: RunFolder, model: nn.Module, optimizer: torch.optim.Optimizer,
                    device: torch.device) -> Dict[str, Any]:
@@ -87,9 +90,11 @@ class OneProcess:
 
     # ------------------------------------------------------------------ collectives
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` summed over the processes, in place (itself in one process)."""
         return distributed.all_reduce_sum(tensor, self.info)
 
     def barrier(self) -> None:
+        """Wait until every process gets here (nothing to wait for in one process)."""
         distributed.barrier(self.info)
 
     def agree(self, verdict: List[str]) -> List[str]:
@@ -101,11 +106,16 @@ class DDP(OneProcess):
     """torchrun processes, each with the whole model; DistributedDataParallel averages the gradients."""
 
     def start(self, device_type: str) -> DistInfo:
+        """Join torchrun's process group, starting it unless the caller already has (then it stays theirs)."""
+        self.owns_group = not torch.distributed.is_initialized()
         self.info = distributed.init_distributed(device_type)
         return self.info
 
     def close(self) -> None:
-        distributed.cleanup(self.info)
+        """Leave the process group this strategy started; one the caller started stays up."""
+        if getattr(self, "owns_group", False):
+            distributed.cleanup(self.info)
+            self.owns_group = False
 
     def place(self, model: nn.Module, device: torch.device) -> nn.Module:
         """On a GPU BatchNorm becomes SyncBatchNorm (statistics over the global batch), then as one process."""
@@ -158,12 +168,17 @@ class FSDP(DDP):
         return dataclasses.replace(estimate, weights=estimate.weights // world + estimate.weights,
                                    optimizer=estimate.optimizer // world)
 
-    def gather_state(self, model: nn.Module, optimizer: torch.optim.Optimizer
-                     ) -> Tuple[Optional[Dict[str, torch.Tensor]], Dict[str, Any]]:
-        """Full tensors gathered from the shards by every rank (collective), kept on rank 0."""
-        from .fsdp import gather_model_state, gather_optimizer_state
+    def gather_weights(self, model: nn.Module) -> Optional[Dict[str, torch.Tensor]]:
+        """Full tensors gathered from the shards by every rank (collective), kept on rank 0 (``{}`` elsewhere)."""
+        from .fsdp import gather_model_state
 
-        return gather_model_state(model), gather_optimizer_state(model, optimizer)
+        return gather_model_state(model)
+
+    def gather_optimizer(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> Dict[str, Any]:
+        """The one-process optimizer state from the shards (collective), on rank 0 (``{}`` elsewhere)."""
+        from .fsdp import gather_optimizer_state
+
+        return gather_optimizer_state(model, optimizer)
 
     def load_state(self, folder: RunFolder, model: nn.Module, optimizer: torch.optim.Optimizer,
                    device: torch.device) -> Dict[str, Any]:

@@ -77,6 +77,27 @@ class Trainer:
         self.strategy = create_strategy(tcfg, self.precision)
         logger.info("%s", self.strategy.note)
         self.dist = self.strategy.start(resolve_device(tcfg.device).type)
+        try:
+            self._set_up(fast)
+            self.folder = RunFolder(output_dir, config, resume, writes=self.dist.is_main)
+        except BaseException:  # nothing of the run exists yet: only the process group to leave
+            self.strategy.close()
+            raise
+        try:
+            self.strategy.barrier()
+            if resume:
+                self._resume()
+            if self.dist.is_main:
+                self.folder.write_run_files(self.data.splits)
+                self.run_logger = create_logger(tcfg.logger, output_dir, config.to_dict())
+        except BaseException:
+            self.release()
+            raise
+
+    def _set_up(self, fast: Optional[Mapping[str, bool]]) -> None:
+        """Device, data, model, optimizer and datasets of the run (``__init__``, between joining the process
+        group and opening the run folder)."""
+        config, tcfg, output_dir = self.cfg, self.cfg.train, self.output_dir
         self.device = resolve_device(tcfg.device, self.dist.local_rank if self.dist.enabled else None)
         self.precision.check_device(self.device)  # fails early, e.g. for fp16 without CUDA
         if config.data.batch_size % self.dist.world_size:
@@ -113,17 +134,6 @@ class Trainer:
         self.ema: Optional[float] = None
         self.run_logger = RunLogger()  # the main process's replaces it (train.logger)
         self.overlay_paths: List[str] = []  # written by the last validate(write_overlays=True)
-        self.folder = RunFolder(output_dir, config, resume, writes=self.dist.is_main)
-        try:
-            self.strategy.barrier()
-            if resume:
-                self._resume()
-            if self.dist.is_main:
-                self.folder.write_run_files(self.data.splits)
-                self.run_logger = create_logger(tcfg.logger, output_dir, config.to_dict())
-        except BaseException:
-            self.release()
-            raise
 
     def _prepare_data(self, output_dir: str) -> PreparedData:
         """The dataset, read through the data cache (``data.cache_dir``, default ``.upernet-vit-cache``
@@ -393,8 +403,9 @@ class Trainer:
         """Check and write the checkpoint of ``epoch``: the strategy gathers the weights and optimizer state
         as one process holds them (collective), rank 0 writes them: the same model folder, the same
         ``training_state.pt`` whatever the strategy."""
-        weights, optimizer_state = self.strategy.gather_state(self.model, self.optimizer)  # weights None: the model's
-        self._check_weights_finite(epoch + 1, weights)
+        weights = self.strategy.gather_weights(self.model)  # None: the model's own
+        self._check_weights_finite(epoch + 1, weights)  # before the optimizer state is gathered: a NaN run stops
+        optimizer_state = self.strategy.gather_optimizer(self.model, self.optimizer)
         if self.dist.is_main:
             self.folder.save_epoch(self.model, self._training_state(epoch + 1, optimizer_state), improved,
                                    self.history, weights)
