@@ -243,6 +243,11 @@ class DataConfig(_Checked):
     # the data cache (data/cache.py: the dataset converted once into memory-mapped arrays); null:
     # .upernet-vit-cache beside the run folder. Never inside data.root
     cache_dir: Optional[str] = None
+    # volumes (nnU-Net raw .nii.gz): the axis 2-D slices are taken along (0, 1, 2 of the file's voxel
+    # array); null: the axis of largest spacing, so that slices are in-plane
+    slice_axis: Optional[int] = option(None, check=lambda v: v is None or v in (0, 1, 2), must="0, 1, 2 or null")
+    # 2.5-D: each slice gets its k neighbours on each side as extra channels (in_chans = channels x (2k+1))
+    context_slices: int = option(0, check=lambda v: 0 <= v <= 16, must="in 0..16")
     demo_cases: int = option(64, check=lambda v: v >= 2, must=">= 2")  # demo only
     demo_image_size: int = option(96, check=lambda v: v >= 8, must=">= 8")  # demo only
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)

@@ -88,7 +88,8 @@ def test_cli_export_of_a_run_folder(tmp_path, capsys):
     assert dims == [1, 1, 42, 56]  # the training patch from preprocessing.json
     metadata = {p.key: p.value for p in onnx_model.metadata_props}
     stored = json.loads(metadata["upernet_vit.preprocessing"])  # the record in its current form
-    assert stored == {**prep, "version": RECORD_VERSION, "label_names": None, "num_channels": None, "file_ending": None}
+    assert stored == {**prep, "version": RECORD_VERSION, "label_names": None, "num_channels": None, "file_ending": None,
+                      "slice_axis": None, "context_slices": 0}
     session = ort.InferenceSession(out, providers=["CPUExecutionProvider"])
     assert _max_diff(session, model, (1, 1, 42, 56)) < 1e-4
     assert main(["export", str(tmp_path / "missing"), "--output", out]) == 2

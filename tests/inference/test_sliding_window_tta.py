@@ -102,7 +102,7 @@ def test_an_ensemble_of_runs_with_other_labels_is_an_error(two_runs, tmp_path):
     runs, images = two_runs
     other = tmp_path / "other"
     tiny_model(in_chans=1, num_classes=3).save_pretrained(other)  # labels 0..2, not the demo's 0..3
-    with pytest.raises(ValueError, match=r"same labels and input channels.*\[0, 1, 2, 3\].*\[0, 1, 2\]"):
+    with pytest.raises(ValueError, match=r"same labels, input channels and slicing.*\[0, 1, 2, 3\].*\[0, 1, 2\]"):
         predict([runs[0], str(other)], images, str(tmp_path / "out"), device="cpu", intensity_scale=255.0)
     assert not (tmp_path / "out").exists()
 

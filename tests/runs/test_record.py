@@ -36,7 +36,7 @@ def test_a_version_1_record_loads_and_a_newer_or_broken_one_is_named(tmp_path):
 
 @pytest.mark.parametrize("key, value, must", [
     ("patch_size", 512, r"null or \[height, width\]"), ("mean", "abc", "a list of numbers"),
-    ("std", [0.2, 0.0, 0.1], "a list of positive numbers"), ("normalization", "foo", "'preset' or 'zscore'"),
+    ("std", [0.2, 0.0, 0.1], "a list of positive numbers"), ("normalization", "foo", "'preset', 'zscore' or 'volume'"),
     ("label_values", [0, 1.5], "a list of integers"), ("intensity_scale", -1, "a positive number"),
     ("intensity_range", [0], r"\[min, max\]"), ("num_channels", True, "null or a positive integer"),
 ])

@@ -100,8 +100,8 @@ def build_transform(patch_size: Sequence[int], cfg: Optional[AugmentationConfig]
 
 
 class PatchDataset(torch.utils.data.Dataset):
-    """``length`` patches per epoch; item i picks a case and augments it with RNG seeded by
-    (seed, epoch, i). Returns ``(image [C, *patch] float32 normalized, label [*patch] int64)``.
+    """``length`` patches per epoch; item i picks a case (a ``foreground_fraction`` of them among the cases
+    holding foreground) and augments it with RNG seeded by (seed, epoch, i). Returns ``(image [C, *patch] float32 normalized, label [*patch] int64)``.
 
     Z-score normalization uses each whole image's statistics (as validation and prediction do) and
     runs before augmentation; the per-channel preset normalization runs after it."""
@@ -114,12 +114,17 @@ class PatchDataset(torch.utils.data.Dataset):
         length: int,
         seed: int,
         augment: Optional[AugmentationConfig],
+        foreground_fraction: float = 0.0,
     ) -> None:
         if not cases:
             raise ValueError("PatchDataset needs at least one case")
         self.normalizer = normalizer
         self.per_image = normalizer.mode == "zscore"
         self.cases = list(cases)  # each read when a sample needs it (from the data cache's map, or memory)
+        # nnU-Net's foreground oversampling, for volumes' slices (most CT slices hold background only): this
+        # share of the samples comes from the cases that hold a foreground class
+        self.foreground = [c for c in self.cases if any(i > 0 for i in c.present_classes())]
+        self.foreground_fraction = foreground_fraction if self.foreground else 0.0
         self.transform = build_transform(patch_size, augment)
         self.length = length
         self.seed = seed
@@ -133,7 +138,10 @@ class PatchDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        case = self.cases[int(rng.integers(len(self.cases)))]
+        if self.foreground_fraction and rng.random() < self.foreground_fraction:
+            case = self.foreground[int(rng.integers(len(self.foreground)))]
+        else:
+            case = self.cases[int(rng.integers(len(self.cases)))]
         pixels = torch.from_numpy(case.pixels())
         if self.per_image:  # z-score with the whole image's statistics, before augmentation
             pixels = self.normalizer(pixels)

@@ -34,7 +34,7 @@ import numpy as np
 
 from ..config import DataConfig
 from ..fileio import read_json, write_text
-from .datasets import IGNORE_INDEX, Case, DatasetInfo, load_folders, load_nnunet_raw
+from .datasets import IGNORE_INDEX, Case, DatasetInfo, load_folders, load_nnunet_raw, volume_stats
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,8 @@ def fingerprint(cfg: DataConfig) -> str:
     for path in source_files(cfg):
         st = os.stat(path)
         stats.append([os.path.relpath(path, root), st.st_size, st.st_mtime_ns])
-    what = {"version": CACHE_VERSION, "root": root, "format": cfg.format, "labels": cfg.labels, "files": stats}
+    what = {"version": CACHE_VERSION, "root": root, "format": cfg.format, "labels": cfg.labels,
+            "slice_axis": cfg.slice_axis, "files": stats}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode("utf-8")).hexdigest()[:16]
 
 
@@ -96,6 +97,8 @@ class _Writer:
         entry = {"case_id": case.case_id, "source": case.source, "image": image_file, "label": label_file,
                  "full_scale": case.full_scale, "value_range": list(case.pixel_range()),
                  "class_pixels": [int(n) for n in counts]}
+        if case.image.ndim == 4:  # a volume: what cutting it into slices needs, so no run reads it for that
+            entry["volume_stats"] = volume_stats(case.image, label, len(counts))
         self.entries.append(entry)
         self.bar.update(1)
         return _open_case(self.folder, entry)
@@ -110,7 +113,7 @@ def _open_case(folder: str, entry: Dict[str, Any]) -> Case:
     label = np.load(os.path.join(folder, entry["label"]), mmap_mode="r")
     low, high = entry["value_range"]
     return Case(entry["case_id"], image, label, entry["full_scale"], entry["source"], (float(low), float(high)),
-                list(entry["class_pixels"]))
+                list(entry["class_pixels"]), entry.get("volume_stats"))
 
 
 def _read_index(folder: str, key: str) -> Optional[Dict[str, Any]]:
@@ -169,7 +172,7 @@ def _build(cfg: DataConfig, folder: str, key: str) -> Dict[str, Any]:
     writer = _Writer(tmp, total)
     try:
         if cfg.format == "nnunet":
-            info, _ = load_nnunet_raw(cfg.root, store=writer)  # type: ignore[arg-type]
+            info, _ = load_nnunet_raw(cfg.root, store=writer, slice_axis=cfg.slice_axis)  # type: ignore[arg-type]
         else:
             info, _ = load_folders(cfg.root, cfg.labels, store=writer)  # type: ignore[arg-type]
         writer.close()

@@ -12,12 +12,13 @@ Two rules hold for every reader here:
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
 
 from ..fileio import atomic_write
+from .volume_io import is_volume, read_label_volume, read_volume_slices
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".bmp", ".jpg", ".jpeg")
 # compression changes pixel values: a 0/255 mask saved as JPEG holds every value in between
@@ -117,13 +118,17 @@ def read_image_and_kind(path: str) -> Tuple[np.ndarray, bool]:
     return pages[0], integer
 
 
-def read_image_pages(path: str) -> Tuple[List[np.ndarray], bool]:
+def read_image_pages(path: str, slice_axis: Optional[int] = None) -> Tuple[List[np.ndarray], bool]:
     """``([[C, H, W] float32 per page], integer)``: the pixel values as stored, whatever the file type
     (8-bit 200, 16-bit 200 and float 200.0 all give 200.0; the intensity rule in :mod:`.intensity` maps
     them to the backbone's range), each page as a viewer shows it, and whether the file holds integers.
     Float images must be finite: a NaN or infinite pixel is a ValueError naming the file. RGB stays in one
     file (C = 3); an alpha channel is dropped; palette images give their colours (1 channel if all gray);
-    1-bit images are 0/255. The pages of one file must agree in size and channels."""
+    1-bit images are 0/255. The pages of one file must agree in size and channels. A NIfTI volume's pages
+    are its slices along ``slice_axis`` (default: the axis of largest spacing; :mod:`.volume_io`)."""
+    if is_volume(path):
+        slices, integer, _ = read_volume_slices(path, slice_axis)
+        return slices, integer
     arrays, kinds = [], set()
     for img in _pages(path):
         if img.mode == "P":
@@ -164,7 +169,9 @@ def read_label(path: str) -> np.ndarray:
 def read_label_pages(path: str) -> np.ndarray:
     """``[N, H, W]`` int64 label values as stored (palette PNGs give their indices), page by page, each as
     a viewer shows it. A lossy file (JPEG) is a ValueError naming it: its values are not the labels that
-    were saved."""
+    were saved. A NIfTI label volume gives its slices along the axis of largest spacing."""
+    if is_volume(path):
+        return read_label_volume(path)
     if path.lower().endswith(LOSSY_SUFFIXES):
         raise ValueError(
             f"label file {path!r} is a JPEG, a lossy format: compression changes its values (a 0/255 mask "

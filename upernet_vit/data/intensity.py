@@ -97,8 +97,8 @@ def check_input_range(
     rescaled copy predicts nearly black). ``ranges``: ``{file: (min, max)}``; ``trained``: the training
     images' ``[low, high]``; ``record``: the ``preprocessing.json`` the numbers come from. ``accept``: the
     user confirms such inputs; each mismatch is then a warning."""
-    if normalization == "zscore":
-        return  # per-image statistics: the value range does not matter
+    if normalization in ("zscore", "volume"):
+        return  # per-image or per-volume statistics: the value range does not matter
     low, high = min(0.0, float(trained[0])), max(float(scale), float(trained[1]))
     mismatches = []
     bad = {f: r for f, r in ranges.items() if r[0] < low or r[1] > high}

@@ -3,6 +3,8 @@
     preset   (x / intensity_scale - mean) / std per channel (the backbone's pretraining statistics, which
              expect [0, 1]; intensity_scale is the recorded full scale of the training images)
     zscore   (x - mean(x)) / std(x) per image and channel (nnU-Net's default for non-CT data; scale-free)
+    volume   nothing here: a volume's slices come z-scored with the whole volume's channel statistics
+             (datasets.VolumeSlice, and predict for volume inputs)
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ class Normalizer:
         self.scale = float(scale)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "volume":
+            return x
         if self.mode == "zscore":
             m = x.mean(dim=(-2, -1), keepdim=True)
             s = x.std(dim=(-2, -1), keepdim=True).clamp_min(1e-6)

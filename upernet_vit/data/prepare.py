@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 from ..config import DataConfig
-from .datasets import Case, DatasetInfo, absent_classes, load_folders, load_nnunet_raw
+from .datasets import Case, DatasetInfo, absent_classes, load_folders, load_nnunet_raw, volume_of, volume_slices
 from .demo import demo_cases, demo_info
 from .splits import fold_case_ids
 from .intensity import choose_intensity_scale
@@ -29,6 +29,8 @@ class PreparedData:
     intensity_scale: float  # pixel values / this -> [0, 1] for the preset normalization (data/intensity.py)
     intensity_range: List[float]  # [min, max] pixel value of the dataset's images
     absent: List[int]  # class indices that no training mask contains (left out of the mean Dice)
+    normalization: str = "preset"  # data.normalization for images; "volume" for volumes (z-score per volume)
+    volumes: bool = False  # the cases are slices of volumes (VolumeSlice)
 
 
 def prepare_data(cfg: DataConfig, cache_root: Optional[str] = None) -> PreparedData:
@@ -47,20 +49,36 @@ def prepare_data(cfg: DataConfig, cache_root: Optional[str] = None) -> PreparedD
 
             info, cases = cached_dataset(cfg, cache_root)
         elif cfg.format == "nnunet":
-            info, cases = load_nnunet_raw(cfg.root)
+            info, cases = load_nnunet_raw(cfg.root, slice_axis=cfg.slice_axis)
         else:
             info, cases = load_folders(cfg.root, cfg.labels)
         splits_file = cfg.splits_file or os.path.join(cfg.root, "splits_final.json")
     if info.num_classes < 2:
         raise ValueError(f"the dataset has {info.num_classes} label(s); segmentation needs background plus at least one class")
+    volumes = bool(cases) and cases[0].image.ndim == 4
+    if cfg.context_slices and not volumes:
+        raise ValueError(f"data.context_slices {cfg.context_slices} takes neighbouring slices of volumes, but "
+                         f"{cfg.root or 'the demo'} holds 2-D images; set data.context_slices: 0")
+    ranges = [c.pixel_range() for c in cases if c.image.size]
     fold = str(cfg.fold)
-    train_ids, val_ids, splits = fold_case_ids(
+    train_ids, val_ids, splits = fold_case_ids(  # folds of whole volumes: a volume's slices stay together
         [c.case_id for c in cases], fold, splits_file, cfg.num_folds, required=bool(cfg.splits_file)
     )
-    by_id = {c.case_id: c for c in cases}
-    train_cases = [by_id[i] for i in train_ids]
-    scale = choose_intensity_scale({c.source or c.case_id: c.full_scale for c in cases}, cfg.normalization,
-                                   cfg.intensity_scale)
+    if volumes:
+        logger.info("%d volumes, cut into 2-D slices (data.slice_axis %s, %d context slice(s) on each side), "
+                    "each volume z-scored by channel", len(cases),
+                    cfg.slice_axis if cfg.slice_axis is not None else "null: the axis of largest spacing",
+                    cfg.context_slices)
+        info.num_channels *= 2 * cfg.context_slices + 1
+        cases = [s for c in cases for s in volume_slices(c, cfg.context_slices, info.num_classes)]
+        scale = 1.0  # z-scored per volume: no intensity scale
+    else:
+        scale = choose_intensity_scale({c.source or c.case_id: c.full_scale for c in cases}, cfg.normalization,
+                                       cfg.intensity_scale)
+    by_volume: Dict[str, List[Case]] = {}
+    for c in cases:
+        by_volume.setdefault(volume_of(c), []).append(c)
+    train_cases = [c for i in train_ids for c in by_volume[i]]
     absent = absent_classes(info, train_cases)
     if absent:
         logger.warning(
@@ -69,6 +87,6 @@ def prepare_data(cfg: DataConfig, cache_root: Optional[str] = None) -> PreparedD
             ", ".join(f"{info.label_names[i]!r} (value {info.label_values[i]})" for i in absent),
             "data.labels" if cfg.labels else ("dataset.json" if cfg.format == "nnunet" else "the dataset"), fold,
         )
-    ranges = [c.pixel_range() for c in cases if c.image.size]
     low, high = (min(r[0] for r in ranges), max(r[1] for r in ranges)) if ranges else (0.0, 0.0)
-    return PreparedData(info, train_cases, [by_id[i] for i in val_ids], splits, scale, [low, high], absent)
+    return PreparedData(info, train_cases, [c for i in val_ids for c in by_volume[i]], splits, scale, [low, high],
+                        absent, "volume" if volumes else cfg.normalization, volumes)

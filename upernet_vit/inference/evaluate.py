@@ -14,6 +14,7 @@ import torch
 
 from ..data.datasets import IGNORE_INDEX
 from ..data.image_io import IMAGE_SUFFIXES, read_label_pages
+from ..data.volume_io import VOLUME_SUFFIXES, file_stem
 from ..fileio import atomic_write, read_json, write_text
 from ..runs.outputs import refuse_foreign_file, refuse_overlap
 from .metrics import confusion_counts, dice_iou
@@ -40,8 +41,9 @@ def check_summary_path(path: str, pred_dir: str, gt_dir: str, labels_file: Optio
     prediction, the labels file), and any existing file that is not an earlier summary of evaluate's."""
     refuse_overlap(path, {"gt_dir": gt_dir, "labels_file": labels_file}, "path", ": evaluate would write among the "
                    "ground truth")
-    stem = os.path.splitext(os.path.basename(path))[0]
-    if os.path.dirname(os.path.realpath(path)) == os.path.realpath(pred_dir) and path.lower().endswith(IMAGE_SUFFIXES):
+    stem = file_stem(path)
+    if (os.path.dirname(os.path.realpath(path)) == os.path.realpath(pred_dir)
+            and path.lower().endswith(IMAGE_SUFFIXES + VOLUME_SUFFIXES)):
         raise ValueError(f"path {path!r} is the prediction {stem!r} in pred_dir {pred_dir!r}; choose a .json file")
     refuse_foreign_file(path, is_evaluate_summary, "path", "evaluate")
 
@@ -130,13 +132,14 @@ def evaluate(
 
 
 def _label_files(folder: str) -> Dict[str, str]:
-    """``{case: label file}`` of a folder (a case's ``.png`` before its ``.tif``, e.g. a stack's mask)."""
+    """``{case: label file}`` of a folder (a case's ``.png`` before its ``.tif``, e.g. a stack's mask; NIfTI
+    volumes by their name without ``.nii.gz``)."""
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"folder {folder!r} does not exist")
     found: Dict[str, str] = {}
     for name in sorted(os.listdir(folder), key=lambda n: (not n.lower().endswith(".png"), n)):
-        if name.lower().endswith(IMAGE_SUFFIXES):
-            found.setdefault(os.path.splitext(name)[0], os.path.join(folder, name))
+        if name.lower().endswith(IMAGE_SUFFIXES + VOLUME_SUFFIXES):  # a volume: 3-D Dice over its slices
+            found.setdefault(file_stem(name), os.path.join(folder, name))
     return dict(sorted(found.items()))
 
 

@@ -14,8 +14,9 @@ from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, U
 import numpy as np
 import torch
 
-from ..data.datasets import read_case_pages
+from ..data.datasets import read_case_pages, volume_inputs
 from ..data.image_io import IMAGE_SUFFIXES, read_image_pages, write_label_png, write_label_stack
+from ..data.volume_io import VOLUME_SUFFIXES, file_stem, is_volume, volume_axis, write_label_volume
 from ..data.intensity import check_input_range
 from ..data.normalization import Normalizer
 from ..devices import resolve_device
@@ -42,9 +43,10 @@ def _input_files(path: str) -> List[str]:
         return [path]
     if not os.path.isdir(path):
         raise FileNotFoundError(f"input_path {path!r} does not exist")
-    files = [os.path.join(path, n) for n in sorted(os.listdir(path)) if n.lower().endswith(IMAGE_SUFFIXES)]
+    suffixes = IMAGE_SUFFIXES + VOLUME_SUFFIXES
+    files = [os.path.join(path, n) for n in sorted(os.listdir(path)) if n.lower().endswith(suffixes)]
     if not files:
-        raise ValueError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {path!r}")
+        raise ValueError(f"no image files ({', '.join(suffixes)}) in {path!r}")
     return files
 
 
@@ -61,7 +63,8 @@ class InputStats(NamedTuple):
     pages: int = 1  # a multi-page file (a z-stack): predicted page by page
 
 
-def read_inputs(path: str, in_chans: int) -> Tuple[Dict[str, List[str]], Dict[str, InputStats]]:
+def read_inputs(path: str, in_chans: int,
+                slice_axis: Optional[int] = None) -> Tuple[Dict[str, List[str]], Dict[str, InputStats]]:
     """``({case_id: channel files}, {file: InputStats})`` for a model with ``in_chans`` input
     channels, after reading every file once, so that an unreadable, non-finite or wrong-channel input fails
     before anything is written.
@@ -78,14 +81,14 @@ def read_inputs(path: str, in_chans: int) -> Tuple[Dict[str, List[str]], Dict[st
     files = _input_files(path)
     shapes, stats = {}, {}
     for f in tqdm(files, desc="check inputs", unit="file", disable=None, leave=False):
-        pages, _ = read_image_pages(f)
+        pages, _ = read_image_pages(f, slice_axis)
         shapes[f] = (len(pages),) + pages[0].shape
         stats[f] = InputStats(pages[0].shape[1], pages[0].shape[2], float(min(p.min() for p in pages)),
                               float(max(p.max() for p in pages)), len(pages))
     channels = {f: shape[1] for f, shape in shapes.items()}
     cases: Dict[str, List[tuple]] = {}
     for f in files:
-        stem = os.path.splitext(os.path.basename(f))[0]
+        stem = file_stem(f)
         match = re.match(r"^(.+)_(\d{4})$", stem)
         if match and channels[f] < in_chans:
             case, index = match.group(1), int(match.group(2))
@@ -209,6 +212,13 @@ class _Member:
     patch_size: Optional[List[int]]
     intensity_range: List[float]
     has_record: bool  # preprocessing.json, not the caller's intensity_scale
+    slice_axis: Optional[int] = None  # volumes: the record's (None: the axis of largest spacing)
+    context: int = 0  # volumes: neighbouring slices on each side as channels (2.5-D)
+
+    @property
+    def channels(self) -> int:
+        """The channels of the input files (the model's, less the context slices')."""
+        return self.model.in_chans // (2 * self.context + 1)
 
 
 def _load_member(model_path: str, checkpoint: str, device: torch.device,
@@ -239,7 +249,7 @@ def _load_member(model_path: str, checkpoint: str, device: torch.device,
         prep = ModelRecord.for_untrained(model.mean, model.std, model.num_classes, intensity_scale)
     normalizer = Normalizer(prep.mean, prep.std, prep.normalization, prep.intensity_scale)
     return _Member(folder, model, normalizer, list(prep.label_values), prep.patch_size,
-                   list(prep.intensity_range), model.preprocessing is not None)
+                   list(prep.intensity_range), model.preprocessing is not None, prep.slice_axis, prep.context_slices)
 
 
 def predict(
@@ -294,22 +304,25 @@ def predict(
         )
     first = members[0]
     for other in members[1:]:
-        if other.label_values != first.label_values or other.model.in_chans != first.model.in_chans:
+        if (other.label_values, other.model.in_chans, other.normalizer.mode, other.slice_axis, other.context) != (
+                first.label_values, first.model.in_chans, first.normalizer.mode, first.slice_axis, first.context):
             raise ValueError(
-                f"an ensemble needs models with the same labels and input channels: {first.folder} has label "
-                f"values {first.label_values} and {first.model.in_chans} channel(s), {other.folder} has "
-                f"{other.label_values} and {other.model.in_chans}"
+                f"an ensemble needs models with the same labels, input channels and slicing: {first.folder} has "
+                f"label values {first.label_values}, {first.model.in_chans} channel(s), normalization "
+                f"{first.normalizer.mode!r}, slice axis {first.slice_axis}, {first.context} context slice(s); "
+                f"{other.folder} has {other.label_values}, {other.model.in_chans}, {other.normalizer.mode!r}, "
+                f"{other.slice_axis}, {other.context}"
             )
     values = np.asarray(first.label_values, dtype=np.int64)
     # reads every input once, so all input errors come before any output; the images are read again below
     # rather than kept, since a test set need not fit in memory
-    cases, stats = read_inputs(input_path, first.model.in_chans)
+    cases, stats = read_inputs(input_path, first.channels, first.slice_axis)
     for m in members:
         check_input_range({f: (s.low, s.high) for f, s in stats.items()}, m.normalizer.mode, m.normalizer.scale,
                           m.intensity_range, os.path.join(m.folder, PREPROCESSING_NAME), accept_intensity)
     pages = {c: stats[files[0]].pages for c, files in cases.items()}
-    outputs = {c: [f"{c}.tif" if pages[c] > 1 else f"{c}.png"] + ([f"{c}_probs.npz"] if save_probabilities else [])
-               for c in cases}
+    outputs = {c: [_mask_name(c, files[0], pages[c])] + ([f"{c}_probs.npz"] if save_probabilities else [])
+               for c, files in cases.items()}
     made = {"models": [{"folder": os.path.abspath(m.folder), "weights_sha256": recorded_digests(m.folder).get(WEIGHTS_NAME)}
                        for m in members],
             "checkpoint": checkpoint,
@@ -331,15 +344,20 @@ def predict(
         with tqdm(total=windows, desc="predict", unit="window", disable=None) as bar:
             for case_id, files in cases.items():
                 bar.set_postfix(case=case_id)
-                stack = torch.from_numpy(read_case_pages(files))  # [N, C, H, W]
+                stack = read_case_pages(files, first.slice_axis)  # [N, C, H, W]
+                images = (volume_inputs(stack, first.context) if first.normalizer.mode == "volume"
+                          else iter(stack))  # a volume's slices z-scored with its statistics, with context
                 probs = torch.stack([
-                    sum(tta_probabilities(m.model, m.normalizer(image).to(dev), m.patch_size, scales, step, mirror,
-                                          compute_dtype, progress=bar.update) for m in members) / len(members)
-                    for image in stack
+                    sum(tta_probabilities(m.model, m.normalizer(torch.from_numpy(image)).to(dev), m.patch_size,
+                                          scales, step, mirror, compute_dtype, progress=bar.update)
+                        for m in members) / len(members)
+                    for image in images
                 ])  # [N, K, H, W]
                 out = os.path.join(output_dir, outputs[case_id][0])
                 labels = values[probs.argmax(1).cpu().numpy()]
-                if pages[case_id] > 1:
+                if is_volume(files[0]):  # the input's geometry: affine, spacing, origin, direction
+                    write_label_volume(out, labels, volume_axis(files[0], first.slice_axis), files[0])
+                elif pages[case_id] > 1:
                     write_label_stack(out, labels)
                 else:
                     write_label_png(out, labels[0])
@@ -352,6 +370,13 @@ def predict(
         _write_manifest(output_dir, planned, complete=True)
     logger.info("wrote %d masks to %s", len(written), output_dir)
     return written
+
+
+def _mask_name(case: str, first_file: str, pages: int) -> str:
+    """The mask file of a case: ``.nii.gz`` for a volume, ``.tif`` for a multi-page stack, else ``.png``."""
+    if is_volume(first_file):
+        return f"{case}.nii.gz"
+    return f"{case}.tif" if pages > 1 else f"{case}.png"
 
 
 def _replace_set(output_dir: str, stale: Sequence[str], planned: PredictionSet) -> None:

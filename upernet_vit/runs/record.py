@@ -1,13 +1,15 @@
 """The model's record, ``preprocessing.json``: what a trained model's inputs were and what its outputs mean.
 
     version          RECORD_VERSION; a record without it is version 1 (written before the field existed)
-    normalization    "preset" (the backbone's mean/std) or "zscore" (per image)
+    normalization    "preset" (the backbone's mean/std), "zscore" (per image) or "volume" (per volume)
     mean, std        per channel, for images scaled to [0, 1]
     intensity_scale  stored pixel values are divided by it (1, 255, 65535, ...)
     intensity_range  [min, max] of the training pixel values (predict holds inputs against it)
     label_values     the value written for each class index 0..K-1
     patch_size       the training patch [h, w] (the sliding window); null: whole-image inference
     label_names, num_channels, file_ending: the dataset's, for the user (optional)
+    slice_axis       volumes: the axis slices are taken along (null: the axis of largest spacing)
+    context_slices   volumes: k neighbours on each side as extra channels (2.5-D); 0: none
 
 :class:`ModelRecord` is the one reader and writer of its fields: the trainer makes one, predict and export
 read one. The model keeps it as a plain JSON mapping (``model.preprocessing``), which ``save_pretrained``
@@ -45,7 +47,7 @@ def _numbers(count: Optional[int] = None) -> Callable[[object], bool]:
 _FIELD_CHECKS: Dict[str, Tuple[Callable[[object], bool], str]] = {
     "mean": (_numbers(), "a list of numbers, one per channel"),
     "std": (lambda v: _numbers()(v) and all(x > 0 for x in v), "a list of positive numbers, one per channel"),
-    "normalization": (lambda v: v in ("preset", "zscore"), "'preset' or 'zscore'"),
+    "normalization": (lambda v: v in ("preset", "zscore", "volume"), "'preset', 'zscore' or 'volume'"),
     "label_values": (lambda v: isinstance(v, list) and bool(v) and all(_is_int(x) for x in v),
                      "a list of integers, one per class"),
     "patch_size": (lambda v: v is None or (isinstance(v, list) and len(v) == 2 and all(_is_int(x) and x > 0 for x in v)),
@@ -56,6 +58,8 @@ _FIELD_CHECKS: Dict[str, Tuple[Callable[[object], bool], str]] = {
                     "null or a list of class names"),
     "num_channels": (lambda v: v is None or (_is_int(v) and v > 0), "null or a positive integer"),
     "file_ending": (lambda v: v is None or isinstance(v, str), "null or a file ending such as '.png'"),
+    "slice_axis": (lambda v: v is None or v in (0, 1, 2) and _is_int(v), "null, 0, 1 or 2"),
+    "context_slices": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
 }
 
 
@@ -73,6 +77,8 @@ class ModelRecord:
     label_names: Optional[List[str]] = None
     num_channels: Optional[int] = None
     file_ending: Optional[str] = None
+    slice_axis: Optional[int] = None
+    context_slices: int = 0
     version: int = RECORD_VERSION
 
     def to_json(self) -> Dict[str, Any]:

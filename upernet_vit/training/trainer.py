@@ -49,6 +49,9 @@ from .strategies import create_strategy
 logger = logging.getLogger(__name__)
 
 
+FOREGROUND_FRACTION = 1 / 3  # of a volume dataset's samples, from slices with foreground (nnU-Net's share)
+
+
 class TrainingDiverged(RuntimeError):
     """The loss or the gradient norm became NaN or infinite; the run stops and saves nothing more."""
 
@@ -113,7 +116,7 @@ class Trainer:
         self.model.check_finite = False
         self.net: nn.Module = self.strategy.wrap(self.model, self.device)  # what training calls
         self.patch_size = list(config.data.patch_size)
-        self.normalizer = Normalizer(self.model.mean, self.model.std, config.data.normalization,
+        self.normalizer = Normalizer(self.model.mean, self.model.std, self.data.normalization,
                                      self.data.intensity_scale)
         self.model.preprocessing = self._preprocessing()  # save_pretrained writes it with the weights
         self.optimizer = build_optimizer(self.model, tcfg, self.model.backbone.depth)
@@ -124,7 +127,8 @@ class Trainer:
         self.criterion = DiceCELoss(class_weights=weights).to(self.device)
         batches = config.data.batch_size
         self.train_set = PatchDataset(self.data.train_cases, self.patch_size, self.normalizer,
-                                      tcfg.num_iterations_per_epoch * batches, tcfg.seed, config.data.augmentation)
+                                      tcfg.num_iterations_per_epoch * batches, tcfg.seed, config.data.augmentation,
+                                      FOREGROUND_FRACTION if self.data.volumes else 0.0)
         self.val_set = PatchDataset(self.data.val_cases, self.patch_size, self.normalizer,
                                     tcfg.num_val_iterations_per_epoch * batches, tcfg.seed + 1, None)
         self.start_epoch = 0
@@ -207,10 +211,11 @@ class Trainer:
         info = self.data.info
         return ModelRecord(
             mean=list(self.normalizer.mean.flatten().tolist()), std=list(self.normalizer.std.flatten().tolist()),
-            normalization=self.cfg.data.normalization, label_values=list(info.label_values),
+            normalization=self.data.normalization, label_values=list(info.label_values),
             patch_size=list(self.patch_size), intensity_scale=float(self.data.intensity_scale),
             intensity_range=list(self.data.intensity_range), label_names=list(info.label_names),
             num_channels=info.num_channels, file_ending=info.file_ending,
+            slice_axis=self.cfg.data.slice_axis, context_slices=self.cfg.data.context_slices,
         ).to_json()
 
     def _resume(self) -> None:
@@ -382,8 +387,10 @@ class Trainer:
 
             folder = os.path.join(self.output_dir, "overlays")
             os.makedirs(folder, exist_ok=True)
-            path = os.path.join(folder, f"{case.case_id}.png")
-            save_overlay(case.pixels(), case.classes(), pred.numpy(), info.num_classes, path, title=case.case_id)
+            path = os.path.join(folder, f"{case.case_id.replace('/', '_')}.png")  # a volume's slice: <volume>_<slice>
+            raw = np.asarray(case.image, dtype=np.float32)  # the slice itself, as stored (no context channels)
+            save_overlay(raw, case.classes(), pred.numpy(), info.num_classes, path,
+                         title=case.case_id)
             self.overlay_paths.append(path)
 
     def _epoch_row(self, epoch: int, train_loss: float, val_loss: float, metrics: Dict[str, float], lr: float,
