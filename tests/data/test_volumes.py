@@ -13,7 +13,8 @@ nib = pytest.importorskip("nibabel", reason='needs the medical extra: pip instal
 
 from upernet_vit.cli import main  # noqa: E402
 from upernet_vit.config import load_config  # noqa: E402
-from upernet_vit.data.datasets import VolumeSlice, load_nnunet_raw, volume_slices  # noqa: E402
+from upernet_vit.data.datasets import load_nnunet_raw  # noqa: E402
+from upernet_vit.data.volumes import VolumeSlice, channel_normalization, volume_slices  # noqa: E402
 from upernet_vit.data.prepare import prepare_data  # noqa: E402
 from upernet_vit.data.volume_io import read_volume, slice_axis, write_label_volume  # noqa: E402
 from upernet_vit.runs.record import read_record  # noqa: E402
@@ -94,6 +95,22 @@ def test_volumes_load_as_slices_with_context_in_order(dataset):
     assert slices[0].present_classes() == [0] and slices[3].present_classes() == [0, 1]
 
 
+def test_a_ct_channel_is_clipped_and_z_scored_with_the_training_sets_foreground(dataset):
+    import dataclasses
+
+    info, cases = load_nnunet_raw(str(dataset))
+    assert info.channel_names == ["CT"]
+    training = cases[:4]
+    foreground = np.concatenate([c.image[:, 0][c.label > 0] for c in training])  # fewer than 10,000: all of them
+    (rule,) = channel_normalization(info, training)
+    low, high = np.percentile(foreground, [0.5, 99.5])
+    assert rule["scheme"] == "ct" and np.allclose(rule["clip"], [low, high], rtol=1e-5)
+    assert np.isclose(rule["mean"], foreground.mean(), rtol=1e-5) and np.isclose(rule["std"], foreground.std(), rtol=1e-4)
+    expected = (np.clip(cases[5].image[3], low, high) - foreground.mean()) / foreground.std()
+    assert np.allclose(volume_slices(cases[5], 0, 2, [rule])[3].pixels(), expected, atol=1e-4)  # any volume, one rule
+    assert channel_normalization(dataclasses.replace(info, channel_names=["T2"]), training) == [{"scheme": "zscore"}]
+
+
 def test_folds_keep_each_volume_whole_and_the_cache_matches_memory(tmp_path, dataset):
     cfg = load_config({"data": {"format": "nnunet", "root": str(dataset), "context_slices": 2, "fold": 1}}).data
     cached, plain = prepare_data(cfg, str(tmp_path / "cache")), prepare_data(cfg)
@@ -167,6 +184,22 @@ def test_a_bad_volume_is_one_line_naming_the_file(tmp_path, dataset, damage, mes
         bad_image.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match=message):
         load_nnunet_raw(str(root))
+
+
+def test_volumes_of_another_in_plane_spacing_are_named_with_figures(tmp_path, dataset, caplog):
+    import logging
+    import shutil
+
+    root = tmp_path / "Dataset010_Mixed"
+    shutil.copytree(dataset, root)
+    coarse = np.diag([1.2, 1.2, 3.0, 1.0])  # 1.2 mm in-plane against 0.8 x 0.9 elsewhere
+    image, label = _volume(1)
+    _save(root / "imagesTr" / "liver_001_0000.nii.gz", image, affine=coarse)
+    _save(root / "labelsTr" / "liver_001.nii.gz", label, affine=coarse, dtype=np.uint8)
+    with caplog.at_level(logging.WARNING, logger="upernet_vit.data.volumes"):
+        prepare_data(load_config({"data": {"format": "nnunet", "root": str(root)}}).data)
+    assert "1 of 6 volumes have an in-plane spacing more than 10% from the median [0.8, 0.9] mm" in caplog.text
+    assert "liver_001 [1.2, 1.2]" in caplog.text
 
 
 def test_without_nibabel_a_volume_dataset_names_the_extra(dataset, monkeypatch):

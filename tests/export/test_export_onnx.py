@@ -89,7 +89,7 @@ def test_cli_export_of_a_run_folder(tmp_path, capsys):
     metadata = {p.key: p.value for p in onnx_model.metadata_props}
     stored = json.loads(metadata["upernet_vit.preprocessing"])  # the record in its current form
     assert stored == {**prep, "version": RECORD_VERSION, "label_names": None, "num_channels": None, "file_ending": None,
-                      "slice_axis": None, "context_slices": 0}
+                      "slice_axis": None, "context_slices": 0, "channel_normalization": None}
     session = ort.InferenceSession(out, providers=["CPUExecutionProvider"])
     assert _max_diff(session, model, (1, 1, 42, 56)) < 1e-4
     assert main(["export", str(tmp_path / "missing"), "--output", out]) == 2

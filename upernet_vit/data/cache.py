@@ -7,6 +7,7 @@ grow with the dataset.
                                pixels per class (what training needs without reading an image)
         000000.image.npy       [C, H, W] pixel values in their stored dtype (uint8 stays uint8, 1 byte a value)
         000000.label.npy       [H, W] int16 class indices (IGNORE_INDEX where ignored)
+        (a volume: [S, C, H, W] and [S, H, W], and 000000.foreground.npy, a sample of its foreground voxels)
 
 The first run reads every case through the dataset's loader (every data check runs then, once, naming the
 file) and writes it here; later runs open the arrays as read-only memory maps (``np.load(mmap_mode="r")``)
@@ -34,11 +35,12 @@ import numpy as np
 
 from ..config import DataConfig
 from ..fileio import read_json, write_text
-from .datasets import IGNORE_INDEX, Case, DatasetInfo, load_folders, load_nnunet_raw, volume_stats
+from .datasets import IGNORE_INDEX, Case, DatasetInfo, load_folders, load_nnunet_raw
+from .volumes import volume_stats
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: volumes, with their statistics
 INDEX_NAME = "index.json"
 WRITTEN_BY = "upernet-vit data cache"
 DEFAULT_CACHE_NAME = ".upernet-vit-cache"  # beside the run folder when data.cache_dir is not set
@@ -98,7 +100,10 @@ class _Writer:
                  "full_scale": case.full_scale, "value_range": list(case.pixel_range()),
                  "class_pixels": [int(n) for n in counts]}
         if case.image.ndim == 4:  # a volume: what cutting it into slices needs, so no run reads it for that
-            entry["volume_stats"] = volume_stats(case.image, label, len(counts))
+            stats = dict(case.volume_stats or volume_stats(case.image, label, len(counts)))
+            sample_file = f"{stem}.foreground.npy"
+            np.save(os.path.join(self.folder, sample_file), np.asarray(stats.pop("foreground_sample")))
+            entry["volume_stats"] = {**stats, "foreground_sample": sample_file}
         self.entries.append(entry)
         self.bar.update(1)
         return _open_case(self.folder, entry)
@@ -112,8 +117,11 @@ def _open_case(folder: str, entry: Dict[str, Any]) -> Case:
     image = np.load(os.path.join(folder, entry["image"]), mmap_mode="r")
     label = np.load(os.path.join(folder, entry["label"]), mmap_mode="r")
     low, high = entry["value_range"]
+    stats = entry.get("volume_stats")
+    if stats is not None:  # the foreground sample's file (small: up to 10,000 values per channel)
+        stats = {**stats, "foreground_sample": np.load(os.path.join(folder, stats["foreground_sample"]))}
     return Case(entry["case_id"], image, label, entry["full_scale"], entry["source"], (float(low), float(high)),
-                list(entry["class_pixels"]), entry.get("volume_stats"))
+                list(entry["class_pixels"]), stats)
 
 
 def _read_index(folder: str, key: str) -> Optional[Dict[str, Any]]:
@@ -179,7 +187,7 @@ def _build(cfg: DataConfig, folder: str, key: str) -> Dict[str, Any]:
         index = {"written_by": WRITTEN_BY, "version": CACHE_VERSION, "fingerprint": key,
                  "info": {"name": info.name, "label_names": info.label_names, "label_values": info.label_values,
                           "num_channels": info.num_channels, "file_ending": info.file_ending,
-                          "ignore_value": info.ignore_value},
+                          "ignore_value": info.ignore_value, "channel_names": info.channel_names},
                  "cases": writer.entries}
         write_text(os.path.join(tmp, INDEX_NAME), json.dumps(index, indent=1))  # last: a cache without it is none
         try:

@@ -12,14 +12,14 @@ from __future__ import annotations
 import logging
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ..fileio import read_json
 from .image_io import IMAGE_SUFFIXES, describe_orientation, read_image_and_kind, read_image_pages, read_label
-from .volume_io import check_same_geometry, is_volume, read_label_volume, read_volume_slices
+from .volume_io import is_volume
 from .intensity import full_scale
 
 logger = logging.getLogger(__name__)
@@ -64,70 +64,6 @@ class Case:
         return [i for i in np.unique(self.label).tolist() if i >= 0]
 
 
-@dataclass
-class VolumeSlice(Case):
-    """Slice ``index`` of a volume, with ``context`` neighbours on each side as extra channels (2.5-D):
-    ``pixels()`` is ``[(2k+1) C, H, W]``, slices ``index-k .. index+k`` in order (the volume's first and last
-    slices repeated past its ends), each z-scored with its volume's channel mean and std. ``image`` and
-    ``label`` are the slice's own ``[C, H, W]`` and ``[H, W]`` (views of the volume)."""
-
-    volume: Optional[np.ndarray] = None  # [S, C, H, W] (a read-only map when cached)
-    index: int = 0
-    context: int = 0
-    mean: Optional[np.ndarray] = None  # [C] the volume's channel means
-    std: Optional[np.ndarray] = None  # [C]
-
-    def pixels(self) -> np.ndarray:
-        count = self.volume.shape[0]  # type: ignore[union-attr]
-        picked = np.clip(np.arange(self.index - self.context, self.index + self.context + 1), 0, count - 1)
-        x = np.asarray(self.volume[picked], dtype=np.float32)  # type: ignore[index]  # [2k+1, C, H, W]
-        x = (x - self.mean[None, :, None, None]) / self.std[None, :, None, None]  # type: ignore[index]
-        return x.reshape(-1, *x.shape[2:]).astype(np.float32)
-
-
-def volume_stats(image: np.ndarray, label: np.ndarray, num_classes: int) -> Dict[str, Any]:
-    """What cutting a volume into slices needs without reading it again: each channel's mean and std
-    (float64 sums, one slice at a time) and each slice's pixels per class."""
-    count, channels = image.shape[0], image.shape[1]
-    sums, squares = np.zeros(channels), np.zeros(channels)
-    for s in range(count):
-        x = np.asarray(image[s], dtype=np.float64).reshape(channels, -1)
-        sums += x.sum(1)
-        squares += (x * x).sum(1)
-    n = max(image[0, 0].size * count, 1)
-    mean = sums / n
-    std = np.sqrt(np.maximum(squares / n - mean * mean, 0.0))
-    per_slice = [np.bincount(np.asarray(label[s])[np.asarray(label[s]) >= 0].ravel(), minlength=num_classes)
-                 [:num_classes].tolist() for s in range(count)]
-    return {"mean": mean.tolist(), "std": np.maximum(std, 1e-6).tolist(), "slice_class_pixels": per_slice}
-
-
-def volume_slices(case: Case, context: int, num_classes: int) -> List[VolumeSlice]:
-    """The slices of a volume case (``image [S, C, H, W]``), each a 2-D case for training and validation."""
-    stats = case.volume_stats or volume_stats(case.image, case.label, num_classes)  # type: ignore[arg-type]
-    mean, std = np.asarray(stats["mean"], np.float32), np.asarray(stats["std"], np.float32)
-    return [
-        VolumeSlice(f"{case.case_id}/{s:04d}", case.image[s], case.label[s], None, case.source,  # type: ignore[index]
-                    case.value_range, list(stats["slice_class_pixels"][s]), None, case.image, s, context, mean, std)
-        for s in range(case.image.shape[0])
-    ]
-
-
-def volume_inputs(stack: np.ndarray, context: int) -> Iterable[np.ndarray]:
-    """What a volume model takes for each slice of ``stack`` ``[S, C, H, W]`` (a volume as read): the slice
-    and its ``context`` neighbours on each side, z-scored with the volume's channel statistics, as
-    ``[(2k+1) C, H, W]`` (the training rule of :class:`VolumeSlice`)."""
-    stats = volume_stats(stack, np.zeros((stack.shape[0], 1, 1), np.int64), 1)
-    mean, std = np.asarray(stats["mean"], np.float32), np.asarray(stats["std"], np.float32)
-    for s in range(stack.shape[0]):
-        yield VolumeSlice("", stack[s], None, volume=stack, index=s, context=context, mean=mean, std=std).pixels()
-
-
-def volume_of(case: Case) -> str:
-    """The volume a case belongs to (its own id for a 2-D case): folds never split a volume."""
-    return case.case_id.rsplit("/", 1)[0] if isinstance(case, VolumeSlice) else case.case_id
-
-
 Store = Callable[[Case], Case]  # what becomes of a case once it is read and checked (the data cache)
 
 
@@ -139,6 +75,7 @@ class DatasetInfo:
     num_channels: int
     file_ending: str = ".png"
     ignore_value: Optional[int] = None  # value in label files meaning "ignore"
+    channel_names: List[str] = field(default_factory=list)  # dataset.json's (a "CT" channel: CT normalization)
 
     @property
     def num_classes(self) -> int:
@@ -216,6 +153,7 @@ def nnunet_info(root: str) -> DatasetInfo:
         num_channels=len(meta["channel_names"]),
         file_ending=meta["file_ending"],
         ignore_value=ignore,
+        channel_names=[str(n) for _, n in sorted(dict(meta["channel_names"]).items(), key=lambda kv: int(kv[0]))],
     )
 
 
@@ -281,6 +219,8 @@ def load_nnunet_raw(root: str, store: Optional[Store] = None,
         if not os.path.isfile(label_path):
             raise FileNotFoundError(f"image {files[0]!r} has no label: {label_path!r} is missing")
         if is_volume(info.file_ending):
+            from .volumes import read_volume_case  # volumes.py builds on this module's Case
+
             case = read_volume_case(case_id, files, label_path, info, slice_axis)
         else:
             image, scale = read_case(files)
@@ -290,23 +230,6 @@ def load_nnunet_raw(root: str, store: Optional[Store] = None,
         cases.append(store(case) if store else case)
     _check_channels(cases, os.path.join(root, "imagesTr"), info.num_channels, os.path.join(root, "dataset.json"))
     return info, cases
-
-
-def read_volume_case(case_id: str, files: Sequence[str], label_path: str, info: DatasetInfo,
-                     axis: Optional[int] = None) -> Case:
-    """A volume case: ``image [S, C, H, W]`` (one file per channel, slices along ``axis``, default the one of
-    largest spacing) and ``label [S, H, W]`` class indices. Channel files and label must share shape and
-    affine; each error names the files."""
-    slices, integer, chosen = read_volume_slices(files[0], axis)
-    channels = [np.stack(slices)[:, 0]]
-    for f in files[1:]:
-        check_same_geometry(files[0], f)
-        channels.append(np.stack(read_volume_slices(f, chosen)[0])[:, 0])
-    image = np.stack(channels, axis=1)  # [S, C, H, W]
-    check_same_geometry(files[0], label_path)
-    label = info.to_indices(read_label_volume(label_path, chosen), label_path)
-    low, high = (float(image.min()), float(image.max())) if image.size else (0.0, 0.0)
-    return Case(case_id, image, label, full_scale(image, integer), files[0], (low, high))
 
 
 def _check_channels(cases: Sequence[Case], folder: str, declared: Optional[int] = None, where: str = "") -> int:

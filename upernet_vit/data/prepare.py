@@ -9,10 +9,11 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from ..config import DataConfig
-from .datasets import Case, DatasetInfo, absent_classes, load_folders, load_nnunet_raw, volume_of, volume_slices
+from .datasets import Case, DatasetInfo, absent_classes, load_folders, load_nnunet_raw
+from .volumes import channel_normalization, volume_of, volume_slices, warn_mixed_spacing
 from .demo import demo_cases, demo_info
 from .splits import fold_case_ids
 from .intensity import choose_intensity_scale
@@ -29,8 +30,9 @@ class PreparedData:
     intensity_scale: float  # pixel values / this -> [0, 1] for the preset normalization (data/intensity.py)
     intensity_range: List[float]  # [min, max] pixel value of the dataset's images
     absent: List[int]  # class indices that no training mask contains (left out of the mean Dice)
-    normalization: str = "preset"  # data.normalization for images; "volume" for volumes (z-score per volume)
+    normalization: str = "preset"  # data.normalization for images; "volume" for volumes (volumes.py)
     volumes: bool = False  # the cases are slices of volumes (VolumeSlice)
+    channel_normalization: Optional[List[Dict[str, Any]]] = None  # volumes: each channel's rule
 
 
 def prepare_data(cfg: DataConfig, cache_root: Optional[str] = None) -> PreparedData:
@@ -64,14 +66,17 @@ def prepare_data(cfg: DataConfig, cache_root: Optional[str] = None) -> PreparedD
     train_ids, val_ids, splits = fold_case_ids(  # folds of whole volumes: a volume's slices stay together
         [c.case_id for c in cases], fold, splits_file, cfg.num_folds, required=bool(cfg.splits_file)
     )
+    rules = None
     if volumes:
-        logger.info("%d volumes, cut into 2-D slices (data.slice_axis %s, %d context slice(s) on each side), "
-                    "each volume z-scored by channel", len(cases),
-                    cfg.slice_axis if cfg.slice_axis is not None else "null: the axis of largest spacing",
+        logger.info("%d volumes, cut into 2-D slices (data.slice_axis %s, %d context slice(s) on each side)",
+                    len(cases), cfg.slice_axis if cfg.slice_axis is not None else "null: the axis of largest spacing",
                     cfg.context_slices)
+        warn_mixed_spacing(cases)
+        training = set(train_ids)
+        rules = channel_normalization(info, [c for c in cases if c.case_id in training])
         info.num_channels *= 2 * cfg.context_slices + 1
-        cases = [s for c in cases for s in volume_slices(c, cfg.context_slices, info.num_classes)]
-        scale = 1.0  # z-scored per volume: no intensity scale
+        cases = [s for c in cases for s in volume_slices(c, cfg.context_slices, info.num_classes, rules)]
+        scale = 1.0  # normalized by the volumes' rules: no intensity scale
     else:
         scale = choose_intensity_scale({c.source or c.case_id: c.full_scale for c in cases}, cfg.normalization,
                                        cfg.intensity_scale)
@@ -89,4 +94,4 @@ def prepare_data(cfg: DataConfig, cache_root: Optional[str] = None) -> PreparedD
         )
     low, high = (min(r[0] for r in ranges), max(r[1] for r in ranges)) if ranges else (0.0, 0.0)
     return PreparedData(info, train_cases, [c for i in val_ids for c in by_volume[i]], splits, scale, [low, high],
-                        absent, "volume" if volumes else cfg.normalization, volumes)
+                        absent, "volume" if volumes else cfg.normalization, volumes, rules)

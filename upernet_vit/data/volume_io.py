@@ -79,6 +79,11 @@ def spacing(image: Any) -> Tuple[float, ...]:
     return tuple(float(z) for z in image.header.get_zooms()[:3])
 
 
+def volume_spacing(path: str) -> Tuple[float, ...]:
+    """The voxel spacing of the volume file ``path`` (its header; nothing else is read)."""
+    return spacing(_nibabel().load(path))
+
+
 def slice_axis(zooms: Tuple[float, ...], configured: Optional[int] = None) -> int:
     """The axis slices are taken along: ``configured``, else the one of largest spacing (ties: the last)."""
     if configured is not None:

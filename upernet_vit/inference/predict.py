@@ -14,7 +14,8 @@ from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, U
 import numpy as np
 import torch
 
-from ..data.datasets import read_case_pages, volume_inputs
+from ..data.datasets import read_case_pages
+from ..data.volumes import volume_inputs
 from ..data.image_io import IMAGE_SUFFIXES, read_image_pages, write_label_png, write_label_stack
 from ..data.volume_io import VOLUME_SUFFIXES, file_stem, is_volume, volume_axis, write_label_volume
 from ..data.intensity import check_input_range
@@ -214,6 +215,7 @@ class _Member:
     has_record: bool  # preprocessing.json, not the caller's intensity_scale
     slice_axis: Optional[int] = None  # volumes: the record's (None: the axis of largest spacing)
     context: int = 0  # volumes: neighbouring slices on each side as channels (2.5-D)
+    rules: Optional[List[Dict]] = None  # volumes: each channel's normalization (data/volumes.py)
 
     @property
     def channels(self) -> int:
@@ -249,7 +251,8 @@ def _load_member(model_path: str, checkpoint: str, device: torch.device,
         prep = ModelRecord.for_untrained(model.mean, model.std, model.num_classes, intensity_scale)
     normalizer = Normalizer(prep.mean, prep.std, prep.normalization, prep.intensity_scale)
     return _Member(folder, model, normalizer, list(prep.label_values), prep.patch_size,
-                   list(prep.intensity_range), model.preprocessing is not None, prep.slice_axis, prep.context_slices)
+                   list(prep.intensity_range), model.preprocessing is not None, prep.slice_axis, prep.context_slices,
+                   prep.channel_normalization)
 
 
 def predict(
@@ -304,8 +307,9 @@ def predict(
         )
     first = members[0]
     for other in members[1:]:
-        if (other.label_values, other.model.in_chans, other.normalizer.mode, other.slice_axis, other.context) != (
-                first.label_values, first.model.in_chans, first.normalizer.mode, first.slice_axis, first.context):
+        if (other.label_values, other.model.in_chans, other.normalizer.mode, other.slice_axis, other.context,
+                other.rules) != (first.label_values, first.model.in_chans, first.normalizer.mode, first.slice_axis,
+                                 first.context, first.rules):
             raise ValueError(
                 f"an ensemble needs models with the same labels, input channels and slicing: {first.folder} has "
                 f"label values {first.label_values}, {first.model.in_chans} channel(s), normalization "
@@ -345,7 +349,7 @@ def predict(
             for case_id, files in cases.items():
                 bar.set_postfix(case=case_id)
                 stack = read_case_pages(files, first.slice_axis)  # [N, C, H, W]
-                images = (volume_inputs(stack, first.context) if first.normalizer.mode == "volume"
+                images = (volume_inputs(stack, first.context, first.rules) if first.normalizer.mode == "volume"
                           else iter(stack))  # a volume's slices z-scored with its statistics, with context
                 probs = torch.stack([
                     sum(tta_probabilities(m.model, m.normalizer(torch.from_numpy(image)).to(dev), m.patch_size,

@@ -10,6 +10,8 @@
     label_names, num_channels, file_ending: the dataset's, for the user (optional)
     slice_axis       volumes: the axis slices are taken along (null: the axis of largest spacing)
     context_slices   volumes: k neighbours on each side as extra channels (2.5-D); 0: none
+    channel_normalization  volumes: each channel's rule, {scheme: zscore} (per volume) or {scheme: ct,
+                     clip: [lo, hi], mean, std} (the training set's foreground statistics)
 
 :class:`ModelRecord` is the one reader and writer of its fields: the trainer makes one, predict and export
 read one. The model keeps it as a plain JSON mapping (``model.preprocessing``), which ``save_pretrained``
@@ -60,7 +62,19 @@ _FIELD_CHECKS: Dict[str, Tuple[Callable[[object], bool], str]] = {
     "file_ending": (lambda v: v is None or isinstance(v, str), "null or a file ending such as '.png'"),
     "slice_axis": (lambda v: v is None or v in (0, 1, 2) and _is_int(v), "null, 0, 1 or 2"),
     "context_slices": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "channel_normalization": (lambda v: v is None or (isinstance(v, list) and all(_is_rule(r) for r in v)),
+                              "null or one rule per channel: {scheme: zscore} or {scheme: ct, clip, mean, std}"),
 }
+
+
+def _is_rule(rule: object) -> bool:
+    """A channel's normalization rule (data/volumes.py)."""
+    if not isinstance(rule, dict):
+        return False
+    if rule.get("scheme") == "zscore":
+        return True
+    return (rule.get("scheme") == "ct" and _numbers(2)(rule.get("clip")) and _is_number(rule.get("mean"))
+            and _is_number(rule.get("std")) and rule["std"] > 0)
 
 
 @dataclass(frozen=True)
@@ -79,6 +93,7 @@ class ModelRecord:
     file_ending: Optional[str] = None
     slice_axis: Optional[int] = None
     context_slices: int = 0
+    channel_normalization: Optional[List[Dict[str, Any]]] = None
     version: int = RECORD_VERSION
 
     def to_json(self) -> Dict[str, Any]:

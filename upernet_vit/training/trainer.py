@@ -216,6 +216,7 @@ class Trainer:
             intensity_range=list(self.data.intensity_range), label_names=list(info.label_names),
             num_channels=info.num_channels, file_ending=info.file_ending,
             slice_axis=self.cfg.data.slice_axis, context_slices=self.cfg.data.context_slices,
+            channel_normalization=self.data.channel_normalization,
         ).to_json()
 
     def _resume(self) -> None:
