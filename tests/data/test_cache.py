@@ -125,3 +125,30 @@ def test_training_writes_the_cache_beside_the_run_never_in_the_dataset(tmp_path)
     with pytest.raises(ValueError, match=r"data.cache_dir .* lies inside the data.root .*: the cache would be written among the dataset"):
         Trainer(tiny_train_config(data={**data, "cache_dir": str(root / "cache")}), str(tmp_path / "runs" / "b"))
     assert sorted(os.listdir(root)) == ["images", "masks"]
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_share_one_cache_built_by_the_first(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+
+    from helpers import TINY_CONFIG
+
+    root = _folders(tmp_path / "ds", n=6, size=(32, 32))
+    cfg = json.loads(json.dumps(TINY_CONFIG))
+    cfg["train"]["num_epochs"] = 1
+    cfg["data"] = {**cfg["data"], "format": "folders", "root": str(root), "num_workers": 0}
+    path = tmp_path / "ddp.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "upernet_vit", "train", str(path), "--output", str(tmp_path / "runs" / "ddp")],
+        capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    caches = os.listdir(tmp_path / "runs" / ".upernet-vit-cache")
+    assert len(caches) == 1 and caches[0].startswith("ds-")  # one cache, no temporary folder of another rank
+    assert result.stderr.count("data cache: 6 cases written") == 1  # built once, by rank 0
