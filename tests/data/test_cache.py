@@ -61,9 +61,10 @@ def test_an_nnunet_dataset_of_16_bit_and_float_images_keeps_its_values(tmp_path)
     _, plain = load_nnunet_raw(root)
     assert info.label_names == ["background", "disk", "square", "triangle"]
     assert all(np.array_equal(a.pixels(), b.image) and np.array_equal(a.classes(), b.label) for a, b in zip(cases, plain))
-    assert data_cache._stored_dtype(np.array([[[0.0, 65535.0]]], np.float32), 65535.0) == np.uint16
-    assert data_cache._stored_dtype(np.array([[[0.5, 1.0]]], np.float32), 1.0) == np.float32  # fractions stay exact
-    assert data_cache._stored_dtype(np.array([[[-3.0, 7.0]]], np.float32), None) == np.float32
+    assert data_cache._stored_dtype(np.array([[[0.0, 65535.0]]], np.float32)) == np.uint16
+    assert data_cache._stored_dtype(np.array([[[0.5, 1.0]]], np.float32)) == np.float32  # fractions stay exact
+    assert data_cache._stored_dtype(np.array([[[-1024.0, 3071.0]]], np.float32)) == np.int16  # CT, 2 bytes
+    assert data_cache._stored_dtype(np.array([[[-3.0, 70000.0]]], np.float32)) == np.float32
 
 
 def test_a_second_run_reads_no_image_and_a_changed_file_rebuilds(tmp_path, monkeypatch, caplog):

@@ -118,6 +118,7 @@ def test_folds_keep_each_volume_whole_and_the_cache_matches_memory(tmp_path, dat
     val = {c.case_id.split("/")[0] for c in cached.val_cases}
     assert train and val and not train & val and len(train | val) == 6
     assert cached.info.num_channels == 5 and cached.normalization == "volume" and cached.volumes
+    assert cached.val_cases[0].volume.dtype == np.int16  # Hounsfield-like integers: 2 bytes a voxel, mapped
     assert len(cached.train_cases) == 6 * len(train)
     for a, b in zip(cached.val_cases, plain.val_cases):
         assert isinstance(a, VolumeSlice) and np.allclose(a.pixels(), b.pixels(), atol=1e-5)

@@ -71,11 +71,14 @@ def fingerprint(cfg: DataConfig) -> str:
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode("utf-8")).hexdigest()[:16]
 
 
-def _stored_dtype(image: np.ndarray, full_scale: Optional[float]) -> np.dtype:
-    """The smallest dtype that holds ``image``'s values exactly: uint8 or uint16 for whole numbers in their
-    range, else float32 (what the reader returned)."""
-    if image.size and np.array_equal(image, np.round(image)) and full_scale in (255.0, 65535.0):
-        return np.dtype(np.uint8 if full_scale == 255.0 and image.max() <= 255 else np.uint16)
+def _stored_dtype(image: np.ndarray) -> np.dtype:
+    """The smallest dtype that holds ``image``'s values exactly: uint8, uint16 or int16 (a CT volume's
+    Hounsfield units) for whole numbers in its range, else float32 (what the reader returned)."""
+    if image.size and np.array_equal(image, np.round(image)):
+        low, high = float(image.min()), float(image.max())
+        for dtype in (np.uint8, np.uint16, np.int16):
+            if np.iinfo(dtype).min <= low and high <= np.iinfo(dtype).max:
+                return np.dtype(dtype)
     return np.dtype(np.float32)
 
 
@@ -90,7 +93,7 @@ class _Writer:
 
     def __call__(self, case: Case) -> Case:
         stem = f"{len(self.entries):06d}"
-        dtype = _stored_dtype(case.image, case.full_scale)
+        dtype = _stored_dtype(case.image)
         image_file, label_file = f"{stem}.image.npy", f"{stem}.label.npy"
         np.save(os.path.join(self.folder, image_file), case.image.astype(dtype))
         label = case.label if case.label is not None else np.full(case.image.shape[1:], IGNORE_INDEX)

@@ -93,7 +93,8 @@ def volume_stats(image: np.ndarray, label: np.ndarray, num_classes: int) -> Dict
                  [:num_classes].tolist() for s in range(count)]
     where = np.flatnonzero(np.asarray(label) > 0)
     picked = np.sort(np.random.default_rng(0).choice(where, min(FOREGROUND_SAMPLE, where.size), replace=False))
-    sample = np.asarray(image).transpose(1, 0, 2, 3).reshape(channels, -1)[:, picked].astype(np.float32)
+    s, h, w = np.unravel_index(picked, label.shape)  # the voxels themselves: no copy of the volume
+    sample = np.stack([np.asarray(image[s, c, h, w], dtype=np.float32) for c in range(channels)])
     return {"mean": mean.tolist(), "std": np.maximum(std, 1e-6).tolist(), "slice_class_pixels": per_slice,
             "foreground_sample": sample}
 
