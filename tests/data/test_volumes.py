@@ -203,6 +203,29 @@ def test_volumes_of_another_in_plane_spacing_are_named_with_figures(tmp_path, da
     assert "liver_001 [1.2, 1.2]" in caplog.text
 
 
+def test_a_folder_of_volumes_trains_like_the_nnunet_layout(tmp_path, dataset):
+    import shutil
+
+    root = tmp_path / "ct_folders"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i in range(3):
+        shutil.copy(dataset / "imagesTr" / f"liver_{i:03d}_0000.nii.gz", root / "images" / f"ct{i}.nii.gz")
+        shutil.copy(dataset / "labelsTr" / f"liver_{i:03d}.nii.gz", root / "masks" / f"ct{i}.nii.gz")
+    data = prepare_data(load_config({"data": {"format": "folders", "root": str(root), "fold": "all"}}).data,
+                        str(tmp_path / "cache"))
+    assert data.volumes and data.info.label_values == [0, 1] and data.info.file_ending == ".nii.gz"
+    assert [c.case_id for c in data.train_cases[:2]] == ["ct0/0000", "ct0/0001"] and len(data.train_cases) == 18
+    _, nnunet = load_nnunet_raw(str(dataset))
+    assert np.array_equal(data.train_cases[3].classes(), nnunet[0].label[3])
+    from PIL import Image
+
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(root / "images" / "flat.png")
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(root / "masks" / "flat.png")
+    with pytest.raises(ValueError, match=r"holds NIfTI volumes and 2-D image files in images/ or masks/"):
+        prepare_data(load_config({"data": {"format": "folders", "root": str(root)}}).data)
+
+
 def test_without_nibabel_a_volume_dataset_names_the_extra(dataset, monkeypatch):
     monkeypatch.setitem(sys.modules, "nibabel", None)
     with pytest.raises(ModuleNotFoundError, match=r'pip install "upernet-vit\[medical\]"'):

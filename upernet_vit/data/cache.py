@@ -185,7 +185,7 @@ def _build(cfg: DataConfig, folder: str, key: str) -> Dict[str, Any]:
         if cfg.format == "nnunet":
             info, _ = load_nnunet_raw(cfg.root, store=writer, slice_axis=cfg.slice_axis)  # type: ignore[arg-type]
         else:
-            info, _ = load_folders(cfg.root, cfg.labels, store=writer)  # type: ignore[arg-type]
+            info, _ = load_folders(cfg.root, cfg.labels, store=writer, slice_axis=cfg.slice_axis)  # type: ignore[arg-type]
         writer.close()
         index = {"written_by": WRITTEN_BY, "version": CACHE_VERSION, "fingerprint": key,
                  "info": {"name": info.name, "label_names": info.label_names, "label_values": info.label_values,

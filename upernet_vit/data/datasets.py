@@ -19,7 +19,7 @@ import numpy as np
 
 from ..fileio import read_json
 from .image_io import IMAGE_SUFFIXES, describe_orientation, read_image_and_kind, read_image_pages, read_label
-from .volume_io import is_volume
+from .volume_io import VOLUME_SUFFIXES, file_stem, is_volume
 from .intensity import full_scale
 
 logger = logging.getLogger(__name__)
@@ -254,17 +254,19 @@ def _by_stem(folder: str) -> Dict[str, str]:
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"folder {folder!r} does not exist")
     return {
-        os.path.splitext(n)[0]: os.path.join(folder, n)
+        file_stem(n): os.path.join(folder, n)
         for n in sorted(os.listdir(folder))
-        if n.lower().endswith(IMAGE_SUFFIXES)
+        if n.lower().endswith(IMAGE_SUFFIXES + VOLUME_SUFFIXES)
     }
 
 
-def load_folders(root: str, labels: Optional[Dict[str, int]] = None,
-                 store: Optional[Store] = None) -> Tuple[DatasetInfo, List[Case]]:
+def load_folders(root: str, labels: Optional[Dict[str, int]] = None, store: Optional[Store] = None,
+                 slice_axis: Optional[int] = None) -> Tuple[DatasetInfo, List[Case]]:
     """``root/images/<name>.<ext>`` with ``root/masks/<name>.<ext>``. Label values: ``labels``
     (name -> value) if given, else every value found in the masks, sorted (a first pass over the masks).
-    Each case is passed through ``store`` once read and checked (module docstring)."""
+    Each case is passed through ``store`` once read and checked (module docstring). NIfTI images and masks
+    (``.nii.gz``, ``.nii``) are volumes (:func:`.volumes.read_volume_case`, slices along ``slice_axis``);
+    a folder holds volumes or 2-D images, not both."""
     if not os.path.isdir(root):
         raise FileNotFoundError(f"dataset folder {root!r} does not exist (data.root)")
     images, masks = _by_stem(os.path.join(root, "images")), _by_stem(os.path.join(root, "masks"))
@@ -279,23 +281,38 @@ def load_folders(root: str, labels: Optional[Dict[str, int]] = None,
             f"mask {orphans[0]!r} has no image in {os.path.join(root, 'images')} ({len(orphans)} without); "
             f"add the image or remove the mask"
         )
+    kinds = {is_volume(p) for p in list(images.values()) + list(masks.values())}
+    if len(kinds) > 1:
+        raise ValueError(f"{root!r} holds NIfTI volumes and 2-D image files in images/ or masks/; a dataset is one "
+                         f"or the other: move one kind to a dataset of its own")
+    volumes = kinds == {True}
+    if volumes:
+        from .volume_io import read_label_volume
+        from .volumes import read_volume_case  # volumes.py builds on this module's Case
+
+    def read_mask(path: str) -> np.ndarray:
+        return read_label_volume(path, slice_axis) if volumes else read_label(path)
+
     if labels:
         items = sorted(labels.items(), key=lambda kv: kv[1])
     else:  # one mask at a time: the masks of a large dataset need not fit in memory together
-        items = labels_from_masks(((read_label(masks[stem]), masks[stem]) for stem in images),
+        items = labels_from_masks(((read_mask(masks[stem]), masks[stem]) for stem in images),
                                   os.path.join(root, "masks"))
     info = DatasetInfo(
         name=os.path.basename(os.path.normpath(root)),
         label_names=[k for k, _ in items],
         label_values=[v for _, v in items],
         num_channels=0,  # the images', below
-        file_ending=".png",
+        file_ending=".nii.gz" if volumes else ".png",
     )
     cases = []
     for stem, path in images.items():
-        (image, scale), label = read_case([path]), read_label(masks[stem])
-        _check_pair(image, label, path, masks[stem])
-        case = Case(stem, image, info.to_indices(label, masks[stem]), scale, path)
+        if volumes:
+            case = read_volume_case(stem, [path], masks[stem], info, slice_axis)
+        else:
+            (image, scale), label = read_case([path]), read_label(masks[stem])
+            _check_pair(image, label, path, masks[stem])
+            case = Case(stem, image, info.to_indices(label, masks[stem]), scale, path)
         cases.append(store(case) if store else case)
     info.num_channels = _check_channels(cases, os.path.join(root, "images"))
     return info, cases

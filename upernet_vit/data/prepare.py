@@ -53,7 +53,7 @@ def prepare_data(cfg: DataConfig, cache_root: Optional[str] = None) -> PreparedD
         elif cfg.format == "nnunet":
             info, cases = load_nnunet_raw(cfg.root, slice_axis=cfg.slice_axis)
         else:
-            info, cases = load_folders(cfg.root, cfg.labels)
+            info, cases = load_folders(cfg.root, cfg.labels, slice_axis=cfg.slice_axis)
         splits_file = cfg.splits_file or os.path.join(cfg.root, "splits_final.json")
     if info.num_classes < 2:
         raise ValueError(f"the dataset has {info.num_classes} label(s); segmentation needs background plus at least one class")
