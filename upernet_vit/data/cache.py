@@ -67,7 +67,7 @@ def fingerprint(cfg: DataConfig) -> str:
         st = os.stat(path)
         stats.append([os.path.relpath(path, root), st.st_size, st.st_mtime_ns])
     what = {"version": CACHE_VERSION, "root": root, "format": cfg.format, "labels": cfg.labels,
-            "slice_axis": cfg.slice_axis, "files": stats}
+            "slice_axis": cfg.slice_axis, "stacks": cfg.stacks, "files": stats}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode("utf-8")).hexdigest()[:16]
 
 
@@ -183,9 +183,11 @@ def _build(cfg: DataConfig, folder: str, key: str) -> Dict[str, Any]:
     writer = _Writer(tmp, total)
     try:
         if cfg.format == "nnunet":
-            info, _ = load_nnunet_raw(cfg.root, store=writer, slice_axis=cfg.slice_axis)  # type: ignore[arg-type]
+            info, _ = load_nnunet_raw(cfg.root, store=writer, slice_axis=cfg.slice_axis,  # type: ignore[arg-type]
+                                      stacks=cfg.stacks)
         else:
-            info, _ = load_folders(cfg.root, cfg.labels, store=writer, slice_axis=cfg.slice_axis)  # type: ignore[arg-type]
+            info, _ = load_folders(cfg.root, cfg.labels, store=writer, slice_axis=cfg.slice_axis,  # type: ignore[arg-type]
+                                   stacks=cfg.stacks)
         writer.close()
         index = {"written_by": WRITTEN_BY, "version": CACHE_VERSION, "fingerprint": key,
                  "info": {"name": info.name, "label_names": info.label_names, "label_values": info.label_values,

@@ -18,7 +18,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import numpy as np
 
 from ..fileio import read_json
-from .image_io import IMAGE_SUFFIXES, describe_orientation, read_image_and_kind, read_image_pages, read_label
+from .image_io import (IMAGE_SUFFIXES, describe_orientation, read_image_and_kind, read_image_pages, read_label,
+                       read_label_pages)
 from .volume_io import VOLUME_SUFFIXES, file_stem, is_volume
 from .intensity import full_scale
 
@@ -189,12 +190,12 @@ def read_case_pages(files: Sequence[str], slice_axis: Optional[int] = None) -> n
     return np.concatenate(stacks, axis=1)
 
 
-def load_nnunet_raw(root: str, store: Optional[Store] = None,
-                    slice_axis: Optional[int] = None) -> Tuple[DatasetInfo, List[Case]]:
+def load_nnunet_raw(root: str, store: Optional[Store] = None, slice_axis: Optional[int] = None,
+                    stacks: bool = False) -> Tuple[DatasetInfo, List[Case]]:
     """Training cases of an nnU-Net v2 raw dataset (``imagesTr``/``labelsTr``), each passed through ``store``
     once read and checked (module docstring). With ``file_ending`` ``.nii.gz`` or ``.nii`` each case is a
     volume (:func:`read_volume_case`; ``slice_axis``: the axis slices are taken along, default the one of
-    largest spacing)."""
+    largest spacing). ``stacks``: multi-page 2-D files are z-stacks, each a volume of its pages."""
     if not os.path.isdir(root):
         raise FileNotFoundError(f"dataset folder {root!r} does not exist (data.root)")
     info = nnunet_info(root)
@@ -222,6 +223,10 @@ def load_nnunet_raw(root: str, store: Optional[Store] = None,
             from .volumes import read_volume_case  # volumes.py builds on this module's Case
 
             case = read_volume_case(case_id, files, label_path, info, slice_axis)
+        elif stacks:
+            from .volumes import read_stack_case
+
+            case = read_stack_case(case_id, files, label_path, info)
         else:
             image, scale = read_case(files)
             label = read_label(label_path)
@@ -261,12 +266,13 @@ def _by_stem(folder: str) -> Dict[str, str]:
 
 
 def load_folders(root: str, labels: Optional[Dict[str, int]] = None, store: Optional[Store] = None,
-                 slice_axis: Optional[int] = None) -> Tuple[DatasetInfo, List[Case]]:
+                 slice_axis: Optional[int] = None, stacks: bool = False) -> Tuple[DatasetInfo, List[Case]]:
     """``root/images/<name>.<ext>`` with ``root/masks/<name>.<ext>``. Label values: ``labels``
     (name -> value) if given, else every value found in the masks, sorted (a first pass over the masks).
     Each case is passed through ``store`` once read and checked (module docstring). NIfTI images and masks
     (``.nii.gz``, ``.nii``) are volumes (:func:`.volumes.read_volume_case`, slices along ``slice_axis``);
-    a folder holds volumes or 2-D images, not both."""
+    a folder holds volumes or 2-D images, not both. ``stacks``: multi-page 2-D files (a TIFF z-stack) are
+    volumes of their pages (:func:`.volumes.read_stack_case`)."""
     if not os.path.isdir(root):
         raise FileNotFoundError(f"dataset folder {root!r} does not exist (data.root)")
     images, masks = _by_stem(os.path.join(root, "images")), _by_stem(os.path.join(root, "masks"))
@@ -291,7 +297,9 @@ def load_folders(root: str, labels: Optional[Dict[str, int]] = None, store: Opti
         from .volumes import read_volume_case  # volumes.py builds on this module's Case
 
     def read_mask(path: str) -> np.ndarray:
-        return read_label_volume(path, slice_axis) if volumes else read_label(path)
+        if volumes:
+            return read_label_volume(path, slice_axis)
+        return read_label_pages(path) if stacks else read_label(path)
 
     if labels:
         items = sorted(labels.items(), key=lambda kv: kv[1])
@@ -309,6 +317,10 @@ def load_folders(root: str, labels: Optional[Dict[str, int]] = None, store: Opti
     for stem, path in images.items():
         if volumes:
             case = read_volume_case(stem, [path], masks[stem], info, slice_axis)
+        elif stacks:
+            from .volumes import read_stack_case
+
+            case = read_stack_case(stem, [path], masks[stem], info)
         else:
             (image, scale), label = read_case([path]), read_label(masks[stem])
             _check_pair(image, label, path, masks[stem])

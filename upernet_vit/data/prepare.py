@@ -51,16 +51,17 @@ def prepare_data(cfg: DataConfig, cache_root: Optional[str] = None) -> PreparedD
 
             info, cases = cached_dataset(cfg, cache_root)
         elif cfg.format == "nnunet":
-            info, cases = load_nnunet_raw(cfg.root, slice_axis=cfg.slice_axis)
+            info, cases = load_nnunet_raw(cfg.root, slice_axis=cfg.slice_axis, stacks=cfg.stacks)
         else:
-            info, cases = load_folders(cfg.root, cfg.labels, slice_axis=cfg.slice_axis)
+            info, cases = load_folders(cfg.root, cfg.labels, slice_axis=cfg.slice_axis, stacks=cfg.stacks)
         splits_file = cfg.splits_file or os.path.join(cfg.root, "splits_final.json")
     if info.num_classes < 2:
         raise ValueError(f"the dataset has {info.num_classes} label(s); segmentation needs background plus at least one class")
     volumes = bool(cases) and cases[0].image.ndim == 4
     if cfg.context_slices and not volumes:
         raise ValueError(f"data.context_slices {cfg.context_slices} takes neighbouring slices of volumes, but "
-                         f"{cfg.root or 'the demo'} holds 2-D images; set data.context_slices: 0")
+                         f"{cfg.root or 'the demo'} holds 2-D images; set data.context_slices: 0, or data.stacks: "
+                         f"true if its multi-page files are z-stacks")
     ranges = [c.pixel_range() for c in cases if c.image.size]
     fold = str(cfg.fold)
     train_ids, val_ids, splits = fold_case_ids(  # folds of whole volumes: a volume's slices stay together

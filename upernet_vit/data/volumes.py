@@ -76,6 +76,26 @@ def read_volume_case(case_id: str, files: Sequence[str], label_path: str, info: 
     return Case(case_id, image, label, full_scale(image, integer), files[0], (low, high), None, stats)
 
 
+def read_stack_case(case_id: str, files: Sequence[str], label_path: str, info: DatasetInfo) -> Case:
+    """A z-stack of 2-D pages as a volume case (``data.stacks``): the channel files' pages ``[N, C, H, W]``
+    (e.g. a multi-page TIFF of electron-microscopy sections) with the label file's pages ``[N, H, W]``;
+    their page counts and sizes must agree."""
+    from .datasets import read_case_pages
+    from .image_io import read_label_pages
+
+    image = read_case_pages(files)
+    label = read_label_pages(label_path)
+    if label.shape[0] != image.shape[0] or label.shape[1:] != image.shape[2:]:
+        raise ValueError(f"stack {files[0]!r} has {image.shape[0]} page(s) of {image.shape[2]}x{image.shape[3]} "
+                         f"but its label {label_path!r} has {label.shape[0]} of {label.shape[1]}x{label.shape[2]}; "
+                         f"they must match page for page")
+    label = info.to_indices(label, label_path)
+    integer = np.issubdtype(image.dtype, np.integer) or bool(np.array_equal(image, np.round(image)))
+    low, high = (float(image.min()), float(image.max())) if image.size else (0.0, 0.0)
+    return Case(case_id, image, label, full_scale(image, integer), files[0], (low, high), None,
+                volume_stats(image, label, info.num_classes))
+
+
 def volume_stats(image: np.ndarray, label: np.ndarray, num_classes: int) -> Dict[str, Any]:
     """What cutting a volume into slices needs without reading it again: each channel's mean and std
     (float64 sums, one slice at a time), each slice's pixels per class, and up to ``FOREGROUND_SAMPLE``
