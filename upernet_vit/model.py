@@ -104,7 +104,7 @@ class UperNetViT(nn.Module):
         self.backbone = create_backbone(
             cfg.backbone, cfg.backbone_size, cfg.in_chans, cfg.checkpoint_path, cfg.backbone_kwargs,
             checkpoint_format=cfg.checkpoint_format, trust_checkpoint=cfg.trust_checkpoint, norm_stats=cfg.norm_stats,
-            pretrained=cfg.pretrained, drop_path_rate=cfg.drop_path_rate, dtype=getattr(torch, cfg.backbone_dtype),
+            pretrained=cfg.pretrained, drop_path_rate=cfg.drop_path_rate, dtype=precision_dtype(cfg.backbone_dtype),
         )  # in backbone_dtype, filled straight from its weights file; the decoder stays float32
         self.feature_indices = resolve_feature_indices(self.backbone.depth, cfg.feature_indices)
         prepare_vit_for_taps(self.backbone, self.feature_indices)
