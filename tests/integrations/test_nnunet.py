@@ -154,3 +154,40 @@ def test_train_then_stock_predict(nnunet_env, tmp_path):
 def test_nnunet_path_command(capsys):
     assert main(["nnunet-path"]) == 0
     assert capsys.readouterr().out.strip() == EXT_TRAINER_DIR
+
+
+def test_evaluate_writes_the_summary_nnunets_own_evaluation_writes(tmp_path):
+    """Our ``metric_per_case``/``mean``/``foreground_mean`` equal nnU-Net's ``compute_metrics_on_folder`` on
+    the same files (an ignore label, a class absent from one case), and nnU-Net's loader reads our file."""
+    from PIL import Image
+    from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder, load_summary_json
+    from nnunetv2.imageio.natural_image_reader_writer import NaturalImage2DIO
+
+    from upernet_vit.inference.evaluate import evaluate, write_summary
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "gt").mkdir()
+    (tmp_path / "pred").mkdir()
+    for case in range(3):
+        gt = rng.integers(0, 3, (16, 20)).astype(np.uint8)
+        pred = np.where(rng.random((16, 20)) < 0.7, gt, rng.integers(0, 3, (16, 20))).astype(np.uint8)
+        gt[:2] = 4  # the ignore label
+        if case == 1:
+            gt[gt == 2], pred[pred == 2] = 0, 0  # label 2 in neither file: NaN Dice
+        Image.fromarray(gt).save(tmp_path / "gt" / f"c{case}.png")
+        Image.fromarray(pred).save(tmp_path / "pred" / f"c{case}.png")
+    theirs = compute_metrics_on_folder(str(tmp_path / "gt"), str(tmp_path / "pred"), str(tmp_path / "nnunet.json"),
+                                       NaturalImage2DIO(), ".png", [1, 2], ignore_label=4, num_processes=1)
+    ours = evaluate(str(tmp_path / "pred"), str(tmp_path / "gt"), {"background": 0, "a": 1, "b": 2}, ignore_value=4)
+    write_summary(ours, str(tmp_path / "ours.json"))
+    loaded = load_summary_json(str(tmp_path / "ours.json"))
+    for label in (1, 2):
+        for metric, value in theirs["mean"][label].items():
+            np.testing.assert_allclose(loaded["mean"][label][metric], value, err_msg=f"{label} {metric}")
+        for case_theirs, case_ours in zip(theirs["metric_per_case"], loaded["metric_per_case"]):
+            assert os.path.basename(case_ours["reference_file"]) == os.path.basename(case_theirs["reference_file"])
+            for metric, value in case_theirs["metrics"][label].items():
+                np.testing.assert_allclose(case_ours["metrics"][label][metric], value, err_msg=f"{label} {metric}")
+    for metric, value in theirs["foreground_mean"].items():
+        np.testing.assert_allclose(loaded["foreground_mean"][metric], value, err_msg=metric)
+    assert np.isnan(loaded["metric_per_case"][1]["metrics"][2]["Dice"])

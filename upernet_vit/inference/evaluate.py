@@ -1,5 +1,7 @@
 """``evaluate``: Dice and IoU of predicted label maps against ground truth, pooled over cases and as the
-mean over cases (nnU-Net's ``summary.json`` convention). Reads label files only (a multi-page mask, such as
+mean over cases, and in nnU-Net v2's ``summary.json`` form (``metric_per_case``, ``mean``,
+``foreground_mean``: per case and foreground label TP/FP/FN/TN, Dice and IoU, NaN where a label is in neither
+file), which nnU-Net's own tools read. Reads label files only (a multi-page mask, such as
 predict writes for a z-stack, is one case of N pages); :func:`write_summary` writes the result, never over a
 file it did not write."""
 from __future__ import annotations
@@ -7,7 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Dict, Optional
+import warnings
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -17,7 +20,7 @@ from ..data.image_io import IMAGE_SUFFIXES, read_label_pages
 from ..data.volume_io import VOLUME_SUFFIXES, file_stem
 from ..fileio import atomic_write, read_json, write_text
 from ..runs.outputs import refuse_foreign_file, refuse_overlap
-from .metrics import confusion_counts, dice_iou
+from .metrics import dice_iou
 
 logger = logging.getLogger(__name__)
 
@@ -94,25 +97,28 @@ def evaluate(
     names, label_values = list(labels), list(labels.values())
     lut = {v: i for i, v in enumerate(label_values)}
 
-    def to_index(a: np.ndarray, source: str) -> torch.Tensor:
+    def to_index(a: np.ndarray, source: str) -> np.ndarray:
         out = np.full(a.shape, IGNORE_INDEX, dtype=np.int64)
         for v in np.unique(a).tolist():
             if v in lut:
                 out[a == v] = lut[v]
             elif v != ignore_value:
                 raise ValueError(f"{source!r} has label value {v} that is not among {labels}")
-        return torch.from_numpy(out)
+        return out
 
     total = torch.zeros(len(names), 3, dtype=torch.int64)
-    per_case = {}
+    per_case, nnunet_cases = {}, []
     for case, (pred, gt) in arrays.items():
         if pred.shape != gt.shape:
             raise ValueError(
                 f"prediction {preds[case]!r} is {_size(pred)} but its ground truth {gts[case]!r} is {_size(gt)}")
-        counts = confusion_counts(to_index(pred, preds[case]), to_index(gt, gts[case]), len(names))
-        total += counts
-        scores = dice_iou(counts)
+        # a prediction of the ignore value is no class: it misses what the truth holds there, as in nnU-Net
+        counts = case_counts(to_index(pred, preds[case]), to_index(gt, gts[case]), len(names))
+        total += torch.from_numpy(counts[:, :3])
+        scores = dice_iou(torch.from_numpy(counts[:, :3]))
         per_case[case] = {f"dice_{n}": _num(d) for n, d in zip(names, scores["dice"])}
+        nnunet_cases.append({"reference_file": gts[case], "prediction_file": preds[case], "metrics": {
+            str(v): _nnunet_metrics(counts[i]) for i, v in enumerate(label_values) if v != 0}})
     scores = dice_iou(total)
     fg = [d for d in scores["dice"][1:] if not np.isnan(d)]
     case_mean = {}
@@ -128,7 +134,46 @@ def evaluate(
         "mean_case_dice": case_mean,
         "foreground_mean_case_dice": float(np.mean(fg_case)) if fg_case else None,
         "per_case": per_case,
+        **nnunet_summary(nnunet_cases),
     }
+
+
+def case_counts(pred: np.ndarray, gt: np.ndarray, num_classes: int) -> np.ndarray:
+    """``[K, 4]`` int64 counts (TP, FP, FN, TN) per class index of one case, over the pixels (voxels) whose
+    truth is not ``IGNORE_INDEX``; a predicted ``IGNORE_INDEX`` is no class (a miss where the truth has one)."""
+    use = gt != IGNORE_INDEX
+    scored = int(use.sum())
+    out = np.zeros((num_classes, 4), dtype=np.int64)
+    for k in range(num_classes):
+        ref, hit = gt == k, (pred == k) & use
+        tp = int(np.count_nonzero(ref & hit))
+        fp, fn = int(np.count_nonzero(hit)) - tp, int(np.count_nonzero(ref)) - tp
+        out[k] = (tp, fp, fn, scored - tp - fp - fn)
+    return out
+
+
+def _nnunet_metrics(counts: np.ndarray) -> Dict[str, float]:
+    """One case's and class's entry of nnU-Net's ``summary.json`` (NaN Dice/IoU where the class is in
+    neither the prediction nor the truth, as nnU-Net writes it)."""
+    tp, fp, fn, tn = (int(c) for c in counts)
+    return {"Dice": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else float("nan"),
+            "IoU": tp / (tp + fp + fn) if tp + fp + fn else float("nan"),
+            "FP": fp, "TP": tp, "FN": fn, "TN": tn, "n_pred": fp + tp, "n_ref": fn + tp}
+
+
+def nnunet_summary(cases: List[Dict]) -> Dict:
+    """nnU-Net v2's ``summary.json`` keys from its ``metric_per_case`` entries: ``mean`` (per foreground label,
+    the NaN-skipping mean over cases of each metric) and ``foreground_mean`` (the mean of ``mean`` over labels),
+    so that nnU-Net's ``load_summary_json`` and the tools built on it read our file."""
+    labels = list(cases[0]["metrics"]) if cases else []
+    metrics = ["Dice", "IoU", "FP", "TP", "FN", "TN", "n_pred", "n_ref"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a label absent everywhere: NaN, as nnU-Net's nanmean
+        mean = {label: {m: float(np.nanmean([c["metrics"][label][m] for c in cases])) for m in metrics}
+                for label in labels}
+        foreground_mean = {m: float(np.mean([mean[label][m] for label in labels])) if labels else float("nan")
+                           for m in metrics}
+    return {"metric_per_case": cases, "mean": mean, "foreground_mean": foreground_mean}
 
 
 def _label_files(folder: str) -> Dict[str, str]:
