@@ -248,8 +248,9 @@ class DataConfig(_Checked):
     slice_axis: Optional[int] = option(None, check=lambda v: v is None or v in (0, 1, 2), must="0, 1, 2 or null")
     # 2.5-D: each slice gets its k neighbours on each side as extra channels (in_chans = channels x (2k+1))
     context_slices: int = option(0, check=lambda v: 0 <= v <= 16, must="in 0..16")
-    # multi-page 2-D files (a TIFF z-stack of electron-microscopy sections) are volumes of their pages and
-    # train as volumes do (z-scored per stack, context slices); false: a multi-page training file is refused
+    # multi-page 2-D files (a TIFF z-stack of electron-microscopy sections), and folders of one-page section
+    # files (images/<stack>/<section>.png with masks/<stack>/<section>.png, in natural order), are volumes
+    # of their pages and train as volumes do (z-scored per stack, context slices); false: both are refused
     stacks: bool = False
     demo_cases: int = option(64, check=lambda v: v >= 2, must=">= 2")  # demo only
     demo_image_size: int = option(96, check=lambda v: v >= 8, must=">= 8")  # demo only

@@ -48,14 +48,17 @@ DEFAULT_CACHE_NAME = ".upernet-vit-cache"  # beside the run folder when data.cac
 
 def source_files(cfg: DataConfig) -> List[str]:
     """Every file the dataset of ``cfg`` is read from (nnU-Net raw: dataset.json, imagesTr, labelsTr;
-    folders: images, masks), sorted."""
+    folders: images, masks, and the section files of stack folders), sorted."""
     root = os.fspath(cfg.root)  # type: ignore[arg-type]
     folders = ("imagesTr", "labelsTr") if cfg.format == "nnunet" else ("images", "masks")
     files = [os.path.join(root, "dataset.json")] if cfg.format == "nnunet" else []
     for folder in folders:
         path = os.path.join(root, folder)
         if os.path.isdir(path):
-            files += [os.path.join(path, n) for n in sorted(os.listdir(path))]
+            for n in sorted(os.listdir(path)):
+                inner = os.path.join(path, n)
+                files += ([os.path.join(inner, m) for m in sorted(os.listdir(inner))] if os.path.isdir(inner)
+                          else [inner])
     return [f for f in files if os.path.isfile(f)]
 
 

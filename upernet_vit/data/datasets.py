@@ -256,13 +256,20 @@ def _check_channels(cases: Sequence[Case], folder: str, declared: Optional[int] 
 
 # ---------------------------------------------------------------------------- plain folders
 def _by_stem(folder: str) -> Dict[str, str]:
+    """``{case: path}`` of a folder's image files and stack folders (a folder is named as it is: a stack
+    folder ``run.v2`` is case ``run.v2``)."""
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"folder {folder!r} does not exist")
-    return {
-        file_stem(n): os.path.join(folder, n)
-        for n in sorted(os.listdir(folder))
-        if n.lower().endswith(IMAGE_SUFFIXES + VOLUME_SUFFIXES)
-    }
+    found: Dict[str, str] = {}
+    for n in sorted(os.listdir(folder)):
+        path = os.path.join(folder, n)
+        if os.path.isdir(path):
+            found[n] = path
+        elif n.lower().endswith(IMAGE_SUFFIXES + VOLUME_SUFFIXES):
+            if file_stem(n) in found:
+                raise ValueError(f"{found[file_stem(n)]!r} and {path!r} are one case {file_stem(n)!r}; keep one")
+            found[file_stem(n)] = path
+    return found
 
 
 def load_folders(root: str, labels: Optional[Dict[str, int]] = None, store: Optional[Store] = None,
@@ -287,6 +294,11 @@ def load_folders(root: str, labels: Optional[Dict[str, int]] = None, store: Opti
             f"mask {orphans[0]!r} has no image in {os.path.join(root, 'images')} ({len(orphans)} without); "
             f"add the image or remove the mask"
         )
+    folders = [p for p in list(images.values()) + list(masks.values()) if os.path.isdir(p)]
+    if folders and not stacks:
+        raise ValueError(f"{folders[0]!r} is a folder: set data.stacks: true if its files are the sections of one "
+                         f"stack (images/<stack>/<section>.png with masks/<stack>/<section>.png), or move the "
+                         f"files up into {os.path.dirname(folders[0])!r}")
     kinds = {is_volume(p) for p in list(images.values()) + list(masks.values())}
     if len(kinds) > 1:
         raise ValueError(f"{root!r} holds NIfTI volumes and 2-D image files in images/ or masks/; a dataset is one "

@@ -9,9 +9,14 @@ Two rules hold for every reader here:
 - **Pages.** A file with several pages or frames (a multi-page TIFF z-stack or time series, an animated
   PNG) is read whole by :func:`read_image_pages` / :func:`read_label_pages` (``[N, ...]``, page order),
   and refused by the one-image readers with an error that names the page count: never cut to page 1.
+  A folder of one-page files is a stack too (``images/<stack>/<section>.png``, electron-microscopy sections
+  saved one per file): its pages are its files in natural order (``s2`` before ``s10``), see
+  :func:`section_files`.
 """
 from __future__ import annotations
 
+import os
+import re
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -62,8 +67,46 @@ _TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
               8: Image.Transpose.ROTATE_90}
 
 
+def section_files(folder: str) -> List[str]:
+    """The image files of a stack folder in natural order (the numbers in their names compared as numbers:
+    ``s2.png`` before ``s10.png``). Two names of one position (``s1.png`` and ``s01.png``), a folder inside
+    it, a volume, or no image at all is a ValueError naming the folder."""
+    names = sorted(os.listdir(folder))
+    inner = [n for n in names if os.path.isdir(os.path.join(folder, n))]
+    if inner:
+        raise ValueError(f"stack folder {folder!r} holds the folder {inner[0]!r}; a stack folder holds its "
+                         f"sections as image files, one page each")
+    if any(is_volume(n) for n in names):
+        raise ValueError(f"stack folder {folder!r} holds a NIfTI volume; a volume is a stack already: put it "
+                         f"beside the other cases, not in a folder")
+    images = [n for n in names if n.lower().endswith(IMAGE_SUFFIXES)]
+    if not images:
+        raise ValueError(f"stack folder {folder!r} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+
+    def position(name: str) -> Tuple:
+        base = os.path.splitext(name)[0]
+        return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", base))
+
+    keys = [position(n) for n in images]
+    clash = next((n for i, n in enumerate(images) if keys.index(keys[i]) != i), None)
+    if clash:
+        raise ValueError(f"stack folder {folder!r}: {images[keys.index(position(clash))]!r} and {clash!r} take one "
+                         f"place in the section order; rename one (e.g. zero-pad every number)")
+    return [os.path.join(folder, n) for _, n in sorted(zip(keys, images))]
+
+
 def _pages(path: str) -> List[Image.Image]:
-    """Every page of ``path``, each turned as a viewer shows it (its orientation tag applied)."""
+    """Every page of ``path``, each turned as a viewer shows it (its orientation tag applied); a stack
+    folder's pages are its section files'."""
+    if os.path.isdir(path):
+        pages = []
+        for section in section_files(path):
+            one = _pages(section)
+            if len(one) > 1:
+                raise ValueError(f"section file {section!r} of stack folder {path!r} has {len(one)} pages; a stack "
+                                 f"folder's files are one page each")
+            pages += one
+        return pages
     with _open(path) as img:
         return _turned_pages(img, path)
 
@@ -172,7 +215,9 @@ def read_label_pages(path: str) -> np.ndarray:
     were saved. A NIfTI label volume gives its slices along the axis of largest spacing."""
     if is_volume(path):
         return read_label_volume(path)
-    if path.lower().endswith(LOSSY_SUFFIXES):
+    lossy = [f for f in (section_files(path) if os.path.isdir(path) else [path]) if f.lower().endswith(LOSSY_SUFFIXES)]
+    if lossy:
+        path = lossy[0]
         raise ValueError(
             f"label file {path!r} is a JPEG, a lossy format: compression changes its values (a 0/255 mask "
             f"comes back with every value from 0 to 255), so its labels cannot be trusted; save the masks as "

@@ -178,13 +178,16 @@ def nnunet_summary(cases: List[Dict]) -> Dict:
 
 def _label_files(folder: str) -> Dict[str, str]:
     """``{case: label file}`` of a folder (a case's ``.png`` before its ``.tif``, e.g. a stack's mask; NIfTI
-    volumes by their name without ``.nii.gz``)."""
+    volumes by their name without ``.nii.gz``; a stack folder of section masks by its name)."""
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"folder {folder!r} does not exist")
     found: Dict[str, str] = {}
     for name in sorted(os.listdir(folder), key=lambda n: (not n.lower().endswith(".png"), n)):
-        if name.lower().endswith(IMAGE_SUFFIXES + VOLUME_SUFFIXES):  # a volume: 3-D Dice over its slices
-            found.setdefault(file_stem(name), os.path.join(folder, name))
+        path = os.path.join(folder, name)
+        if os.path.isdir(path):  # a stack folder of section masks: one case, as a multi-page file is
+            found.setdefault(name, path)
+        elif name.lower().endswith(IMAGE_SUFFIXES + VOLUME_SUFFIXES):  # a volume: 3-D Dice over its slices
+            found.setdefault(file_stem(name), path)
     return dict(sorted(found.items()))
 
 

@@ -45,9 +45,11 @@ def _input_files(path: str) -> List[str]:
     if not os.path.isdir(path):
         raise FileNotFoundError(f"input_path {path!r} does not exist")
     suffixes = IMAGE_SUFFIXES + VOLUME_SUFFIXES
-    files = [os.path.join(path, n) for n in sorted(os.listdir(path)) if n.lower().endswith(suffixes)]
+    # a folder inside is a stack of section files (a model trained with data.stacks), read in natural order
+    files = [os.path.join(path, n) for n in sorted(os.listdir(path))
+             if n.lower().endswith(suffixes) or os.path.isdir(os.path.join(path, n))]
     if not files:
-        raise ValueError(f"no image files ({', '.join(suffixes)}) in {path!r}")
+        raise ValueError(f"no image files ({', '.join(suffixes)}) or stack folders in {path!r}")
     return files
 
 
@@ -89,7 +91,7 @@ def read_inputs(path: str, in_chans: int,
     channels = {f: shape[1] for f, shape in shapes.items()}
     cases: Dict[str, List[tuple]] = {}
     for f in files:
-        stem = file_stem(f)
+        stem = os.path.basename(f) if os.path.isdir(f) else file_stem(f)
         match = re.match(r"^(.+)_(\d{4})$", stem)
         if match and channels[f] < in_chans:
             case, index = match.group(1), int(match.group(2))
