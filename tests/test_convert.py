@@ -114,3 +114,35 @@ def test_unknown_keys_are_named():
         from_hf_upernet({"backbone.patch_embed.proj.weight": torch.zeros(1)})  # no head prefix: all unknown
     with pytest.raises(ValueError, match="no HuggingFace UperNet head keys"):
         from_hf_upernet({})
+
+
+def _mmseg_feature2pyramid(d):
+    """mmsegmentation's ``Feature2Pyramid`` (rescales 4, 2, 1, 0.5; BN), its module tree written out."""
+    neck = torch.nn.Module()
+    neck.upsample_4x = torch.nn.Sequential(torch.nn.ConvTranspose2d(d, d, 2, 2), torch.nn.BatchNorm2d(d),
+                                           torch.nn.GELU(), torch.nn.ConvTranspose2d(d, d, 2, 2))
+    neck.upsample_2x = torch.nn.Sequential(torch.nn.ConvTranspose2d(d, d, 2, 2))
+    neck.downsample_2x = torch.nn.MaxPool2d(2, 2)
+    return neck
+
+
+def test_mmseg_neck_loads_into_the_simple_pyramid():
+    from upernet_vit import from_mmseg_neck
+    from upernet_vit.vit_adapter import SimpleFeaturePyramid
+
+    torch.manual_seed(0)
+    neck = _mmseg_feature2pyramid(16)
+    randomize_bn(neck)
+    segmentor = {f"neck.{k}": v for k, v in neck.state_dict().items()}
+    segmentor["backbone.cls_token"] = torch.zeros(1, 1, 16)  # the rest of a segmentor is left alone
+    ours = SimpleFeaturePyramid(16, norm="batchnorm")
+    ours.load_state_dict(from_mmseg_neck(segmentor))  # strict: every key of ours is filled
+    neck.eval(), ours.eval()
+    maps = [torch.randn(2, 16, 6, 8) for _ in range(4)]
+    expected = [neck.upsample_4x(maps[0]), neck.upsample_2x(maps[1]), maps[2], neck.downsample_2x(maps[3])]
+    for got, want in zip(ours(maps), expected):
+        assert got.shape == want.shape and torch.allclose(got, want, atol=1e-6)
+    with pytest.raises(ValueError, match="no mmsegmentation Feature2Pyramid 4x level"):
+        from_mmseg_neck({k: v for k, v in segmentor.items() if "upsample_4x" not in k})
+    with pytest.raises(ValueError, match="neck key 'upsample_8x.0.weight'"):
+        from_mmseg_neck({**segmentor, "neck.upsample_8x.0.weight": torch.zeros(1)})

@@ -18,7 +18,7 @@ _check_torch_version(torch.__version__)
 
 from .backbones import create_backbone  # noqa: E402
 from .config import Config, ConfigError, load_config  # noqa: E402
-from .convert import from_hf_upernet, from_mmseg_upernet  # noqa: E402
+from .convert import from_hf_upernet, from_mmseg_neck, from_mmseg_upernet  # noqa: E402
 from .factory import create_segmentation_model  # noqa: E402
 from .fpn import FPNFusion  # noqa: E402
 from .head import FCNHead, UperNetHead  # noqa: E402
@@ -41,6 +41,7 @@ __all__ = [
     "create_segmentation_model",
     "default_feature_indices",
     "from_hf_upernet",
+    "from_mmseg_neck",
     "from_mmseg_upernet",
     "load_config",
 ]

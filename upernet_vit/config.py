@@ -121,7 +121,7 @@ class DecoderConfig(_Checked):
     norm: Norm = "layernorm"  # layernorm | groupnorm | batchnorm (mmseg/HF weights) | none
     dropout: float = option(0.1, check=_fraction, must="in [0, 1)")  # before the classifiers
     upsampler: Upsampler = "bilinear"  # stride 4 -> 1: bilinear, or progressive (two learned 2x stages)
-    # ViT maps -> pyramid: simple (D channels at every level; BEiT/MAE weights load) or vitdet (narrower
+    # ViT maps -> pyramid: simple (D channels at every level; mmseg's BEiT/MAE necks load) or vitdet (narrower
     # upsampling, then a projection to hidden_size: far less memory for wide ViTs such as DINOv3-7B)
     pyramid: Literal["simple", "vitdet"] = "simple"
     aux_head: bool = False  # auxiliary FCN head on the pyramid's 1x level (training signal)

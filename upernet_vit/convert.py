@@ -18,6 +18,19 @@ ours (``UperNetHead``)                 HF ``UperNetHead``                  mmseg
 The target head must be built with ``norm="batchnorm"`` (their norm) and their channel counts.
 Full-model state dicts are accepted: ``decode_head.``/``auxiliary_head.`` select the parts and
 everything else (``backbone.*``, ``neck.*``) is ignored.
+
+mmseg's BEiT/MAE segmentors put a ``Feature2Pyramid`` neck between the ViT and the head; it is our
+:class:`~upernet_vit.vit_adapter.SimpleFeaturePyramid` (with ``norm="batchnorm"``) under other names, and
+:func:`from_mmseg_neck` converts it:
+
+=====================================  ==================================
+ours (``SimpleFeaturePyramid``)        mmseg ``Feature2Pyramid``
+=====================================  ==================================
+``up4.{0,1,3}.*`` (deconv, BN, deconv)  ``upsample_4x.{0,1,3}.*``
+``up2.*``                              ``upsample_2x.0.*``
+=====================================  ==================================
+
+Their backbones (mmseg's own ``BEiT``/``MAE`` modules, relative position bias) are not converted.
 """
 from __future__ import annotations
 
@@ -90,3 +103,34 @@ def from_mmseg_upernet(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torc
     bare head's. mmseg checkpoints wrap it as ``{"state_dict": ...}``: pass ``ckpt["state_dict"]``.
     """
     return _convert(state_dict, "bn", "conv_seg", "mmsegmentation")
+
+
+_NECK_RULES: Sequence[_Rule] = ((r"^upsample_4x\.([013])\.", r"up4.\1."), (r"^upsample_2x\.0\.", "up2."))
+
+
+def from_mmseg_neck(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """mmsegmentation ``Feature2Pyramid`` neck weights (the BEiT/MAE segmentors') -> ours.
+
+    Load the result into ``SimpleFeaturePyramid(embed_dim, norm="batchnorm")``, e.g. ``model.adapter`` of
+    ``UperNetViT(..., norm="batchnorm")`` (``pyramid: simple``, the default). Accepts a segmentor state dict
+    (``neck.*`` selected, the rest ignored) or the bare neck's. A neck built with ``rescales=[2, 1, 0.5, 0.25]``
+    (no 4x level) has no counterpart here and is refused.
+    """
+    neck = {k[len("neck."):]: v for k, v in state_dict.items() if k.startswith("neck.")}
+    if not neck and not any(k.startswith(("decode_head.", "backbone.", "auxiliary_head.")) for k in state_dict):
+        neck = dict(state_dict)
+    if not any(k.startswith("upsample_4x.") for k in neck):
+        raise ValueError(
+            "no mmsegmentation Feature2Pyramid 4x level found (expected e.g. 'neck.upsample_4x.0.weight'); a neck "
+            "with rescales [2, 1, 0.5, 0.25] has none, and SimpleFeaturePyramid's levels are 4x, 2x, 1x, 0.5x"
+        )
+    out: Dict[str, torch.Tensor] = {}
+    for key, value in neck.items():
+        for pattern, repl in _NECK_RULES:
+            new, n = re.subn(pattern, repl, key)
+            if n:
+                out[new] = value
+                break
+        else:
+            raise ValueError(f"neck key {key!r} is not part of mmsegmentation's Feature2Pyramid (4x, 2x, 1x, 0.5x)")
+    return out

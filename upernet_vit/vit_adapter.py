@@ -125,8 +125,8 @@ class ViTDetFeaturePyramid(nn.Module):
     - 3: max-pool 2x2 s2, ceil mode                           -> ``[B, C, ceil(h/2), ceil(w/2)]``
 
     About 4.5 D^2 + 2.75 D C + 36 C^2 parameters against :class:`SimpleFeaturePyramid`'s 12 D^2 (for
-    DINOv3-7B with C = 512: 0.09B against 0.20B). Its weights are its own: BEiT/MAE-style segmentation
-    checkpoints load into :class:`SimpleFeaturePyramid`, the default.
+    DINOv3-7B with C = 512: 0.09B against 0.20B). Its weights are its own: mmsegmentation's BEiT/MAE
+    necks load into :class:`SimpleFeaturePyramid`, the default (:func:`upernet_vit.convert.from_mmseg_neck`).
     """
 
     def __init__(self, embed_dim: int, out_channels: int, norm: str = "layernorm") -> None:
