@@ -331,11 +331,11 @@ def build_parser() -> argparse.ArgumentParser:
                            "(the EMA-Dice pick) or latest (an unfinished run)")
     pred.add_argument("--scales", type=float, nargs="+", default=[1.0], metavar="S",
                       help="multi-scale test-time augmentation, e.g. --scales 0.75 1.0 1.25 (default: 1.0)")
-    pred.add_argument("--input", required=True, help="image file or folder (nnU-Net imagesTs naming works)")
-    pred.add_argument("--output", required=True, help="folder for <case>.png masks")
+    pred.add_argument("--input", required=True, help="image file or folder (nnU-Net imagesTs naming; multi-page stacks, stack folders and NIfTI volumes too)")
+    pred.add_argument("--output", required=True, help="folder for the masks: <case>.png, <case>.tif for a stack, <case>.nii.gz for a volume")
     pred.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda or cuda:N")
     pred.add_argument("--step", type=float, default=0.5, help="sliding-window step as a fraction of the patch")
-    pred.add_argument("--mirror", action="store_true", help="flip test-time augmentation (3 flips, averaged)")
+    pred.add_argument("--mirror", action="store_true", help="flip test-time augmentation (the image and its 3 flips, averaged)")
     pred.add_argument("--probabilities", action="store_true", help="also write <case>_probs.npz")
     pred.add_argument("--amp", choices=list(SPELLINGS), default="none",
                       help="autocast dtype (bf16: CPU or CUDA; fp16: CUDA only)")
@@ -352,10 +352,10 @@ def build_parser() -> argparse.ArgumentParser:
     pred.set_defaults(func=cmd_predict)
 
     ev = sub.add_parser("evaluate", parents=[common], help="Dice/IoU of predicted masks against ground truth")
-    ev.add_argument("--pred", required=True, help="folder of predicted label maps (<case>.png, or <case>.tif stacks)")
+    ev.add_argument("--pred", required=True, help="folder of predicted label maps (<case>.png, <case>.tif stacks, <case>.nii.gz volumes)")
     ev.add_argument("--gt", required=True, help="folder of ground-truth label maps with the same names")
     ev.add_argument("--labels", help="dataset.json (or a JSON name->value mapping); default: values in --gt")
-    ev.add_argument("--output", help="summary JSON (default: <pred>/summary.json)")
+    ev.add_argument("--output", help="summary JSON, with nnU-Net's summary.json fields (default: <pred>/summary.json)")
     ev.set_defaults(func=cmd_evaluate)
 
     exp = sub.add_parser("export", parents=[common], help="export a trained model to ONNX, checked against PyTorch with onnxruntime")

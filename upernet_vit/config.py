@@ -114,7 +114,7 @@ PRECISION_OPTION: Dict[str, Any] = dict(
 class DecoderConfig(_Checked):
     # the UperNet width: HF's and the seed's ``hidden_size``; ``UperNetHead(channels=...)`` keeps mmseg's name
     hidden_size: int = option(512, check=_positive, must=">= 1")
-    pool_scales: List[int] = option(
+    pool_scales: List[int] = option(  # the PPM's pooled grid sizes (1: global average pooling)
         factory=lambda: [1, 2, 3, 6], check=lambda v: len(v) > 0 and all(s >= 1 for s in v),
         must="a non-empty list of integers >= 1",
     )
@@ -125,7 +125,7 @@ class DecoderConfig(_Checked):
     # upsampling, then a projection to hidden_size: far less memory for wide ViTs such as DINOv3-7B)
     pyramid: Literal["simple", "vitdet"] = "simple"
     aux_head: bool = False  # auxiliary FCN head on the pyramid's 1x level (training signal)
-    aux_channels: int = option(256, check=_positive, must=">= 1")
+    aux_channels: int = option(256, check=_positive, must=">= 1")  # width of the auxiliary FCN head
 
 
 @dataclass
@@ -135,15 +135,18 @@ class ModelConfig(_Checked):
 
     backbone: str = "dinov2"  # preset (dinov2, dinov2_reg4, dinov3, retfound, visionfm, ...) or timm ViT name
     backbone_size: Optional[str] = None  # preset size; null: a timm name, or a one-size preset's size
+    # classes, background included; null: from the dataset's labels (training) or the saved model
     num_classes: Optional[int] = option(None, check=lambda v: v is None or v >= 1, must=">= 1 (background included) or null")
     in_chans: int = option(3, check=_positive, must=">= 1")  # training takes it from the dataset
     checkpoint_path: Optional[str] = None  # "" or null: random init
     pretrained: bool = False  # timm's pretrained weights (preset tag or the timm name's tag); needs the hub or its cache
+    # the key layout of checkpoint_path; auto: detected from its keys
     checkpoint_format: Literal["auto", "timm", "dinov2", "dinov3", "retfound_mae", "visionfm"] = "auto"
     trust_checkpoint: bool = False  # allow full unpickling of checkpoint_path (runs code in the file)
     norm_stats: Optional[str] = None  # named input stats (e.g. visionfm_oct); null: the preset's
+    # the 4 ViT blocks tapped for the pyramid; null: [d/4-1, d/2-1, 3d/4-1, d-1] for depth d (later blocks pruned)
     feature_indices: Optional[List[int]] = option(None, check=lambda v: v is None or len(v) == 4, must="4 block indices or null")
-    freeze_backbone: bool = False
+    freeze_backbone: bool = False  # train the decoder only; the backbone keeps the weights it was loaded with
     gradient_checkpointing: bool = False  # recompute backbone blocks in backward: less memory, more time
     # stochastic depth: the last block is dropped with this probability in training, earlier ones linearly
     # less (timm); the first regularizer to tune when fine-tuning a large backbone (e.g. 0.1-0.4)
@@ -157,11 +160,14 @@ class ModelConfig(_Checked):
 
 @dataclass
 class LoraConfig(_Checked):
+    # LoRA adapters (peft) on the backbone's target layers; then only they and the decoder train
     enabled: bool = False
-    r: int = option(8, check=_positive, must=">= 1")
-    lora_alpha: float = option(16.0, check=_positive_real, must="> 0")
+    r: int = option(8, check=_positive, must=">= 1")  # the adapters' rank
+    lora_alpha: float = option(16.0, check=_positive_real, must="> 0")  # the adapters' output is scaled by lora_alpha / r
+    # the backbone's linear layers (name suffixes) that get adapters; a name matching none is an error
+    # listing the backbone's linear layers
     target_modules: List[str] = option(factory=lambda: ["qkv"], check=lambda v: len(v) > 0, must="a non-empty list of module names")
-    lora_dropout: float = option(0.05, check=_fraction, must="in [0, 1)")
+    lora_dropout: float = option(0.05, check=_fraction, must="in [0, 1)")  # dropout on the adapters' input
 
 
 # test-time scale factors (train.val_scales, predict --scales): beyond them an image is blown up past any
@@ -173,11 +179,11 @@ TTA_SCALES = (0.25, 4.0)
 class TrainConfig(_Checked):
     """The first six keys mean what they mean in nnU-Net (an epoch is num_iterations_per_epoch batches)."""
 
-    initial_lr: float = option(1e-3, check=_positive_real, must="> 0")
-    weight_decay: float = option(3e-5, check=_non_negative, must=">= 0")
+    initial_lr: float = option(1e-3, check=_positive_real, must="> 0")  # the learning rate after warmup
+    weight_decay: float = option(3e-5, check=_non_negative, must=">= 0")  # none on norms, biases and tokens
     gradient_clip: float = option(12.0, check=_non_negative, must=">= 0 (0 disables clipping)")  # max grad norm
-    num_epochs: int = option(1000, check=_positive, must=">= 1")
-    num_iterations_per_epoch: int = option(250, check=_positive, must=">= 1")
+    num_epochs: int = option(1000, check=_positive, must=">= 1")  # the run's length; the poly schedule ends with it
+    num_iterations_per_epoch: int = option(250, check=_positive, must=">= 1")  # training batches per epoch
     num_val_iterations_per_epoch: int = option(50, check=_non_negative, must=">= 0")  # validation-loss batches
     optimizer: Literal["adamw", "sgd"] = "adamw"  # sgd = SGD with Nesterov momentum
     # under torchrun: ddp (a whole model per GPU) or fsdp (weights, gradients and optimizer state sharded
@@ -185,7 +191,7 @@ class TrainConfig(_Checked):
     distributed: Literal["ddp", "fsdp"] = "ddp"
     momentum: float = option(0.99, check=_fraction, must="in [0, 1)")  # sgd only
     warmup_epochs: float = option(5.0, check=_non_negative, must=">= 0")  # linear warmup, then poly decay
-    poly_exponent: float = option(0.9, check=_non_negative, must=">= 0")
+    poly_exponent: float = option(0.9, check=_non_negative, must=">= 0")  # after warmup: lr x (1 - progress)^exponent, per iteration
     layer_decay: Optional[float] = option(  # e.g. 0.75: backbone block i gets lr * decay^(depth - i)
         None, check=lambda v: v is None or 0 < v <= 1, must="in (0, 1] or null"
     )
@@ -196,7 +202,7 @@ class TrainConfig(_Checked):
         must="null, 'auto' (inverse pixel frequency) or a list of weights >= 0, one per class, not all 0",
     )
     aux_weight: float = option(0.4, check=_non_negative, must=">= 0")  # auxiliary-head loss weight (when model.decoder.aux_head)
-    seed: int = 0
+    seed: int = 0  # seeds initialization, data order and augmentation: a seeded CPU run repeats exactly
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     val_every: int = option(1, check=_positive, must=">= 1")  # whole-image validation every N epochs (and the last)
     check_memory: bool = True  # refuse, before training, a run whose memory estimate exceeds the device (training/memory.py)
@@ -216,23 +222,27 @@ class AugmentationConfig(_Checked):
         factory=lambda: [0.7, 1.4], check=lambda v: len(v) == 2 and 0 < v[0] <= v[1],
         must="[low, high] with 0 < low <= high",
     )  # zoom factors
+    # random rotation in [-d, d] degrees, of the whole image before the crop (corners from outside are ignored)
     rotation_degrees: float = option(180.0, check=_non_negative, must=">= 0")
-    flip: bool = True
-    intensity: bool = True
+    flip: bool = True  # random horizontal and vertical flips
+    intensity: bool = True  # random brightness, contrast, gamma and noise
 
 
 @dataclass
 class DataConfig(_Checked):
+    # demo: built-in synthetic data; nnunet: an nnU-Net v2 raw dataset (dataset.json, imagesTr, labelsTr);
+    # folders: images/ and masks/ with matching names
     format: Literal["demo", "nnunet", "folders"] = "demo"
     root: Optional[str] = None  # nnunet: the raw Dataset### folder; folders: with images/ and masks/
-    patch_size: List[int] = option(
+    patch_size: List[int] = option(  # training patches in pixels; validation and predict slide a window of it
         factory=lambda: [224, 224], check=lambda v: len(v) == 2 and min(v) >= 1, must="[height, width], each >= 1"
     )
     batch_size: int = option(2, check=_positive, must=">= 1")  # global batch (split across DDP processes)
+    # the cross-validation fold trained (nnU-Net's split); all: train and validate on every case
     fold: Union[int, Literal["all"]] = option(0, check=lambda v: v == "all" or v >= 0, must="a fold number >= 0 or 'all'")
-    num_folds: int = option(5, check=lambda v: v >= 2, must=">= 2")
+    num_folds: int = option(5, check=lambda v: v >= 2, must=">= 2")  # folds of the split
     splits_file: Optional[str] = None  # nnU-Net splits_final.json; default <root>/splits_final.json if present
-    num_workers: int = option(2, check=_non_negative, must=">= 0")
+    num_workers: int = option(2, check=_non_negative, must=">= 0")  # DataLoader worker processes (0: load in the main one)
     normalization: Literal["preset", "zscore"] = "preset"  # backbone mean/std, or per-image z-score
     # preset: pixel values (as stored) / intensity_scale, then the backbone's mean/std; auto: the training
     # images' full scale (1, 255 or 65535), mixed ranges refused (data/intensity.py)

@@ -44,8 +44,8 @@ def test_a_declared_stack_trains_as_a_volume_of_its_pages(tmp_path):
         prepare_data(load_config({"data": {"format": "folders", "root": str(root)}}).data)
 
 
-def test_a_stack_model_predicts_a_stack_page_by_page_with_its_context(tmp_path):
-    root = _dataset(tmp_path / "em", count=4)
+def _train_and_predict(root, tmp_path):
+    """Train a tiny 2.5-D stack model on ``root`` for one epoch, predict its images; the output folder."""
     config = tiny_train_config(data={"format": "folders", "root": str(root), "stacks": True, "context_slices": 1,
                                      "patch_size": [16, 16], "num_folds": 2}, train={"num_epochs": 1},
                                model={"decoder": {"aux_head": False}})
@@ -53,6 +53,12 @@ def test_a_stack_model_predicts_a_stack_page_by_page_with_its_context(tmp_path):
     out = tmp_path / "pred"
     assert main(["predict", "--model", str(tmp_path / "run"), "--input", str(root / "images"),
                  "--output", str(out), "--device", "cpu"]) == 0
+    return out
+
+
+def test_a_stack_model_predicts_a_stack_page_by_page_with_its_context(tmp_path):
+    root = _dataset(tmp_path / "em", count=4)
+    out = _train_and_predict(root, tmp_path)
     masks = read_label_pages(str(out / "em1.tif"))
     assert masks.shape == (5, 24, 20) and set(np.unique(masks)) <= {0, 1}
 
@@ -114,13 +120,7 @@ def test_the_cache_sees_a_changed_section_file(tmp_path):
 
 def test_a_stack_folder_model_predicts_folders_and_evaluate_scores_them(tmp_path):
     root, _ = _folder_dataset(tmp_path / "em", count=4, pages=5)
-    config = tiny_train_config(data={"format": "folders", "root": str(root), "stacks": True, "context_slices": 1,
-                                     "patch_size": [16, 16], "num_folds": 2}, train={"num_epochs": 1},
-                               model={"decoder": {"aux_head": False}})
-    Trainer(config, str(tmp_path / "run")).run()
-    out = tmp_path / "pred"
-    assert main(["predict", "--model", str(tmp_path / "run"), "--input", str(root / "images"),
-                 "--output", str(out), "--device", "cpu"]) == 0
+    out = _train_and_predict(root, tmp_path)
     assert sorted(p.name for p in out.glob("*.tif")) == ["em0.tif", "em1.tif", "em2.tif", "em3.tif"]
     assert read_label_pages(str(out / "em1.tif")).shape == (5, 24, 20)
     assert main(["evaluate", "--pred", str(out), "--gt", str(root / "masks")]) == 0

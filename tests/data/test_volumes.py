@@ -228,5 +228,5 @@ def test_a_folder_of_volumes_trains_like_the_nnunet_layout(tmp_path, dataset):
 
 def test_without_nibabel_a_volume_dataset_names_the_extra(dataset, monkeypatch):
     monkeypatch.setitem(sys.modules, "nibabel", None)
-    with pytest.raises(ModuleNotFoundError, match=r'pip install "upernet-vit\[medical\]"'):
+    with pytest.raises(ModuleNotFoundError, match=r'pip install -e "\.\[medical\]" in the checkout'):
         load_nnunet_raw(str(dataset))

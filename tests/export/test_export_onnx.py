@@ -67,7 +67,7 @@ def test_export_raises_instead_of_writing_a_mismatching_file(tmp_path):
 
 def test_missing_onnx_packages_name_the_extra(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails
-    with pytest.raises(ImportError, match=r"pip install upernet-vit\[export\]"):
+    with pytest.raises(ImportError, match=r'pip install -e "\.\[export\]" in the checkout'):
         export_onnx(_model("vit_small_patch16_224", None, backbone_kwargs=ONE_BLOCK), tmp_path / "m.onnx", 64, 64)
 
 

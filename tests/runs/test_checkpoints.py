@@ -1,5 +1,6 @@
 """Model files (issue 11): a checksum that catches a flipped bit, truncated or mismatched weights, files that
 are not checkpoints named as such, no non-finite weights written, and resume after an architecture change."""
+import json
 import os
 
 import numpy as np
@@ -100,3 +101,29 @@ def test_resume_after_an_architecture_change_names_the_key(tmp_path):
     changed = tiny_train_config(train={"num_epochs": 1}, model={"decoder": {"hidden_size": 24}})
     with pytest.raises(ValueError, match=r"config differs .*model.decoder.hidden_size \(16 -> 24\)"):
         Trainer(changed, run, resume=True)
+
+
+def test_train_refuses_a_folder_that_holds_a_run_and_resumes_it_from_its_own_config(tmp_path, capsys):
+    """A second ``train`` into a run folder would restart over its checkpoints: refused, naming --resume;
+    ``train RUN/config.yaml --output RUN --resume`` continues it with the config it was started with."""
+    import yaml
+
+    from upernet_vit.cli import main
+    from helpers import TINY_CONFIG
+
+    config = json.loads(json.dumps(TINY_CONFIG))
+    config["train"]["num_epochs"] = 1
+    path, run = tmp_path / "tiny.yaml", tmp_path / "run"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["train", str(path), "--output", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["train", str(path), "--output", str(run)]) == 2
+    line = capsys.readouterr().err
+    assert "already holds a run (checkpoint_latest); pass --resume to continue it" in line
+    assert main(["train", str(run / "config.yaml"), "--output", str(run), "--resume",
+                 "-o", "train.num_epochs=2"]) == 2  # another config: refused, naming the key
+    assert "the config differs from the run" in capsys.readouterr().err
+    before = (run / "checkpoint_latest" / "model.safetensors").read_bytes()
+    assert main(["train", str(run / "config.yaml"), "--output", str(run), "--resume"]) == 0  # finished: nothing to do
+    assert (run / "checkpoint_latest" / "model.safetensors").read_bytes() == before
+    assert len(open(run / "metrics.csv").read().strip().splitlines()) == 1 + 1  # header and its one epoch

@@ -101,5 +101,5 @@ def test_the_real_wandb_package_offline_records_every_metric_and_the_overlays(tm
 
 def test_a_missing_logger_package_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import fails
-    with pytest.raises(ImportError, match=r"pip install 'upernet-vit\[wandb\]'"):
+    with pytest.raises(ImportError, match=r'pip install -e "\.\[wandb\]" in the checkout'):
         Trainer(tiny_train_config(train={"logger": "wandb"}), str(tmp_path / "run"))

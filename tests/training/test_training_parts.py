@@ -279,3 +279,32 @@ def test_cli_fast_path_flags():
         assert _fast_paths(parser.parse_args(command + ["--reference"])) is None
         with pytest.raises(SystemExit):
             parser.parse_args(command + ["--reference", "--winograd"])
+
+
+def test_foreground_oversampling_draws_its_share_from_cases_with_foreground():
+    """nnU-Net's oversampling (trainer.FOREGROUND_FRACTION for volumes' slices): a third of the samples come
+    from the cases that hold foreground, the rest from all cases."""
+    from upernet_vit.data.datasets import Case
+    from upernet_vit.training.trainer import FOREGROUND_FRACTION
+
+    background = [Case(f"b{i}", np.zeros((1, 8, 8), np.float32), np.zeros((8, 8), np.int64)) for i in range(9)]
+    label = np.zeros((8, 8), np.int64)
+    label[2:6, 2:6] = 1
+    cases = background + [Case("f", np.ones((1, 8, 8), np.float32), label)]
+
+    def share(fraction):
+        ds = PatchDataset(cases, (8, 8), Normalizer([0.0], [1.0]), 3000, 0, None, fraction)
+        return np.mean([bool((ds[i][1] > 0).any()) for i in range(len(ds))])
+
+    assert FOREGROUND_FRACTION == pytest.approx(1 / 3)
+    assert abs(share(0.0) - 0.1) < 0.02  # one case in ten
+    assert abs(share(FOREGROUND_FRACTION) - (1 / 3 + 2 / 3 * 0.1)) < 0.03
+
+
+def test_two_files_of_one_case_are_an_error_not_a_silent_pick(tmp_path):
+    for kind in ("images", "masks"):
+        (tmp_path / kind).mkdir()
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / kind / "a.png")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "images" / "a.tif")
+    with pytest.raises(ValueError, match=r"a.png' and .*a.tif' are one case 'a'"):
+        load_folders(str(tmp_path))

@@ -59,7 +59,7 @@ def pretrained_timm_name(backbone: str, timm_name: str, preset: Optional[Backbon
         if preset.pretrained_tag is None:
             raise ValueError(
                 f"backbone {backbone!r} has no weights on timm's hub; download the official file and set "
-                f"checkpoint_path (see README, Official checkpoints)"
+                f"checkpoint_path (see docs/how-to/checkpoints.md)"
             )
         name = f"{timm_name}.{preset.pretrained_tag}"
     else:

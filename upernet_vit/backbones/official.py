@@ -3,7 +3,7 @@
 Each converter takes the tensors of an official file (already unwrapped from its container) and the
 timm model they are meant for, and returns ``(state_dict in timm names, dropped key names)``.
 Facts are from the official repositories (facebookresearch/dinov2, facebookresearch/dinov3,
-rmaphoh/RETFound_MAE and rmaphoh/RETFound, ABILab-CUHK/VisionFM); see README "Official checkpoints".
+rmaphoh/RETFound_MAE and rmaphoh/RETFound, ABILab-CUHK/VisionFM); see docs/how-to/checkpoints.md.
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ in-plane), or the one ``data.slice_axis`` names; ties go to the last axis. Geome
 arrays keep the file's voxel order and a predicted mask is written with the input's affine, spacing,
 origin and direction (its header's sform/qform).
 
-Read through nibabel (the ``medical`` extra: ``pip install "upernet-vit[medical]"``): pure Python, the
+Read through nibabel (the ``medical`` extra: ``pip install -e ".[medical]"`` in a checkout): pure Python, the
 reference NIfTI implementation of the NiPy project, and light beside SimpleITK's binary wheels; NIfTI is
 what nnU-Net raw datasets hold (``file_ending: .nii.gz``).
 """
@@ -45,7 +45,7 @@ def _nibabel() -> Any:
         import nibabel
     except ImportError:
         raise ModuleNotFoundError(
-            'reading NIfTI volumes (.nii, .nii.gz) needs nibabel: pip install "upernet-vit[medical]" '
+            'reading NIfTI volumes (.nii, .nii.gz) needs nibabel: pip install -e ".[medical]" in the checkout '
             "(or pip install nibabel)", name="nibabel",
         ) from None
     return nibabel

@@ -25,7 +25,7 @@ def _import_onnxruntime():
     except ImportError as err:
         raise ImportError(
             f"ONNX export needs onnx, onnxscript and onnxruntime ({err}); "
-            "install them with: pip install upernet-vit[export]"
+            "install them with: pip install -e \".[export]\" in the checkout"
         ) from err
     return onnxruntime
 

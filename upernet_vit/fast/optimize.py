@@ -1,7 +1,7 @@
 """``optimize``: the one entry point of the fast paths, and the one place their defaults are decided.
 
 ``optimize(model)`` with no arguments is what ``upernet-vit train`` and ``predict`` run, for the device the
-model is on and the mode it is in (README, Performance, for the measurements behind each default).
+model is on and the mode it is in (docs/explanation/performance.md; the measurements behind each default are in docs/results.md).
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def optimize(
       any device; another summation order.
     - ``winograd``: the FPN's 3x3 convs by Winograd F(2x2, 3x3) (:mod:`upernet_vit.fast.winograd`), used
       only for fp32 on CPU in eager mode on large maps. 2.25x fewer multiplies; whether that is faster
-      depends on the CPU (README, Performance), so it is off unless asked.
+      depends on the CPU (docs/results.md), so it is off unless asked.
     """
     if isinstance(module, UperNetViT):
         heads: List[UperNetHead] = [module.head]

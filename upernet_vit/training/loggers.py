@@ -46,7 +46,7 @@ class TensorBoardLogger(RunLogger):
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as err:
             raise ImportError(
-                "train.logger: tensorboard needs the tensorboard package: pip install 'upernet-vit[tensorboard]'"
+                "train.logger: tensorboard needs the tensorboard package: pip install -e \".[tensorboard]\" in the checkout"
             ) from err
         self.writer = SummaryWriter(log_dir=os.path.join(run_dir, TENSORBOARD_DIR))
 
@@ -70,7 +70,7 @@ class WandbLogger(RunLogger):
         try:
             import wandb
         except ImportError as err:
-            raise ImportError("train.logger: wandb needs the wandb package: pip install 'upernet-vit[wandb]'") from err
+            raise ImportError("train.logger: wandb needs the wandb package: pip install -e \".[wandb]\" in the checkout") from err
         self.wandb = wandb
         id_file = os.path.join(run_dir, WANDB_ID_FILE)
         if os.path.isfile(id_file):  # a resumed run continues its W&B run
