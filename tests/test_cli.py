@@ -38,3 +38,33 @@ def test_the_command_line_leaves_the_callers_logging_alone(tmp_path, capsys):
         assert "a record of the package" in capsys.readouterr().err  # the CLI's handler shows the package's INFO
     finally:
         root.removeHandler(mine)
+
+
+def test_a_config_error_names_yaml_keys_not_flags(tmp_path, capsys):
+    """The unknown-key error lists the keys of its section; train.output_dir is one (the CLI used to show it as
+    --output, which is no key)."""
+    assert main(["train", "demo", "--output", str(tmp_path / "run"), "-o", "train.num_epoch=1"]) == 2
+    err = capsys.readouterr().err
+    assert "train.num_epoch: unknown key; did you mean 'train.num_epochs'?" in err
+    assert "output_dir" in err and "--output" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_log_line_does_not_land_on_a_progress_bars_line():
+    """The data cache's bar was still on the line when the notice that data.labels is not set was logged,
+    so the notice was written after it, easy to miss."""
+    import io
+
+    from tqdm import tqdm
+
+    from upernet_vit.cli import _ProgressAwareHandler
+
+    stream = io.StringIO()
+    handler = _ProgressAwareHandler(stream)
+    bar = tqdm(total=3, desc="data cache", file=stream, disable=False)
+    bar.update(1)
+    handler.emit(logging.makeLogRecord({"msg": "data.labels is not set", "levelno": logging.INFO}))
+    bar.close()
+    lines = stream.getvalue().replace("\r", "\n").split("\n")
+    assert "data.labels is not set" in lines  # a line of its own
+    assert any(line.startswith("data cache:") for line in lines)  # the bar was drawn (and again after)

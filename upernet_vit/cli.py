@@ -100,6 +100,19 @@ class _FlagFormatter(logging.Formatter):
         return super().formatMessage(shown)
 
 
+class _ProgressAwareHandler(logging.StreamHandler):
+    """A stream handler whose lines never land on a progress bar's line: ``tqdm.write`` clears the bars on
+    the stream, writes the line and draws them again."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # as logging.StreamHandler does: a failed log line must not end the run
+            self.handleError(record)
+
+
 def _package_logger() -> logging.Logger:
     return logging.getLogger(__name__.rsplit(".", 1)[0])
 
@@ -112,7 +125,7 @@ def _setup_logging(output_dir: Optional[str] = None, flags: Optional[Mapping[str
     for handler in [h for h in package.handlers if h.get_name() == CLI_HANDLER]:  # an earlier call's
         package.removeHandler(handler)
         handler.close()
-    handlers: List[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    handlers: List[logging.Handler] = [_ProgressAwareHandler(sys.stderr)]
     if output_dir:
         os.makedirs(output_dir, exist_ok=True)
         handlers.append(logging.FileHandler(os.path.join(output_dir, "train.log")))
@@ -354,7 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", parents=[common], help="Dice/IoU of predicted masks against ground truth")
     ev.add_argument("--pred", required=True, help="folder of predicted label maps (<case>.png, <case>.tif stacks, <case>.nii.gz volumes)")
     ev.add_argument("--gt", required=True, help="folder of ground-truth label maps with the same names")
-    ev.add_argument("--labels", help="dataset.json (or a JSON name->value mapping); default: values in --gt")
+    ev.add_argument("--labels", help="a JSON file: dataset.json, or one holding a name->value mapping; "
+                    "default: the values in --gt, named class_<value>")
     ev.add_argument("--output", help="summary JSON, with nnU-Net's summary.json fields (default: <pred>/summary.json)")
     ev.set_defaults(func=cmd_evaluate)
 
@@ -454,7 +468,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"upernet-vit {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as err:
-        message = _with_flags(describe_error(err), FLAGS.get(args.command, {}))  # the user's flags, not parameters
+        from .config import ConfigError
+
+        message = describe_error(err)
+        if not isinstance(err, ConfigError):  # a config error names YAML keys (train.output_dir), not parameters
+            message = _with_flags(message, FLAGS.get(args.command, {}))  # the user's flags, not parameters
         line = f"upernet-vit {args.command}: error: {message}"
         _log_to_run_files(line, traceback.format_exc())
         if args.debug:
