@@ -68,3 +68,14 @@ def test_a_log_line_does_not_land_on_a_progress_bars_line():
     lines = stream.getvalue().replace("\r", "\n").split("\n")
     assert "data.labels is not set" in lines  # a line of its own
     assert any(line.startswith("data cache:") for line in lines)  # the bar was drawn (and again after)
+
+
+def test_data_reads_a_folder_with_dataset_json_as_nnunet_and_one_without_as_images_and_masks(tmp_path, capsys):
+    """--data picks the layout: both folders here are empty, so the error says which layout was read."""
+    plain, nnunet = tmp_path / "plain", tmp_path / "Dataset001_X"
+    plain.mkdir(), nnunet.mkdir()
+    (nnunet / "dataset.json").write_text("{}")
+    assert main(["train", "demo", "--data", str(plain), "--output", str(tmp_path / "r1")]) == 2
+    assert f"folder '{plain / 'images'}' does not exist" in capsys.readouterr().err
+    assert main(["train", "demo", "--data", str(nnunet), "--output", str(tmp_path / "r2")]) == 2
+    assert "dataset.json has no 'channel_names' key" in capsys.readouterr().err

@@ -60,3 +60,16 @@ def test_the_written_summary_keeps_nan_as_nnunet_does(two_cases, capsys):
     record = json.loads((two_cases / "pred" / "summary.json").read_text())  # Python's json reads NaN
     assert math.isnan(record["metric_per_case"][1]["metrics"]["2"]["IoU"])
     assert record["foreground_mean"]["TP"] == pytest.approx(((2 + 2) / 2 + (1 + 0) / 2) / 2)  # counts are never NaN
+
+
+def test_png_predictions_pair_with_tiff_masks_of_the_same_name(two_cases):
+    """The docs' promise: pairs are made by name, the suffix may differ (PNG predictions, TIFF masks)."""
+    gt_tif = two_cases / "gt_tif"
+    gt_tif.mkdir()
+    for name in ("a", "b"):
+        Image.open(two_cases / "gt" / f"{name}.png").save(gt_tif / f"{name}.tif")
+    labels = {"background": 0, "a": 1, "b": 2}
+    from_png = evaluate(str(two_cases / "pred"), str(two_cases / "gt"), labels)
+    from_tif = evaluate(str(two_cases / "pred"), str(gt_tif), labels)
+    assert [c["reference_file"][-5:] for c in from_tif["metric_per_case"]] == ["a.tif", "b.tif"]
+    assert [c["metrics"]["1"] for c in from_tif["metric_per_case"]] == [c["metrics"]["1"] for c in from_png["metric_per_case"]]

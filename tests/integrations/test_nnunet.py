@@ -151,6 +151,41 @@ def test_train_then_stock_predict(nnunet_env, tmp_path):
         assert mask.shape == (64, 64) and set(np.unique(mask)) <= {0, 1, 2, 3}
 
 
+def test_a_3d_configuration_is_refused_with_the_2d_one_named(nnunet_env, tmp_path, monkeypatch):
+    """UperNetViT is a 2-D model: a trainer built for a configuration with a 3-D patch stops at once."""
+    import json
+
+    import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as base
+
+    root, _ = nnunet_env
+    folders = {"nnUNet_raw": root / "raw", "nnUNet_preprocessed": root / "preprocessed",
+               "nnUNet_results": tmp_path / "results"}  # its own results: the trainer makes its output folder
+    for name, folder in folders.items():
+        monkeypatch.setenv(name, str(folder))  # nnunetv2 2.8.1 reads them when used
+        if not hasattr(getattr(base, name, None), "is_set"):  # versions that read them at import
+            monkeypatch.setattr(base, name, str(folder), raising=False)
+    preprocessed = root / "preprocessed" / "Dataset001_Demo"
+    plans = json.loads((preprocessed / "nnUNetPlans.json").read_text())
+    dataset = json.loads((preprocessed / "dataset.json").read_text())
+    patch = plans["configurations"]["2d"]["patch_size"]
+    plans["configurations"]["3d_fullres"] = {"inherits_from": "2d", "patch_size": [4, *patch],
+                                             "spacing": [1.0, 1.0, 1.0]}
+    with pytest.raises(RuntimeError, match=r"UperNetViT is a 2D model; configuration '3d_fullres' has patch size "
+                                           r"\[4, .*\]\. Train the '2d' configuration\."):
+        trainers.nnUNetTrainerUperNetViT({**plans, "continue_training": False}, "3d_fullres", 0, dataset,
+                                         device=torch.device("cpu"))
+    # the same plans build the 2d trainer (the refusal is the patch's dimension, not the plans)
+    from upernet_vit.integrations.nnunet import CONFIG_ENV
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({"model": {"backbone": "vit_small_patch16_224", "backbone_size": None,
+                                                "backbone_kwargs": TINY}}))
+    monkeypatch.setenv(CONFIG_ENV, str(config))
+    built = trainers.nnUNetTrainerUperNetViT({**plans, "continue_training": False}, "2d", 0, dataset,
+                                             device=torch.device("cpu"))
+    assert len(built.configuration_manager.patch_size) == 2
+
+
 def test_nnunet_path_command(capsys):
     assert main(["nnunet-path"]) == 0
     assert capsys.readouterr().out.strip() == EXT_TRAINER_DIR
