@@ -340,8 +340,8 @@ def predict(
     check_output_folder(input_path, output_dir, planned, overwrite, folders)  # nothing written: a refusal leaves no trace
     windows = sum(pages[c] * window_count(stats[files[0]].height, stats[files[0]].width, m.patch_size, scales, step)
                   for c, files in cases.items() for m in members)
-    logger.info("predicting %d case(s): %d windows of the model%s", len(cases), windows,
-                " (x4 with mirror=True)" if mirror else "")
+    logger.info("predicting %d case%s: %d window%s of the model%s", len(cases), "" if len(cases) == 1 else "s", windows,
+                "" if windows == 1 else "s", " (x4 with mirror=True)" if mirror else "")
     os.makedirs(output_dir, exist_ok=True)
     with FolderLock(output_dir, LOCK_NAME, "predict", "output_dir"):
         stale = check_output_folder(input_path, output_dir, planned, overwrite, folders)  # again, now that it is ours
@@ -374,7 +374,7 @@ def predict(
                                  lambda p: _save_npz(p, probabilities=array))
                 written.append(out)
         _write_manifest(output_dir, planned, complete=True)
-    logger.info("wrote %d masks to %s", len(written), output_dir)
+    logger.info("wrote %d mask%s to %s", len(written), "" if len(written) == 1 else "s", output_dir)
     return written
 
 
