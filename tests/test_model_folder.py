@@ -168,3 +168,14 @@ def test_the_export_command_exports_a_bfloat16_lora_model_in_float32_and_may_rep
     assert "max |onnxruntime - pytorch|" in capsys.readouterr().out
     metadata = {p.key: p.value for p in onnx.load(out).metadata_props}
     assert metadata["written_by"] == "upernet-vit export"
+
+
+def test_saving_a_model_without_a_record_removes_the_record_of_an_earlier_save(folder):
+    """Otherwise the folder would pair the new weights with the old model's preprocessing record."""
+    assert (folder / "preprocessing.json").is_file()
+    model = tiny_model(in_chans=1, num_classes=2)
+    assert model.preprocessing is None
+    model.save_pretrained(folder)
+    assert not (folder / "preprocessing.json").exists()
+    assert "preprocessing.json" not in (folder / "SHA256SUMS").read_text()
+    assert UperNetViT.from_pretrained(folder).preprocessing is None

@@ -213,3 +213,30 @@ def test_malformed_json_names_the_file_and_line(tmp_path, capsys):
     assert main(["evaluate", "--pred", str(tmp_path / "p"), "--gt", str(tmp_path / "p"), "--labels", str(labels)]) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert "labels.json is not valid JSON: Expecting property name enclosed in double quotes at line 3" in line
+
+
+def test_dataset_json_labels_must_be_consecutive_and_not_region_based(tmp_path):
+    root = write_demo_dataset(str(tmp_path / "Dataset001_Demo"), num_train=2, num_test=0, size=16)
+    path = tmp_path / "Dataset001_Demo" / "dataset.json"
+    meta = json.loads(path.read_text())
+    for labels, message in (({"background": 0, "disk": 2}, r"labels must be consecutive 0\.\.K-1 as nnU-Net requires"),
+                            ({"background": 0, "whole": [1, 2]}, r"label 'whole' is \[1, 2\]; region-based labels are not supported")):
+        path.write_text(json.dumps({**meta, "labels": labels}))
+        with pytest.raises(ValueError, match=message):
+            load_nnunet_raw(root)
+
+
+def test_a_splits_file_naming_unknown_cases_or_an_empty_side_is_refused_and_fold_all_uses_every_case(tmp_path):
+    ids = ["a", "b", "c", "d"]
+    splits = tmp_path / "splits_final.json"
+    splits.write_text(json.dumps([{"train": ["a", "b", "x"], "val": ["c"]}]))
+    with pytest.raises(ValueError, match=r"names cases that are not in the dataset: \['x'\]"):
+        fold_case_ids(ids, "0", str(splits))
+    splits.write_text(json.dumps([{"train": ["a", "b", "c", "d"], "val": []}]))
+    with pytest.raises(ValueError, match=r"fold 0 of .*splits_final.json has 4 training and 0 validation cases"):
+        fold_case_ids(ids, "0", str(splits))
+    train, val, _ = fold_case_ids(ids, "all")
+    assert train == val == ids
+    ten = [f"c{i}" for i in range(10)]
+    train, val, generated = fold_case_ids(ten, "1")  # generated folds: disjoint, together every case
+    assert not set(train) & set(val) and sorted(train + val) == ten and len(generated) == 5 and len(val) == 2

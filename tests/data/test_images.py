@@ -186,3 +186,55 @@ def test_a_tiff_whose_orientation_turns_it_is_refused_not_garbled(tmp_path, caps
     assert not (tmp_path / "out").exists()
     Image.fromarray(np.arange(6, dtype=np.uint8).reshape(2, 3)).save(tmp_path / "t3.tif", tiffinfo={274: 3})
     assert np.array_equal(read_image(str(tmp_path / "t3.tif"))[0], np.arange(6).reshape(2, 3)[::-1, ::-1])
+
+
+# ---------------------------------------------------------------------------- label files, written and read
+def test_label_files_are_8_bit_below_256_and_16_bit_from_256(tmp_path):
+    small, large = np.array([[0, 1], [2, 255]]), np.array([[0, 1], [256, 40000]])
+    image_io.write_label_png(str(tmp_path / "small.png"), small)
+    image_io.write_label_png(str(tmp_path / "large.png"), large)
+    assert Image.open(tmp_path / "small.png").mode == "L" and Image.open(tmp_path / "large.png").mode.startswith("I")
+    assert (read_label(str(tmp_path / "small.png")) == small).all() and (read_label(str(tmp_path / "large.png")) == large).all()
+    image_io.write_label_stack(str(tmp_path / "stack.tif"), np.stack([small, large]))  # one dtype for all pages
+    with Image.open(tmp_path / "stack.tif") as stack:
+        assert stack.n_frames == 2 and stack.mode.startswith("I")
+    assert (image_io.read_label_pages(str(tmp_path / "stack.tif")) == np.stack([small, large])).all()
+    with pytest.raises(ValueError, match=r"label values must be in 0\.\.65535 .* got -1\.\.2"):
+        image_io.write_label_png(str(tmp_path / "negative.png"), np.array([[-1, 2]]))
+    assert not (tmp_path / "negative.png").exists()
+
+
+def test_an_rgb_mask_of_unequal_channels_and_a_float_mask_with_fractions_are_refused(tmp_path):
+    rgb = np.zeros((4, 4, 3), np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "gray_rgb.png")
+    assert (read_label(str(tmp_path / "gray_rgb.png")) == 0).all()  # equal channels: one label map
+    rgb[0, 0] = (255, 0, 0)
+    Image.fromarray(rgb).save(tmp_path / "colour.png")
+    with pytest.raises(ValueError, match=r"colour.png' has 3 different channels; a label map must be one channel"):
+        read_label(str(tmp_path / "colour.png"))
+    Image.fromarray(np.array([[0.0, 1.0], [2.0, 3.0]], np.float32)).save(tmp_path / "whole.tif")
+    assert read_label(str(tmp_path / "whole.tif")).tolist() == [[0, 1], [2, 3]]
+    Image.fromarray(np.array([[0.0, 1.5]], np.float32)).save(tmp_path / "fraction.tif")
+    with pytest.raises(ValueError, match=r"fraction.tif' holds non-integer values"):
+        read_label(str(tmp_path / "fraction.tif"))
+
+
+def test_predict_writes_the_label_values_the_model_was_trained_on(tmp_path):
+    """Values in, values out: a model trained on 0/255 masks writes 0/255 masks, the same pixels as the
+    same weights recorded with 0/1."""
+    from helpers import record_8bit, tiny_model
+    from upernet_vit.cli import main
+
+    model = tiny_model(in_chans=1, num_classes=2)
+    for name, values in (("m01", [0, 1]), ("m255", [0, 255])):
+        model.preprocessing = {**record_8bit(model), "label_values": values}
+        model.save_pretrained(tmp_path / name)
+    (tmp_path / "in").mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (40, 48), dtype=np.uint8)).save(tmp_path / "in" / "a.png")
+    for name in ("m01", "m255"):
+        assert main(["predict", "--model", str(tmp_path / name), "--input", str(tmp_path / "in"),
+                     "--output", str(tmp_path / f"out_{name}")]) == 0
+    zero_one, zero_255 = read_label(str(tmp_path / "out_m01" / "a.png")), read_label(str(tmp_path / "out_m255" / "a.png"))
+    assert set(np.unique(zero_one)) == {0, 1} and set(np.unique(zero_255)) == {0, 255}  # both classes drawn
+    assert (zero_255 == 255 * zero_one).all()

@@ -129,3 +129,12 @@ def test_a_stack_folder_model_predicts_folders_and_evaluate_scores_them(tmp_path
     summary = evaluate(str(out), str(root / "masks"))
     case = summary["metric_per_case"][0]
     assert case["reference_file"].endswith("masks/em0") and case["metrics"]["1"]["n_ref"] == 5 * 8 * 9
+
+
+def test_a_mask_stack_must_match_its_image_stack_page_for_page(tmp_path):
+    root = _dataset(tmp_path / "em", count=2, pages=5)
+    _stack(root / "masks" / "em1.tif", [np.zeros((24, 20), np.uint8)] * 4)  # one section short
+    config = load_config({"data": {"format": "folders", "root": str(root), "stacks": True, "fold": "all"}}).data
+    with pytest.raises(ValueError, match=r"stack '.*images/em1\.tif' has 5 page\(s\) of 24x20 but its label "
+                                         r"'.*masks/em1\.tif' has 4 of 24x20; they must match page for page"):
+        prepare_data(config, str(tmp_path / "cache"))

@@ -308,3 +308,42 @@ def test_two_files_of_one_case_are_an_error_not_a_silent_pick(tmp_path):
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "images" / "a.tif")
     with pytest.raises(ValueError, match=r"a.png' and .*a.tif' are one case 'a'"):
         load_folders(str(tmp_path))
+
+
+def test_pixels_from_outside_the_image_are_zero_and_ignored():
+    """A patch larger than its image is padded: 0 in the image, IGNORE_INDEX in the mask (no loss there)."""
+    from upernet_vit.data.datasets import Case
+
+    case = Case("x", np.ones((1, 16, 12), np.float32), np.ones((16, 12), np.int64))
+    aug = AugmentationConfig(scale_range=[1.0, 1.0], rotation_degrees=0, flip=False, intensity=False)
+    image, mask = PatchDataset([case], (32, 32), Normalizer([0.0], [1.0]), 4, 0, aug)[0]
+    assert (mask == 1).sum() == 16 * 12 and ((mask == 1) | (mask == IGNORE_INDEX)).all()
+    assert (image[0][mask == IGNORE_INDEX] == 0).all() and (image[0][mask == 1] == 1).all()
+
+
+def test_the_auxiliary_loss_adds_its_weight_times_the_criterion():
+    from upernet_vit.training.losses import segmentation_loss
+
+    torch.manual_seed(0)
+    logits, aux, target = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8), torch.randint(0, 3, (2, 8, 8))
+    criterion = DiceCELoss(3)
+    main = criterion(logits, target)
+    assert torch.equal(segmentation_loss(criterion, logits, target), main)
+    assert torch.allclose(segmentation_loss(criterion, logits, target, aux, 0.4), main + 0.4 * criterion(aux, target))
+
+
+def test_no_weight_decay_on_norms_biases_and_tokens_and_sgd_is_nesterov():
+    from upernet_vit.config import TrainConfig
+    from upernet_vit.training.optim import build_optimizer
+    from helpers import tiny_model
+
+    model = tiny_model(in_chans=1, num_classes=2)
+    names = {id(p): n for n, p in model.named_parameters()}
+    optimizer = build_optimizer(model, TrainConfig(weight_decay=0.05), model.backbone.depth)
+    decay = {names[id(p)]: g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    assert decay["backbone.vit.pos_embed"] == 0.0 and decay["backbone.vit.cls_token"] == 0.0
+    assert all(wd == 0.0 for n, wd in decay.items() if n.endswith(".bias") or "norm" in n)
+    assert decay["backbone.vit.blocks.0.attn.qkv.weight"] == 0.05 and decay["backbone.vit.patch_embed.proj.weight"] == 0.05
+    assert len(decay) == sum(p.requires_grad for p in model.parameters())  # every trainable parameter, once
+    sgd = build_optimizer(model, TrainConfig(optimizer="sgd"), model.backbone.depth)
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["nesterov"] and sgd.defaults["momentum"] > 0
