@@ -161,6 +161,7 @@ def test_train_predict_evaluate_a_nifti_dataset_end_to_end(tmp_path, dataset, ca
     ("affine", r"has another affine \(voxel-to-world geometry\) than its image"),
     ("nan", r"has 3 non-finite voxel value\(s\)"),
     ("truncated", r"cannot read volume .*liver_002_0000.nii.gz' \(damaged or truncated\?\)"),
+    ("fraction", r"label volume .*liver_002.nii.gz' holds non-integer values"),
 ])
 def test_a_bad_volume_is_one_line_naming_the_file(tmp_path, dataset, damage, message):
     import shutil
@@ -176,6 +177,8 @@ def test_a_bad_volume_is_one_line_naming_the_file(tmp_path, dataset, damage, mes
         _save(bad_label, label[..., :5], dtype=np.uint8)
     elif damage == "affine":
         _save(bad_label, label, affine=np.diag([1.0, 1.0, 1.0, 1.0]), dtype=np.uint8)
+    elif damage == "fraction":
+        _save(bad_label, label.astype(np.float32) + 0.5, dtype=np.float32)
     elif damage == "nan":
         image = image.astype(np.float32)
         image[0, 0, :3] = np.nan

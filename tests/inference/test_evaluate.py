@@ -73,3 +73,15 @@ def test_png_predictions_pair_with_tiff_masks_of_the_same_name(two_cases):
     from_tif = evaluate(str(two_cases / "pred"), str(gt_tif), labels)
     assert [c["reference_file"][-5:] for c in from_tif["metric_per_case"]] == ["a.tif", "b.tif"]
     assert [c["metrics"]["1"] for c in from_tif["metric_per_case"]] == [c["metrics"]["1"] for c in from_png["metric_per_case"]]
+
+
+def test_evaluate_labels_dataset_json_honours_its_ignore_label(tmp_path):
+    """The command reads the ignore value from dataset.json's labels, as the Python ignore_value= does."""
+    _write(tmp_path / "gt", "a", [[0, 1, 255, 255]])
+    _write(tmp_path / "pred", "a", [[0, 1, 1, 0]])
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "fg": 1, "ignore": 255}}))
+    assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"),
+                 "--labels", str(tmp_path / "dataset.json")]) == 0
+    record = json.loads((tmp_path / "pred" / "summary.json").read_text())
+    assert record["metric_per_case"][0]["metrics"]["1"] == {  # the two ignored pixels are in no count
+        "Dice": 1.0, "IoU": 1.0, "FP": 0, "TP": 1, "FN": 0, "TN": 1, "n_pred": 1, "n_ref": 1}

@@ -254,10 +254,11 @@ class _NaNGradient(Trainer):
         next(self.model.head.parameters()).register_hook(lambda g: g * float("nan"))  # the loss stays finite
 
 
-def test_a_non_finite_gradient_stops_training(tmp_path):
+@pytest.mark.parametrize("clip", [12.0, 0.0])  # with clipping off (0) the norm is still computed and checked
+def test_a_non_finite_gradient_stops_training(tmp_path, clip):
     run = str(tmp_path / "run")
     with pytest.raises(TrainingDiverged, match=r"loss \d\.\d+ / gradient norm nan.*epoch 1, iteration 1.*no checkpoint yet"):
-        _NaNGradient(tiny_train_config(), run).run()
+        _NaNGradient(tiny_train_config(train={"gradient_clip": clip}), run).run()
     assert not os.path.exists(os.path.join(run, "checkpoint_latest"))
 
 

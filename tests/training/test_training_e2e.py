@@ -250,3 +250,16 @@ def test_ddp_two_processes_gloo(tmp_path):
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert os.path.isfile(run / "checkpoint_latest" / "model.safetensors")
     assert "done: 2 epochs" in result.stdout and result.stdout.count("done:") == 1  # rank 0 reports once
+
+
+def test_epochs_without_validation_hold_nan_and_the_last_epoch_validates(tmp_path):
+    import csv
+    import math
+
+    from helpers import tiny_train_config
+
+    run = str(tmp_path / "run")
+    Trainer(tiny_train_config(train={"num_epochs": 3, "val_every": 2}), run).run()
+    rows = list(csv.DictReader(open(os.path.join(run, "metrics.csv"))))
+    dice = [float(r["val_dice_mean"]) for r in rows]
+    assert len(dice) == 3 and math.isnan(dice[0]) and not math.isnan(dice[1]) and not math.isnan(dice[2])
