@@ -306,11 +306,12 @@ for i in "${!LARGE_ROWS[@]}"; do
     weights=$(weights_file "$row")
     if [ ! -f "$weights" ]; then
         [ "$DRY" = 1 ] || mkdir -p "$WEIGHTS_DIR"
-        # written under a temporary name: a killed write leaves no truncated file for the next run
+        # model_memory.py writes it atomically (a hidden temporary file, renamed when whole)
         # shellcheck disable=SC2046
-        run_step "weights_$row" "${B_WEIGHTS[i]}" "$PYTHON" benchmarks/model_memory.py --write-weights "$weights.partial" \
+        run_step "weights_$row" "${B_WEIGHTS[i]}" "$PYTHON" benchmarks/model_memory.py --write-weights "$weights" \
             $(weights_args "$row")
-        if [ "$STEP_STATUS" = ok ]; then mv "$weights.partial" "$weights"; else rm -f "$weights.partial"; fi
+        # a write killed by its time limit leaves its temporary file: 13.4 GB for the 7B
+        [ "$STEP_STATUS" = ok ] || [ "$DRY" = 1 ] || rm -f "$WEIGHTS_DIR/.$(basename "$weights").tmp-"*
         [ "$STEP_STATUS" = ok ] || [ "$DRY" = 1 ] || LARGE_NOTES+="- weights for \`$row\`: $STEP_STATUS ([log]($STEP_LOG))"$'\n'
         if [ "$DRY" = 1 ]; then took=""; else took="; $STEP_S s"; fi
         LARGE_CMDS+="- \`$STEP_CMD\` (the weights file$took)"$'\n'

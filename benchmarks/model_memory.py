@@ -131,12 +131,14 @@ class PeakAnonMemory:
 
 def write_random_weights(backbone: str, size: str, path: str) -> None:
     """A timm-layout safetensors file of random bfloat16 values for the preset's backbone (shapes from a
-    model built on the meta device): 1-D ``weight``s 1, layer-scale ``gamma``s 0.1, other 1-D tensors 0."""
+    model built on the meta device): 1-D ``weight``s 1, layer-scale ``gamma``s 0.1, other 1-D tensors 0.
+    Written atomically: a killed write (the 7B's 13.4 GB) leaves no truncated file for the next run to load."""
     import timm
     import torch
     from safetensors.torch import save_file
 
     from upernet_vit.backbones.presets import resolve_preset
+    from upernet_vit.fileio import atomic_write
 
     name, preset = resolve_preset(backbone, size)
     with torch.device("meta"):
@@ -149,7 +151,8 @@ def write_random_weights(backbone: str, size: str, path: str) -> None:
         value = 1.0 if key.endswith("weight") else 0.1 if "gamma" in key else 0.0
         return torch.full(shape, value, dtype=torch.bfloat16)
 
-    save_file({k: fill(k, v.shape) for k, v in vit.state_dict().items()}, path)
+    tensors = {k: fill(k, v.shape) for k, v in vit.state_dict().items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp))
 
 
 def large_step(args: argparse.Namespace) -> None:
